@@ -1,0 +1,49 @@
+"""deltatune: parameter-efficient fine-tuning with peft's API and on-disk format.
+
+Code written for peft runs after changing ``from peft import ...`` to ``from deltatune import ...``.
+"""
+from deltatune.config import LoraConfig, PeftConfig, PeftType, TaskType
+from deltatune.model import (
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+    get_peft_model,
+)
+from deltatune.surgery.inject import inject_adapter_in_model
+from deltatune.surgery.targets import resolve_targets
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig", "PeftConfig", "PeftType", "TaskType", "PeftModel", "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
+    "get_peft_model", "inject_adapter_in_model", "resolve_targets", "get_peft_model_state_dict",
+    "set_peft_model_state_dict", "prepare_model_for_kbit_training",
+]
+
+
+def get_peft_model_state_dict(model, state_dict=None, adapter_name: str = "default", save_embedding_layers="auto"):
+    """peft's function: the adapter's tensors under peft's on-disk keys."""
+    return model.get_adapter_state_dict(adapter_name, save_embedding_layers)
+
+
+def set_peft_model_state_dict(model, peft_model_state_dict, adapter_name: str = "default"):
+    """peft's function: load peft-format tensors into an existing adapter (all or nothing)."""
+    from deltatune.io.checkpoint import set_peft_model_state_dict as _set
+
+    _set(model.base_model.model, peft_model_state_dict, adapter_name, model.peft_config[adapter_name])
+
+
+def __getattr__(name):
+    # Optional parts load on first use so `import deltatune` stays light.
+    lazy = {
+        "prepare_model_for_kbit_training": ("deltatune.quant.prepare", "prepare_model_for_kbit_training"),
+    }
+    if name in lazy:
+        import importlib
+
+        module, attr = lazy[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'deltatune' has no attribute {name!r}")

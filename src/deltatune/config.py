@@ -1,0 +1,189 @@
+"""Adapter configurations: frozen dataclasses, validated when constructed, with peft's field names.
+
+Reading and writing ``adapter_config.json`` lives in :mod:`deltatune.io.config_io`; this module only
+knows how to turn a config into a plain dict and back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Sequence
+
+
+class PeftType(str, enum.Enum):
+    """The adapter family, written as ``peft_type`` in ``adapter_config.json`` (peft's values)."""
+
+    LORA = "LORA"
+    ADALORA = "ADALORA"
+    IA3 = "IA3"
+    PROMPT_TUNING = "PROMPT_TUNING"
+    PREFIX_TUNING = "PREFIX_TUNING"
+    # Not in peft: our own values, documented in the README.
+    BOTTLENECK = "BOTTLENECK"
+    BITFIT = "BITFIT"
+    PARTIAL = "PARTIAL"
+
+
+class TaskType(str, enum.Enum):
+    """What the wrapped model does; decides the PeftModel subclass and default ``modules_to_save``."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+def _as_tuple(value: Any) -> Any:
+    """Lists become tuples so a frozen config cannot be mutated through a shared list."""
+    if isinstance(value, (list, set)):
+        return tuple(sorted(value)) if isinstance(value, set) else tuple(value)
+    return value
+
+
+def _as_list(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class PeftConfig:
+    """Fields every adapter config shares. Subclasses set ``peft_type``."""
+
+    peft_type: ClassVar[PeftType]
+
+    task_type: TaskType | str | None = None
+    """What the model does (``TaskType``); ``SEQ_CLS`` adds the classifier head to ``modules_to_save``."""
+    base_model_name_or_path: str | None = None
+    """Where the base model came from; written to disk so a loader can check it matches."""
+    revision: str | None = None
+    """Revision of the base model, as in peft."""
+    inference_mode: bool = False
+    """True when loaded for inference: adapter parameters are frozen."""
+
+    def __post_init__(self) -> None:
+        if self.task_type is not None:
+            try:
+                object.__setattr__(self, "task_type", TaskType(self.task_type))
+            except ValueError:
+                raise ValueError(
+                    f"task_type={self.task_type!r} is not known; use one of {[t.value for t in TaskType]}"
+                ) from None
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _as_tuple(getattr(self, f.name)))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the bad field; subclasses extend this."""
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return False
+
+    def replace(self, **changes: Any) -> "PeftConfig":
+        """A copy with some fields changed (configs are frozen)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The dict peft writes: enum values as strings, tuples as lists."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, enum.Enum):
+                value = value.value
+            out[f.name] = _as_list(value)
+        out["peft_type"] = self.peft_type.value
+        return out
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_pretrained(cls, path: str, subfolder: str | None = None) -> "PeftConfig":
+        """Read ``adapter_config.json`` from a folder (peft's ``PeftConfig.from_pretrained``)."""
+        from deltatune.io.config_io import load_config
+
+        return load_config(path, subfolder=subfolder)
+
+
+@dataclass(frozen=True)
+class LoraConfig(PeftConfig):
+    """LoRA (Hu et al., 2021), rsLoRA (Kalajdzievski, 2023) and DoRA (Liu et al., 2024) in one config.
+
+    The variants are independent choices: scaling (``use_rslora``), magnitude (``use_dora``) and
+    initialisation (``init_lora_weights``); the base weight may be dense or 4-bit.
+    """
+
+    peft_type: ClassVar[PeftType] = PeftType.LORA
+
+    r: int = 8
+    """Rank of the update ΔW = B·A."""
+    target_modules: Sequence[str] | str | None = None
+    """Module names (suffix match on the dotted path), a regex matched against the full path, or
+    ``"all-linear"`` (every Linear/Conv1D except the output head)."""
+    exclude_modules: Sequence[str] | str | None = None
+    """Names (suffix match) or a regex of modules never to wrap, even if ``target_modules`` matches."""
+    lora_alpha: float = 8
+    """Scale numerator: the update is multiplied by alpha/r (or alpha/sqrt(r) with rsLoRA)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapter's input during training."""
+    fan_in_fan_out: bool = False
+    """True for layers storing weights as (in, out), e.g. GPT-2's Conv1D; set automatically for Conv1D."""
+    bias: str = "none"
+    """Which biases train: "none", "all" (every bias in the model) or "lora_only" (wrapped layers')."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r."""
+    modules_to_save: Sequence[str] | None = None
+    """Modules (suffix match) trained in full and saved with the adapter, e.g. a classifier head."""
+    init_lora_weights: bool | str = True
+    """True: A Kaiming-uniform, B zero. "gaussian": A ~ N(0, 1/r). False: both random (tests only).
+    "pissa" / "pissa_niter_K": principal singular vectors. "olora": QR. PiSSA and OLoRA move the base
+    weight so that the initial model is unchanged."""
+    layers_to_transform: Sequence[int] | int | None = None
+    """Only wrap modules inside these layer indices."""
+    layers_pattern: Sequence[str] | str | None = None
+    """Name of the layer list (e.g. "layers", "h") used to read a module's layer index."""
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    """Per-module rank overrides: {regex or name suffix: r}."""
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    """Per-module alpha overrides: {regex or name suffix: alpha}."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA: a learned magnitude per output feature."""
+
+    def validate(self) -> None:
+        _check(isinstance(self.r, int) and self.r > 0, f"r must be a positive integer, got {self.r!r}")
+        _check(self.lora_alpha > 0, f"lora_alpha must be positive, got {self.lora_alpha!r}")
+        _check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        _check(
+            self.bias in ("none", "all", "lora_only"),
+            f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}",
+        )
+        init = self.init_lora_weights
+        ok_init = isinstance(init, bool) or init in ("gaussian", "pissa", "olora") or (
+            isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init) is not None
+        )
+        _check(
+            ok_init,
+            f"init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'pissa', "
+            "'pissa_niter_K' or 'olora'",
+        )
+        for key, value in dict(self.rank_pattern).items():
+            _check(isinstance(value, int) and value > 0, f"rank_pattern[{key!r}] must be a positive int, got {value!r}")
+        if self.layers_pattern is not None:
+            _check(
+                self.layers_to_transform is not None,
+                "layers_pattern only makes sense together with layers_to_transform; set both or neither",
+            )
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            try:
+                re.compile(self.target_modules)
+            except re.error as e:
+                raise ValueError(f"target_modules regex {self.target_modules!r} does not compile: {e}") from None

@@ -1,0 +1,108 @@
+"""The data section of a training config: where examples come from and how they become token rows."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+BUILTIN_SOURCES = ("bbc-news",)
+"""Dataset names that need no file: ``bbc-news`` is the default topic-classification set."""
+
+FORMATS = ("auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text")
+"""Accepted values of :attr:`DataConfig.format`."""
+
+TEMPLATES = ("auto", "tokenizer", "chatml", "llama2", "alpaca", "plain")
+"""Accepted values of :attr:`DataConfig.template`."""
+
+PACKED_MASKS = ("4d", "position_ids")
+"""Accepted values of :attr:`DataConfig.packed_mask`."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How ``deltatune train`` reads, renders, tokenizes and batches its data."""
+
+    source: str = "bbc-news"
+    """A built-in dataset name (``bbc-news``) or a path to a .jsonl/.json/.csv/.parquet file."""
+
+    eval_source: str | None = None
+    """Optional separate eval file. When None, :attr:`eval_size` examples are split off the source."""
+
+    format: str = "auto"
+    """Row format: ``alpaca``, ``chat`` (a ``messages`` column), ``sharegpt`` (``conversations``),
+    ``prompt_completion``, ``text``, or ``auto`` to detect it from the column names."""
+
+    template: str = "auto"
+    """How messages become text: ``tokenizer`` (its chat template), a built-in (``chatml``,
+    ``llama2``, ``alpaca``, ``plain``), or ``auto``: the tokenizer's template if it has one, else chatml."""
+
+    max_length: int = 256
+    """Tokens per example (and per packed row). Longer examples are truncated and counted."""
+
+    packing: bool = False
+    """Pack several short examples into each row, with attention kept inside each example."""
+
+    packed_mask: str = "4d"
+    """How packed rows keep examples apart: ``4d`` passes a block-diagonal causal float mask as
+    ``attention_mask`` (works with eager and sdpa, cache or not); ``position_ids`` passes no mask
+    and relies on transformers detecting restarts in ``position_ids``, which it only does when the
+    forward runs with ``use_cache=False``."""
+
+    train_on_prompt: bool = False
+    """Also train on prompt/system/user tokens. By default only assistant tokens carry labels."""
+
+    eval_size: int = 200
+    """Examples held out for evaluation when :attr:`eval_source` is None (0 for none). For
+    ``bbc-news`` the split is stratified by topic."""
+
+    max_train_examples: int | None = None
+    """Keep at most this many training examples (after the split), to shorten CPU runs."""
+
+    seed: int = 0
+    """Seed of the train/eval split and of the subsampling; the same seed gives the same split."""
+
+    article_tokens: int = 112
+    """``bbc-news`` only: token budget for the article's opening shown in the prompt."""
+
+    def __post_init__(self) -> None:
+        def fail(field: str, got: object, expected: str) -> None:
+            raise ValueError(f"DataConfig.{field} is {got!r}; expected {expected}.")
+
+        if not isinstance(self.source, str) or not self.source.strip():
+            fail("source", self.source, f"a built-in name ({', '.join(BUILTIN_SOURCES)}) or a file path")
+        if self.format not in FORMATS:
+            fail("format", self.format, f"one of {', '.join(FORMATS)}")
+        if self.template not in TEMPLATES:
+            fail("template", self.template, f"one of {', '.join(TEMPLATES)}")
+        if self.packed_mask not in PACKED_MASKS:
+            fail("packed_mask", self.packed_mask, f"one of {', '.join(PACKED_MASKS)}")
+        if not isinstance(self.max_length, int) or self.max_length < 8:
+            fail("max_length", self.max_length, "an integer >= 8 (tokens per example)")
+        if not isinstance(self.eval_size, int) or self.eval_size < 0:
+            fail("eval_size", self.eval_size, "an integer >= 0 (0 disables the eval split)")
+        if self.max_train_examples is not None and (not isinstance(self.max_train_examples, int) or self.max_train_examples < 1):
+            fail("max_train_examples", self.max_train_examples, "None or an integer >= 1")
+        if not isinstance(self.article_tokens, int) or not 8 <= self.article_tokens < self.max_length:
+            fail("article_tokens", self.article_tokens, f"an integer in [8, max_length={self.max_length})")
+        if self.is_builtin and self.format not in ("auto", "chat"):
+            fail("format", self.format, f"'auto' for the built-in {self.source!r} dataset (it is already chat-formatted)")
+
+    @property
+    def is_builtin(self) -> bool:
+        """True when :attr:`source` names a built-in dataset rather than a file."""
+        return self.source in BUILTIN_SOURCES
+
+    def to_dict(self) -> dict:
+        """Plain dict of the fields, for writing into a run's config file."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DataConfig":
+        """Build from a dict (e.g. the ``data:`` section of a YAML config).
+
+        Raises:
+            ValueError: a key is not a DataConfig field (the message lists the valid ones).
+        """
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown data config key(s) {unknown}; valid keys are {sorted(known)}.")
+        return cls(**values)

@@ -1,0 +1,121 @@
+"""The protocol every layer-level adapter implements, and the method registry.
+
+An :class:`Adapter` is one adapter for one base layer. It never owns the base layer: the hosting
+:class:`deltatune.surgery.layer.AdaptedLayer` passes it in, so the same adapter object can be moved,
+saved or deleted without touching the base weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from deltatune.config import PeftConfig, PeftType
+
+
+class Adapter(nn.Module):
+    """One adapter attached to one base layer.
+
+    Subclasses implement :meth:`forward`; mergeable ones also :meth:`delta_weight` (or override
+    :meth:`merge`/:meth:`unmerge`). :attr:`peft_keys` is the explicit mapping from our parameter names
+    to the suffix peft writes on disk, e.g. ``{"lora_A": "lora_A.weight"}``.
+    """
+
+    mergeable: ClassVar[bool] = True
+    # True if forward(x, base_layer, None) computes the base output itself (a fused kernel).
+    fuses_base: ClassVar[bool] = False
+    peft_keys: dict[str, str]
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Change the layer's input before the base layer runs (IA³ on feed-forward layers)."""
+        return x
+
+    def forward(self, x: torch.Tensor, base_layer: nn.Module, base_out: torch.Tensor | None) -> torch.Tensor:
+        """Return the layer output with this adapter applied on top of ``base_out``."""
+        raise NotImplementedError
+
+    def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
+        """The change to the base weight, as an (out, in) matrix, that merging adds."""
+        raise NotImplementedError(f"{type(self).__name__} does not define delta_weight")
+
+    @torch.no_grad()
+    def merge(self, base_layer: nn.Module) -> None:
+        set_dense_weight(base_layer, dense_weight(base_layer) + self.delta_weight(base_layer))
+
+    @torch.no_grad()
+    def unmerge(self, base_layer: nn.Module) -> None:
+        set_dense_weight(base_layer, dense_weight(base_layer) - self.delta_weight(base_layer))
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors under peft's on-disk suffixes."""
+        return {disk: getattr(self, ours) for ours, disk in self.peft_keys.items() if getattr(self, ours, None) is not None}
+
+
+def _stores_transposed(layer: nn.Module) -> bool:
+    # Conv1D (GPT-2) stores (in, out); an Embedding, read as a linear map from one-hot ids, does too.
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(layer, (Conv1D, nn.Embedding))
+
+
+def dense_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The layer's weight as a dense (out, in) matrix: transposed for Conv1D/Embedding, dequantized for
+    4-bit/8-bit layers (which implement ``dequantize_weight``)."""
+    if hasattr(layer, "dequantize_weight"):
+        w = layer.dequantize_weight()
+    else:
+        w = layer.weight.T if _stores_transposed(layer) else layer.weight
+    return w if dtype is None else w.to(dtype)
+
+
+@torch.no_grad()
+def set_dense_weight(layer: nn.Module, w: torch.Tensor) -> None:
+    """Write an (out, in) matrix back into the layer's own storage layout (requantizing if needed)."""
+    if hasattr(layer, "requantize_"):
+        layer.requantize_(w)
+        return
+    target = layer.weight
+    target.data.copy_((w.T if _stores_transposed(layer) else w).to(target.dtype))
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered adapter method: which config it reads and how it builds one layer's adapter."""
+
+    peft_type: PeftType
+    config_cls: type[PeftConfig]
+    # (config, base_layer, module_name) -> Adapter, or raises ValueError for an unsupported layer.
+    make_adapter: Callable[[PeftConfig, nn.Module, str], Adapter] | None
+    # Layer types the method can wrap; used by target resolution for errors and "all-linear".
+    layer_types: tuple[type, ...] = ()
+
+
+METHODS: dict[PeftType, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    METHODS[method.peft_type] = method
+    return method
+
+
+def get_method(peft_type: PeftType | str) -> Method:
+    _load_builtin_methods()
+    try:
+        return METHODS[PeftType(peft_type)]
+    except (KeyError, ValueError):
+        known = sorted(t.value for t in METHODS)
+        raise ValueError(f"unknown peft_type {peft_type!r}; deltatune supports {known}") from None
+
+
+def _load_builtin_methods() -> None:
+    # Importing a method module registers it; done lazily so importing deltatune stays cheap.
+    import importlib
+
+    for name in ("lora", "ia3", "prompt", "prefix", "bottleneck", "bitfit", "adalora", "partial"):
+        try:
+            importlib.import_module(f"deltatune.methods.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"deltatune.methods.{name}":
+                raise

@@ -1,0 +1,226 @@
+"""LoRA, rsLoRA and DoRA on Linear, transformers' Conv1D, Embedding and 4-bit/8-bit linear layers.
+
+LoRA (Hu et al., 2021, arXiv:2106.09685): y = W x + s · B A x, with s = alpha / r.
+rsLoRA (Kalajdzievski, 2023, arXiv:2312.03732): s = alpha / sqrt(r).
+DoRA (Liu et al., 2024, arXiv:2402.09353): y = m ⊙ (W + s B A) x / ‖W + s B A‖_row, the norm treated
+as a constant in backward (section 4.3).
+
+The variants are independent choices on one adapter class, not subclasses.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltatune.config import LoraConfig, PeftType
+from deltatune.methods.base import Adapter, Method, dense_weight, register_method, set_dense_weight
+from deltatune.methods.lora_init import init_factors
+from deltatune.methods.lora_kernels import dora_linear, lora_linear
+from deltatune.surgery.targets import pattern_value
+
+
+# ---- functional core -------------------------------------------------------------------------------
+def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """alpha / r, or alpha / sqrt(r) for rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """s · (x Aᵀ) Bᵀ for x (..., in), A (r, in), B (out, r)."""
+    return (x @ A.T) @ B.T * scaling  # (..., out)
+
+
+def dora_weight_norm(
+    W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, w_sq: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Row norms ‖W_j + s (B A)_j‖ of an (out, in) weight without forming B·A.
+
+    ‖W_j + s B_j A‖² = ‖W_j‖² + 2s · B_j·(A W_jᵀ) + s² · B_j (A Aᵀ) B_jᵀ. W is frozen, so ‖W_j‖² can be
+    passed in precomputed; the other two terms are (out × r) and (r × r) products.
+    """
+    W32, A32, B32 = W.float(), A.float(), B.float()
+    if w_sq is None:
+        w_sq = W32.square().sum(dim=1)  # (out,)
+    cross = (B32 * (W32 @ A32.T)).sum(dim=1)  # (out,)
+    lora_sq = ((B32 @ (A32 @ A32.T)) * B32).sum(dim=1)  # (out,)
+    # Cancellation can push a true zero slightly negative in floating point.
+    return (w_sq + 2 * scaling * cross + scaling**2 * lora_sq).clamp_min(0).sqrt()
+
+
+# ---- modules ---------------------------------------------------------------------------------------
+class LoraLinear(Adapter):
+    """LoRA/rsLoRA/DoRA for any layer with an (out, in) weight: nn.Linear, Conv1D, Linear4bit."""
+
+    peft_keys = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude_vector": "lora_magnitude_vector"}
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool) -> None:
+        super().__init__()
+        out_f, in_f = _shape(base_layer)
+        dtype = _float_dtype(base_layer)
+        self.r, self.lora_alpha, self.use_dora = r, alpha, use_dora
+        self.scaling = lora_scaling(alpha, r, use_rslora)
+        self.dropout_p = dropout
+        self.lora_A = nn.Parameter(torch.zeros(r, in_f, dtype=dtype))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(out_f, r, dtype=dtype))  # (out, r)
+        self.lora_magnitude_vector = nn.Parameter(torch.ones(out_f, dtype=dtype)) if use_dora else None
+        # The fused kernels need a plain dense nn.Linear base; anything else takes the generic path.
+        self.fuses_base = type(base_layer) is nn.Linear
+        self._w_sq_cache: tuple[tuple[int, int], torch.Tensor] | None = None
+        self._merge_norm: torch.Tensor | None = None
+
+    def init_magnitude(self, base_layer: nn.Module) -> None:
+        """DoRA starts with m = ‖W + s B A‖_row, so the wrapped layer initially equals the base."""
+        if self.use_dora:
+            with torch.no_grad():
+                norm = dora_weight_norm(dense_weight(base_layer), self.lora_A, self.lora_B, self.scaling)
+                self.lora_magnitude_vector.copy_(norm.to(self.lora_magnitude_vector.dtype))
+
+    def _weight_sq(self, W: torch.Tensor) -> torch.Tensor:
+        # ‖W‖² per row is constant while W is frozen; recompute only when W's storage or version changes.
+        key = (W.data_ptr(), W._version)
+        if self._w_sq_cache is None or self._w_sq_cache[0] != key:
+            self._w_sq_cache = (key, W.detach().float().square().sum(dim=1))
+        return self._w_sq_cache[1]
+
+    def _norm(self, W: torch.Tensor) -> torch.Tensor:
+        w_sq = self._weight_sq(W) if W.requires_grad is False else None
+        return dora_weight_norm(W.detach(), self.lora_A.detach(), self.lora_B.detach(), self.scaling, w_sq)
+
+    def _dropping(self) -> bool:
+        return self.training and self.dropout_p > 0
+
+    def _can_fuse(self, x: torch.Tensor, base: nn.Module) -> bool:
+        return (
+            self.fuses_base
+            and not base.weight.requires_grad
+            and x.dtype == base.weight.dtype == self.lora_A.dtype
+            and not (self.use_dora and self._dropping())
+        )
+
+    def forward(self, x: torch.Tensor, base_layer: nn.Module, base_out: torch.Tensor | None) -> torch.Tensor:
+        if base_out is None and self._can_fuse(x, base_layer):
+            return self._fused(x, base_layer)
+        if base_out is None:
+            base_out = base_layer(x)
+        return self._generic(x, base_layer, base_out)
+
+    def _fused(self, x: torch.Tensor, base: nn.Linear) -> torch.Tensor:
+        if self.use_dora:
+            scale = self.lora_magnitude_vector / self._norm(base.weight).to(x.dtype)  # (out,), norm detached
+            return dora_linear(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, scale, self.lora_magnitude_vector)
+        mask = None
+        if self._dropping():
+            mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - self.dropout_p)
+        return lora_linear(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, mask, 1 / (1 - self.dropout_p))
+
+    def _generic(self, x: torch.Tensor, base: nn.Module, base_out: torch.Tensor) -> torch.Tensor:
+        xd = F.dropout(x, self.dropout_p, self.training).to(self.lora_A.dtype)
+        delta = lora_delta(xd, self.lora_A, self.lora_B, self.scaling)  # (..., out)
+        if not self.use_dora:
+            return base_out + delta.to(base_out.dtype)
+        W = dense_weight(base, self.lora_A.dtype)
+        scale = self.lora_magnitude_vector / self._norm(W).to(W.dtype)  # (out,)
+        bias = getattr(base, "bias", None)
+        if self._dropping():
+            base_part = F.linear(xd, W)  # the base term sees the same dropped input as the LoRA term
+        else:
+            base_part = base_out.to(W.dtype) if bias is None else base_out.to(W.dtype) - bias
+        return base_out + ((scale - 1) * base_part + scale * delta).to(base_out.dtype)
+
+    def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
+        return self.scaling * (self.lora_B @ self.lora_A)  # (out, in)
+
+    @torch.no_grad()
+    def merge(self, base_layer: nn.Module) -> None:
+        if not self.use_dora:
+            return super().merge(base_layer)
+        W = dense_weight(base_layer, torch.float32)
+        norm = self._norm(W)
+        self._merge_norm = norm  # kept so unmerge divides by exactly what merge multiplied by
+        scale = (self.lora_magnitude_vector.float() / norm)[:, None]
+        set_dense_weight(base_layer, scale * (W + self.delta_weight(base_layer).float()))
+
+    @torch.no_grad()
+    def unmerge(self, base_layer: nn.Module) -> None:
+        if not self.use_dora:
+            return super().unmerge(base_layer)
+        W = dense_weight(base_layer, torch.float32)
+        scale = (self.lora_magnitude_vector.float() / self._merge_norm)[:, None]
+        set_dense_weight(base_layer, W / scale - self.delta_weight(base_layer).float())
+        self._merge_norm = None
+
+
+class LoraEmbedding(Adapter):
+    """LoRA on nn.Embedding: the id is looked up in Aᵀ (num_embeddings × r), then mapped by B."""
+
+    peft_keys = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
+
+    def __init__(self, base_layer: nn.Embedding, r: int, alpha: float, use_rslora: bool) -> None:
+        super().__init__()
+        self.r, self.lora_alpha, self.use_dora = r, alpha, False
+        self.scaling = lora_scaling(alpha, r, use_rslora)
+        dtype = base_layer.weight.dtype
+        self.lora_A = nn.Parameter(torch.zeros(r, base_layer.num_embeddings, dtype=dtype))  # (r, vocab)
+        self.lora_B = nn.Parameter(torch.zeros(base_layer.embedding_dim, r, dtype=dtype))  # (dim, r)
+
+    def forward(self, x: torch.Tensor, base_layer: nn.Embedding, base_out: torch.Tensor | None) -> torch.Tensor:
+        if base_out is None:
+            base_out = base_layer(x)
+        after_a = F.embedding(x, self.lora_A.T, padding_idx=base_layer.padding_idx)  # (..., r)
+        return base_out + (after_a @ self.lora_B.T * self.scaling).to(base_out.dtype)
+
+    def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
+        return self.scaling * (self.lora_B @ self.lora_A)  # (dim, vocab): the (out, in) view
+
+
+# ---- construction ----------------------------------------------------------------------------------
+def _shape(layer: nn.Module) -> tuple[int, int]:
+    if hasattr(layer, "in_features") and hasattr(layer, "out_features"):
+        return layer.out_features, layer.in_features
+    w = dense_weight(layer)
+    return w.shape[0], w.shape[1]
+
+
+def _float_dtype(layer: nn.Module) -> torch.dtype:
+    w = getattr(layer, "weight", None)
+    if w is not None and w.is_floating_point():
+        return w.dtype
+    return getattr(layer, "compute_dtype", torch.float32)
+
+
+def make_lora_adapter(config: LoraConfig, base_layer: nn.Module, module_name: str) -> Adapter:
+    """Build and initialise one LoRA adapter for ``base_layer`` (may move the base weight for PiSSA/OLoRA)."""
+    r = pattern_value(config.rank_pattern, module_name, config.r)
+    alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
+    if isinstance(base_layer, nn.Embedding):
+        if config.use_dora:
+            raise ValueError(
+                f"{module_name}: DoRA on an Embedding layer is not supported by deltatune; "
+                "use plain LoRA for embeddings, or exclude it from target_modules"
+            )
+        adapter: Adapter = LoraEmbedding(base_layer, r, alpha, config.use_rslora)
+    else:
+        adapter = LoraLinear(base_layer, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora)
+    init_factors(adapter, base_layer, config.init_lora_weights)
+    if isinstance(adapter, LoraLinear):
+        adapter.init_magnitude(base_layer)
+    return adapter
+
+
+def _supported_types() -> tuple[type, ...]:
+    from transformers.pytorch_utils import Conv1D
+
+    types: list[type] = [nn.Linear, Conv1D, nn.Embedding]
+    try:
+        from deltatune.quant import quantized_linear_types
+
+        types.extend(quantized_linear_types())
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+register_method(Method(PeftType.LORA, LoraConfig, make_lora_adapter, layer_types=_supported_types()))

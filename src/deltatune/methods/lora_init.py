@@ -1,0 +1,82 @@
+"""Initialisations of the LoRA factors A (r × in) and B (out × r).
+
+- True (default): A Kaiming-uniform, B zero, so the adapter starts as the identity change
+  (Hu et al., 2021). Embeddings: A zero, B normal, as peft does.
+- "gaussian": A ~ N(0, 1/r), B zero.
+- False: both factors random; only useful in tests, where a zero B would hide bugs.
+- "pissa" / "pissa_niter_K" (Meng et al., 2024, arXiv:2404.02948): A, B from the top-r singular
+  triplets of W, and W keeps the residual, so the wrapped layer is unchanged at start.
+- "olora" (Büyükakyüz, 2024, arXiv:2406.01775): A, B from a QR decomposition of W; W keeps the residual.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from deltatune.methods.base import dense_weight, set_dense_weight
+
+
+@torch.no_grad()
+def init_factors(adapter: nn.Module, base_layer: nn.Module, how: bool | str) -> None:
+    A, B = adapter.lora_A, adapter.lora_B
+    embedding = isinstance(base_layer, nn.Embedding)
+    if how is True:
+        if embedding:
+            nn.init.zeros_(A)
+            nn.init.normal_(B)
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.zeros_(B)
+    elif how is False:
+        if embedding:
+            nn.init.normal_(A)
+            nn.init.normal_(B)
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+    elif how == "gaussian":
+        if embedding:
+            nn.init.normal_(A)
+            nn.init.normal_(B)
+        else:
+            nn.init.normal_(A, std=1 / adapter.r)
+            nn.init.zeros_(B)
+    elif isinstance(how, str) and how.startswith("pissa"):
+        _principal_init(adapter, base_layer, how)
+    elif how == "olora":
+        _residual_init(adapter, base_layer, *_qr_factors(dense_weight(base_layer, torch.float32), adapter.r))
+    else:
+        raise ValueError(f"init_lora_weights={how!r} is not supported")
+
+
+def _qr_factors(W: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    Q, R = torch.linalg.qr(W)  # W (out, in) = Q R
+    return R[:r].contiguous(), Q[:, :r].contiguous()  # A (r, in), B (out, r)
+
+
+def _principal_init(adapter: nn.Module, base_layer: nn.Module, how: str) -> None:
+    W = dense_weight(base_layer, torch.float32)  # (out, in)
+    r = adapter.r
+    if how == "pissa":
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        U, S, Vh = U[:, :r], S[:r], Vh[:r]
+    else:
+        niter = int(how.split("_niter_")[1])
+        U, S, V = torch.svd_lowrank(W, q=r, niter=niter)
+        Vh = V.T
+    # The factors carry sqrt(S / s) each, so s · B A reproduces the top-r part of W exactly.
+    root = torch.sqrt(S / adapter.scaling)
+    _residual_init(adapter, base_layer, root[:, None] * Vh, U * root[None, :])
+
+
+def _residual_init(adapter: nn.Module, base_layer: nn.Module, A: torch.Tensor, B: torch.Tensor) -> None:
+    if getattr(base_layer, "dequantize_weight", None) is not None:
+        raise ValueError(
+            "PiSSA/OLoRA initialisation rewrites the base weight; initialise on a full-precision model, then quantize"
+        )
+    adapter.lora_A.copy_(A.to(adapter.lora_A.dtype))
+    adapter.lora_B.copy_(B.to(adapter.lora_B.dtype))
+    W = dense_weight(base_layer, torch.float32)
+    set_dense_weight(base_layer, W - adapter.scaling * (B @ A))

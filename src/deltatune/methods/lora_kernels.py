@@ -1,0 +1,115 @@
+"""Fused autograd functions for LoRA and DoRA on a dense, frozen nn.Linear.
+
+Autograd on the plain expression ``F.linear(x, W) + s * B(A(dropout(x)))`` allocates the (N, out)
+delta, a scaled copy and a sum, and with dropout keeps a full float copy of the dropped input for
+backward. One Function per layer writes the low-rank term into the base output in place, keeps the
+dropout mask as bytes, and computes every gradient with one matmul each.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class _LoraLinearFn(torch.autograd.Function):
+    """y = x Wᵀ + b + s · (x̃ Aᵀ) Bᵀ, where x̃ = x ⊙ mask · k (dropout; k = 1/(1-p)) or x̃ = x.
+
+    Backward, with g = ∂L/∂y (N × out) and u = s · g B (N × r):
+      ∂L/∂B = s · gᵀ (x̃ Aᵀ)           (out × r)
+      ∂L/∂A = uᵀ x̃                     (r × in)
+      ∂L/∂x = g W + (u A) ⊙ mask · k   (N × in)
+      ∂L/∂b = Σ_N g
+    W is frozen: no gradient, and it is saved by reference, never copied.
+    Saved: x (the same tensor the caller holds), the bool mask, and x̃ Aᵀ (N × r).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, scaling, mask, keep):
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        xd = x2 if mask is None else x2 * mask.reshape(x2.shape) * keep
+        xa = xd @ A.T  # (N, r)
+        y = F.linear(x2, weight, bias)  # (N, out)
+        y.addmm_(xa, B.T, alpha=scaling)
+        ctx.save_for_backward(x, weight, A, B, xa, mask)
+        ctx.scaling, ctx.keep, ctx.has_bias = scaling, keep, bias is not None
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, A, B, xa, mask = ctx.saved_tensors
+        s, keep = ctx.scaling, ctx.keep
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+        x2 = x.reshape(-1, x.shape[-1])
+        u = (g @ B).mul_(s)  # (N, r)
+        grad_x = grad_a = grad_b = grad_bias = None
+        if ctx.needs_input_grad[4]:
+            grad_b = (g.T @ xa).mul_(s)  # (out, r)
+        if ctx.needs_input_grad[3]:
+            xd = x2 if mask is None else x2 * mask.reshape(x2.shape) * keep
+            grad_a = u.T @ xd  # (r, in)
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ weight  # (N, in)
+            if mask is None:
+                grad_x.addmm_(u, A)
+            else:
+                grad_x.add_((u @ A).mul_(mask.reshape(grad_x.shape)), alpha=keep)
+            grad_x = grad_x.view(x.shape)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = g.sum(0)
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
+
+
+class _DoraLinearFn(torch.autograd.Function):
+    """y = c ⊙ z + b with z = x Wᵀ + s · (x Aᵀ) Bᵀ and c = m / n, n = ‖W + s B A‖_row detached (DoRA §4.3).
+
+    Backward, with g = ∂L/∂y:
+      ∂L/∂m = Σ_N (g ⊙ z) / n          (out,), z recovered as (y − b) / c
+      g' = g ⊙ c, then the LoRA backward above with g' in place of g (no dropout here).
+    Saving the output y instead of z costs nothing extra when the next op keeps y alive anyway
+    (attention and the MLP's activation do), which keeps DoRA's saved activations close to LoRA's.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, scaling, scale, magnitude):
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        xa = x2 @ A.T  # (N, r)
+        y = x2 @ weight.T  # (N, out)
+        y.addmm_(xa, B.T, alpha=scaling).mul_(scale)
+        if bias is not None:
+            y.add_(bias)
+        ctx.save_for_backward(x, weight, bias, A, B, xa, scale.detach(), magnitude.detach(), y)
+        ctx.scaling = scaling
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, A, B, xa, scale, magnitude, y = ctx.saved_tensors
+        s = ctx.scaling
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_m = grad_bias = grad_a = grad_b = grad_x = None
+        if ctx.needs_input_grad[7]:
+            z = y if bias is None else y - bias
+            # ∂L/∂m = Σ g ⊙ z / n and z / n = (y − b) / (c n) = (y − b) / m.
+            grad_m = (g * z).sum(0) / magnitude
+        if ctx.needs_input_grad[2] and bias is not None:
+            grad_bias = g.sum(0)
+        gc = g * scale  # (N, out)
+        u = (gc @ B).mul_(s)  # (N, r)
+        if ctx.needs_input_grad[4]:
+            grad_b = (gc.T @ xa).mul_(s)
+        if ctx.needs_input_grad[3]:
+            grad_a = u.T @ x2
+        if ctx.needs_input_grad[0]:
+            grad_x = (gc @ weight).addmm_(u, A).view(x.shape)
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None, grad_m
+
+
+def lora_linear(x, weight, bias, A, B, scaling: float, mask=None, keep: float = 1.0) -> torch.Tensor:
+    """Fused ``F.linear(x, weight, bias) + scaling · (dropout(x) Aᵀ) Bᵀ`` for a frozen weight."""
+    return _LoraLinearFn.apply(x, weight, bias, A, B, scaling, mask, keep)
+
+
+def dora_linear(x, weight, bias, A, B, scaling: float, scale: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """Fused DoRA forward: ``scale ⊙ (x Wᵀ + s (x Aᵀ) Bᵀ) + b`` where ``scale = magnitude / norm``."""
+    return _DoraLinearFn.apply(x, weight, bias, A, B, scaling, scale, magnitude)

@@ -1,0 +1,341 @@
+"""PeftModel: the user's model plus named adapters, with peft's names and semantics.
+
+Layout mirrors peft so state-dict paths read the same: ``PeftModel.base_model`` is a thin
+:class:`AdapterModel` whose ``.model`` is the user's model with wrapped layers inside.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from torch import nn
+
+from deltatune.config import PeftConfig, TaskType
+from deltatune.io import checkpoint as ckpt
+from deltatune.io.config_io import load_config, save_config
+from deltatune.surgery import inject
+from deltatune.surgery.layer import AdaptedLayer
+
+CLASSIFIER_NAMES = ("classifier", "score")
+
+
+class AdapterModel(nn.Module):
+    """Holds the user's model as ``.model`` (so saved keys start with ``base_model.model.``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+
+class PeftModel(nn.Module):
+    """A model with one or more adapters. Build with :func:`get_peft_model` or :meth:`from_pretrained`."""
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.base_model = AdapterModel(model)
+        self.peft_config: dict[str, PeftConfig] = {}
+        self._active: tuple[str, ...] = ()
+        self.add_adapter(adapter_name, peft_config)
+        self.set_adapter(adapter_name)
+
+    # ---- attribute passthrough (peft forwards unknown attributes to the base model) ----------------
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.base_model.model
+
+    def get_base_model(self) -> nn.Module:
+        """The user's model (with adapters still inside it)."""
+        return self.base_model.model
+
+    # ---- forward / generate --------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self.base_model.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.base_model.model.generate(*args, **kwargs)
+
+    # ---- adapters --------------------------------------------------------------------------------
+    @property
+    def active_adapter(self) -> str:
+        return self._active[0] if self._active else ""
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    def _prepare_config(self, config: PeftConfig) -> PeftConfig:
+        # SEQ_CLS trains the classifier head in full, as peft does ('classifier' or 'score').
+        if config.task_type == TaskType.SEQ_CLS and hasattr(config, "modules_to_save"):
+            extra = [n for n in CLASSIFIER_NAMES if n not in (config.modules_to_save or ())]
+            config = config.replace(modules_to_save=tuple(config.modules_to_save or ()) + tuple(extra))
+        base = self.base_model.model
+        name = getattr(getattr(base, "config", None), "_name_or_path", None)
+        if config.base_model_name_or_path is None and name:
+            config = config.replace(base_model_name_or_path=name)
+        return config
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Attach a new adapter. It is not made active: call :meth:`set_adapter` for that."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists; delete_adapter it first or pick another name")
+        if adapter_name == "__base__":
+            raise ValueError("'__base__' is reserved for 'no adapter' in mixed batches; pick another name")
+        config = self._prepare_config(peft_config)
+        if self.peft_config and config.peft_type != next(iter(self.peft_config.values())).peft_type:
+            _check_mixable(next(iter(self.peft_config.values())), config)
+        self._inject(config, adapter_name)
+        self.peft_config[adapter_name] = config
+        self._refresh()
+
+    def _inject(self, config: PeftConfig, adapter_name: str) -> None:
+        from deltatune.methods.base import get_method
+
+        method = get_method(config.peft_type)
+        hook = getattr(method, "attach", None)
+        if hook is not None:
+            hook(self, config, adapter_name)  # methods that change the model's inputs (prompts, prefixes)
+            return
+        user_keys = tuple(getattr(config, "modules_to_save", None) or ())
+        for key in user_keys:
+            if key in CLASSIFIER_NAMES:
+                continue
+            if not inject.resolve_modules_to_save(self.base_model.model, [key]):
+                raise ValueError(f"modules_to_save entry {key!r} matches no module of {type(self.base_model.model).__name__}")
+        inject.inject_adapter_in_model(config, self.base_model.model, adapter_name)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for n in names:
+            if n not in self.peft_config:
+                raise ValueError(f"no adapter named {n!r}; this model has {sorted(self.peft_config)}")
+        self._active = tuple(names)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Push the active set into every wrapper and make exactly the active adapters trainable."""
+        model = self.base_model.model
+        inject.set_active(model, self._active)
+        trainable = [n for n in self._active if not self.peft_config[n].inference_mode]
+        bias = self.peft_config[self._active[0]].bias if self._active and hasattr(self.peft_config[self._active[0]], "bias") else "none"
+        inject.mark_trainable(model, trainable, bias)
+        for hook in _REFRESH_HOOKS:
+            hook(self, trainable)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"no adapter named {adapter_name!r}; this model has {sorted(self.peft_config)}")
+        from deltatune.methods.base import get_method
+
+        method = get_method(self.peft_config[adapter_name].peft_type)
+        detach = getattr(method, "detach", None)
+        if detach is not None:
+            detach(self, adapter_name)
+        inject.delete_adapter(self.base_model.model, adapter_name)
+        del self.peft_config[adapter_name]
+        self._active = tuple(n for n in self._active if n != adapter_name) or tuple(self.peft_config)[:1]
+        self._refresh()
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model: inside the block every adapter is bypassed (merged ones are unmerged first)."""
+        model = self.base_model.model
+        for _, host in inject.adapted_layers(model):
+            host.unmerge()
+        inject.set_disabled(model, True)
+        self._disabled = True
+        try:
+            yield
+        finally:
+            inject.set_disabled(model, False)
+            self._disabled = False
+
+    # ---- merging ---------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold the (given or active) adapters into the base weights; forward then skips them."""
+        names = adapter_names or list(self._active)
+        for _, host in inject.adapted_layers(self.base_model.model):
+            host.merge(names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        for _, host in inject.adapted_layers(self.base_model.model):
+            host.unmerge()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge, then return the user's model with every wrapper removed."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        return self.unload()
+
+    def unload(self) -> nn.Module:
+        """Return the user's model with every wrapper removed (unmerged adapters are dropped)."""
+        return inject.unwrap(self.base_model.model)
+
+    # ---- counting --------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = total = 0
+        for p in self.parameters():
+            n = p.numel()
+            total += n
+            trainable += n if p.requires_grad else 0
+        for m in self.modules():
+            total += getattr(m, "num_quantized_parameters", lambda: 0)()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ---- saving / loading --------------------------------------------------------------------------
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        selected_adapters: list[str] | None = None,
+        safe_serialization: bool = True,
+        save_embedding_layers: bool | str = "auto",
+        is_main_process: bool = True,
+        **_: Any,
+    ) -> None:
+        """Write each adapter as peft does: ``default`` at the root, others in a subfolder named after them."""
+        names = selected_adapters or list(self.peft_config)
+        for n in names:
+            if n not in self.peft_config:
+                raise ValueError(f"no adapter named {n!r} to save; this model has {sorted(self.peft_config)}")
+        if not is_main_process:
+            return
+        for n in names:
+            folder = Path(save_directory) if n == "default" else Path(save_directory) / n
+            folder.mkdir(parents=True, exist_ok=True)
+            config = self.peft_config[n].replace(inference_mode=True)
+            sd = self.get_adapter_state_dict(n, save_embedding_layers)
+            ckpt.save_weights(sd, folder, safe_serialization)
+            save_config(config, folder)
+
+    def get_adapter_state_dict(self, adapter_name: str, save_embedding_layers: bool | str = "auto") -> dict:
+        from deltatune.methods.base import get_method
+
+        config = self.peft_config[adapter_name]
+        method = get_method(config.peft_type)
+        own = getattr(method, "state_dict", None)
+        if own is not None:
+            return own(self, adapter_name)
+        return ckpt.get_peft_model_state_dict(self.base_model.model, adapter_name, config, save_embedding_layers)
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+        is_trainable: bool = False, config: PeftConfig | None = None, subfolder: str | None = None, **_: Any,
+    ) -> "PeftModel":
+        """Wrap ``model`` and load the adapter saved at ``model_id`` (a folder written by peft or deltatune)."""
+        folder = Path(model_id) / subfolder if subfolder else Path(model_id)
+        config = config or load_config(folder)
+        config = config.replace(inference_mode=not is_trainable)
+        ckpt.check_base_model(config, model)
+        peft_model = _model_class(config)(model, config, adapter_name)
+        peft_model._load_weights(folder, adapter_name)
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **_: Any) -> None:
+        """Add the adapter saved at ``model_id`` under ``adapter_name`` (not made active)."""
+        config = load_config(model_id).replace(inference_mode=not is_trainable)
+        self.add_adapter(adapter_name, config)
+        try:
+            self._load_weights(Path(model_id), adapter_name)
+        except Exception:
+            self.delete_adapter(adapter_name)  # never leave a half-loaded adapter behind
+            raise
+
+    def _load_weights(self, folder: Path, adapter_name: str) -> None:
+        from deltatune.methods.base import get_method
+
+        sd = ckpt.load_weights(folder)
+        config = self.peft_config[adapter_name]
+        own = getattr(get_method(config.peft_type), "load_state_dict", None)
+        if own is not None:
+            own(self, sd, adapter_name)
+        else:
+            ckpt.set_peft_model_state_dict(self.base_model.model, sd, adapter_name, config)
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **kwargs: Any) -> None:
+        """Combine existing LoRA adapters into a new one (peft's semantics); see :mod:`deltatune.combine`."""
+        from deltatune.combine.adapters import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, **kwargs)
+
+
+class PeftModelForCausalLM(PeftModel):
+    """Explicit arguments so transformers' Trainer sees ``labels`` and keeps the dataset's columns."""
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
+        return self.base_model.model(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels, **kwargs
+        )
+
+
+class PeftModelForSequenceClassification(PeftModelForCausalLM):
+    pass
+
+
+class PeftModelForTokenClassification(PeftModelForCausalLM):
+    pass
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    pass
+
+
+_TASK_CLASSES = {
+    TaskType.CAUSAL_LM: PeftModelForCausalLM,
+    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
+    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+}
+# Methods that keep extra state on the PeftModel (prompts) register a hook run after every _refresh.
+_REFRESH_HOOKS: list = []
+
+
+def _model_class(config: PeftConfig) -> type[PeftModel]:
+    return _TASK_CLASSES.get(config.task_type, PeftModel)
+
+
+def _check_mixable(first: PeftConfig, new: PeftConfig) -> None:
+    if first.is_prompt_learning or new.is_prompt_learning:
+        raise ValueError(
+            f"cannot add a {new.peft_type.value} adapter next to a {first.peft_type.value} one on the same PeftModel: "
+            "prompt-learning methods change the model's inputs and do not mix with other methods; use a separate model"
+        )
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **_: Any) -> PeftModel:
+    """Wrap ``model`` with a new trainable adapter (peft's entry point)."""
+    if isinstance(model, PeftModel):
+        raise ValueError("model is already a PeftModel; use model.add_adapter(name, config) to add another adapter")
+    if any(isinstance(m, AdaptedLayer) for m in model.modules()):
+        raise ValueError("model already has adapters injected (inject_adapter_in_model); wrap the original model instead")
+    return _model_class(peft_config)(model, peft_config, adapter_name)
+
+
+def count_trainable(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+

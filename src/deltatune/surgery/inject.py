@@ -1,0 +1,135 @@
+"""Injection: wrap the resolved modules, attach adapters, and choose what trains.
+
+This is the only place that replaces submodules of the user's model.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from torch import nn
+
+from deltatune.config import PeftConfig
+from deltatune.methods.base import get_method
+from deltatune.surgery.layer import AdaptedLayer, ModulesToSaveWrapper
+from deltatune.surgery.targets import resolve_modules_to_save, resolve_targets
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _device_of(module: nn.Module):
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return None
+
+
+def inject_adapter_in_model(config: PeftConfig, model: nn.Module, adapter_name: str = "default") -> nn.Module:
+    """Add adapter ``adapter_name`` described by ``config`` to ``model`` in place (peft's function of the
+    same name): wraps every resolved target and every ``modules_to_save`` entry. Returns ``model``.
+    Only adapter parameters (and ``modules_to_save`` copies) are left trainable.
+    """
+    method = get_method(config.peft_type)
+    if method.make_adapter is None:
+        raise ValueError(f"{config.peft_type.value} does not attach to layers; use get_peft_model instead")
+    targets = resolve_targets(model, config)
+    for name in targets:
+        module = model.get_submodule(name)
+        host = module if isinstance(module, AdaptedLayer) else AdaptedLayer(module)
+        adapter = method.make_adapter(config, host.base_layer, name)
+        device = _device_of(host.base_layer)
+        if device is not None:
+            adapter.to(device)
+        host.add(adapter_name, adapter)
+        if host is not module:
+            host.set_active((adapter_name,))
+            set_submodule(model, name, host)
+    add_modules_to_save(model, getattr(config, "modules_to_save", None), adapter_name)
+    mark_trainable(model, [adapter_name], getattr(config, "bias", "none"))
+    return model
+
+
+def add_modules_to_save(model: nn.Module, keys, adapter_name: str) -> list[str]:
+    names = resolve_modules_to_save(model, keys)
+    for name in names:
+        module = model.get_submodule(name)
+        wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
+        wrapper.add(adapter_name)
+        if wrapper is not module:
+            wrapper.set_active((adapter_name,))
+            set_submodule(model, name, wrapper)
+    return names
+
+
+def adapted_layers(model: nn.Module) -> Iterable[tuple[str, AdaptedLayer]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, AdaptedLayer))
+
+
+def save_wrappers(model: nn.Module) -> Iterable[tuple[str, ModulesToSaveWrapper]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper))
+
+
+def mark_trainable(model: nn.Module, trainable: Iterable[str], bias: str = "none") -> None:
+    """Freeze everything, then unfreeze the named adapters, their ``modules_to_save`` copies and the
+    biases that ``bias`` asks for. Adapters are found by type, never by parameter-name substrings."""
+    trainable = set(trainable)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, host in adapted_layers(model):
+        for name, adapter in host.adapters.items():
+            adapter.requires_grad_(name in trainable)
+        if bias == "lora_only" and isinstance(getattr(host.base_layer, "bias", None), nn.Parameter):
+            host.base_layer.bias.requires_grad_(True)
+    for _, wrapper in save_wrappers(model):
+        for name, copy_ in wrapper.modules_to_save.items():
+            copy_.requires_grad_(name in trainable)
+    if bias == "all":
+        for module in model.modules():
+            b = getattr(module, "bias", None)
+            if isinstance(b, nn.Parameter):
+                b.requires_grad_(True)
+        # The original behind a modules_to_save copy stays frozen: only the copy trains (as in peft).
+        for _, wrapper in save_wrappers(model):
+            wrapper.original_module.requires_grad_(False)
+
+
+def set_active(model: nn.Module, names: tuple[str, ...]) -> None:
+    for _, host in adapted_layers(model):
+        host.set_active(names)
+    for _, wrapper in save_wrappers(model):
+        wrapper.set_active(names)
+
+
+def set_disabled(model: nn.Module, disabled: bool) -> None:
+    for _, m in list(adapted_layers(model)) + list(save_wrappers(model)):
+        m.disabled = disabled
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    for _, host in list(adapted_layers(model)):
+        if adapter_name in host.adapters:
+            host.remove(adapter_name)
+    for _, wrapper in list(save_wrappers(model)):
+        if adapter_name in wrapper.modules_to_save:
+            wrapper.remove(adapter_name)
+    # A wrapper left with no adapters goes away, so the model is exactly the base model again.
+    for name, host in list(adapted_layers(model)):
+        if not host.adapters:
+            set_submodule(model, name, host.base_layer)
+    for name, wrapper in list(save_wrappers(model)):
+        if not wrapper.modules_to_save:
+            set_submodule(model, name, wrapper.original_module)
+
+
+def unwrap(model: nn.Module, keep_trained_copies: bool = True) -> nn.Module:
+    """Replace every wrapper by the plain module (the active trained copy for ``modules_to_save``)."""
+    for name, host in list(adapted_layers(model)):
+        set_submodule(model, name, host.base_layer)
+    for name, wrapper in list(save_wrappers(model)):
+        if keep_trained_copies and wrapper.active is not None and not wrapper.disabled:
+            set_submodule(model, name, wrapper.modules_to_save[wrapper.active])
+        else:
+            set_submodule(model, name, wrapper.original_module)
+    return model

@@ -1,0 +1,163 @@
+"""Target resolution: which modules a config would wrap, as an explicit list, before anything changes.
+
+``resolve_targets(model, config)`` is the dry run. Unlike peft, a ``target_modules`` entry that
+matches nothing is an error (peft silently ignores it when another entry matches), and the error
+lists the layer names that do exist, with the closest match.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Any, Iterator, Mapping, Sequence
+
+from torch import nn
+
+from deltatune.surgery.layer import AdaptedLayer, ModulesToSaveWrapper
+
+# peft's default targets per model family when target_modules is None.
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
+    "qwen3": ("q_proj", "v_proj"), "gemma": ("q_proj", "v_proj"), "phi": ("q_proj", "v_proj"),
+    "phi3": ("qkv_proj",), "gpt2": ("c_attn",), "bert": ("query", "value"), "roberta": ("query", "value"),
+    "falcon": ("query_key_value",), "bloom": ("query_key_value",), "gpt_neox": ("query_key_value",),
+    "opt": ("q_proj", "v_proj"), "t5": ("q", "v"), "gptj": ("q_proj", "v_proj"),
+}
+LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
+
+
+def iter_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, layer) for every module a method could wrap. An already-wrapped layer counts as its base
+    layer, and the inside of our wrappers is skipped, so resolving twice gives the same names."""
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(p) for p in skip):
+            continue
+        if isinstance(module, AdaptedLayer):
+            skip.append(name + ".")
+            yield name, module.base_layer
+        elif isinstance(module, ModulesToSaveWrapper):
+            skip.append(name + ".")
+            yield name, module.original_module
+        else:
+            yield name, module
+
+
+def name_matches(name: str, key: str) -> bool:
+    """peft's suffix rule on dotted paths: 'q_proj' matches 'model.layers.0.self_attn.q_proj'."""
+    return name == key or name.endswith("." + key)
+
+
+def _matches(name: str, spec: Sequence[str] | str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name_matches(name, key) for key in spec)
+
+
+def pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
+    """Per-module override from ``rank_pattern``/``alpha_pattern`` (first key matching as a suffix regex)."""
+    for key, value in dict(patterns).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def layer_index(name: str, layers_pattern: Sequence[str] | str | None) -> int | None:
+    patterns = (layers_pattern,) if isinstance(layers_pattern, str) else (layers_pattern or LAYER_PATTERNS)
+    for pattern in patterns:
+        m = re.match(rf"(?:.*\.)?{pattern}\.(\d+)(?:\.|$)", name)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def linear_layer_names(model: nn.Module, layer_types: tuple[type, ...]) -> list[str]:
+    """Unique last components of wrappable layers, in model order (for error messages and presets)."""
+    seen: dict[str, None] = {}
+    for name, module in iter_layers(model):
+        if isinstance(module, layer_types):
+            seen.setdefault(name.rsplit(".", 1)[-1], None)
+    return list(seen)
+
+
+def _no_match_error(model: nn.Module, entry: str, layer_types: tuple[type, ...]) -> ValueError:
+    names = linear_layer_names(model, layer_types)
+    close = difflib.get_close_matches(entry, names, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ValueError(
+        f"target_modules entry {entry!r} matches no module in {type(model).__name__}.{hint} "
+        f"Layers that can be targeted: {', '.join(names) or '(none)'}"
+    )
+
+
+def _default_targets(model: nn.Module, layer_types: tuple[type, ...]) -> tuple[str, ...]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGETS:
+        return DEFAULT_TARGETS[model_type]
+    raise ValueError(
+        f"target_modules is not set and deltatune has no default for model type {model_type!r}; "
+        f"pass target_modules=[...] or 'all-linear'. Layers that can be targeted: "
+        f"{', '.join(linear_layer_names(model, layer_types))}"
+    )
+
+
+def resolve_targets(model: nn.Module, config: Any) -> list[str]:
+    """The fully qualified names of the modules ``config`` would wrap, in model order.
+
+    Raises:
+        ValueError: nothing matches, a ``target_modules`` entry matches nothing, or a matched module
+            is of a type the method cannot wrap. The message lists the layers that do exist.
+    """
+    from deltatune.methods.base import get_method
+
+    layer_types = get_method(config.peft_type).layer_types
+    spec = config.target_modules if config.target_modules is not None else _default_targets(model, layer_types)
+    head = _output_head(model)
+    layers = list(iter_layers(model))
+    if spec == "all-linear":
+        linear = tuple(t for t in layer_types if t is not nn.Embedding)
+        chosen = [n for n, m in layers if isinstance(m, linear) and m is not head]
+    else:
+        chosen = [n for n, _ in layers if _matches(n, spec)]
+        if not isinstance(spec, str):
+            for entry in spec:
+                if not any(name_matches(n, entry) for n in chosen):
+                    raise _no_match_error(model, entry, layer_types)
+        modules = dict(layers)
+        bad = [n for n in chosen if not isinstance(modules[n], layer_types)]
+        if bad:
+            kinds = sorted({type(modules[n]).__name__ for n in bad})
+            raise ValueError(
+                f"target_modules matched {bad[0]!r} (a {kinds[0]}), which {config.peft_type.value} cannot wrap; "
+                f"supported layer types: {', '.join(t.__name__ for t in layer_types)}. "
+                "Name the linear layers inside it instead."
+            )
+    if config.exclude_modules:
+        chosen = [n for n in chosen if not _matches(n, config.exclude_modules)]
+    layers_to_transform = getattr(config, "layers_to_transform", None)
+    if layers_to_transform is not None:
+        wanted = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform)
+        chosen = [n for n in chosen if layer_index(n, getattr(config, "layers_pattern", None)) in wanted]
+    if not chosen:
+        raise ValueError(
+            f"no module of {type(model).__name__} matches target_modules={spec!r} after exclude_modules / "
+            f"layers_to_transform. Layers that can be targeted: {', '.join(linear_layer_names(model, layer_types))}"
+        )
+    return chosen
+
+
+def resolve_modules_to_save(model: nn.Module, keys: Sequence[str] | None) -> list[str]:
+    """Names of the modules trained in full (``modules_to_save``); an entry matching nothing is an error,
+    except the classifier names a task type adds on its own (peft adds both 'classifier' and 'score')."""
+    if not keys:
+        return []
+    layers = [n for n, _ in iter_layers(model)]
+    found = [n for n in layers if any(name_matches(n, k) for k in keys)]
+    return found
