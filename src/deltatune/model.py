@@ -69,10 +69,24 @@ class PeftModel(nn.Module):
         return self.base_model.model
 
     # ---- forward / generate --------------------------------------------------------------------
+    def _method_hook(self, hook: str):
+        """The active adapter's method hook (e.g. prompt tuning's forward), unless adapters are disabled."""
+        from deltatune.methods.base import get_method
+
+        if not self._active or getattr(self, "_disabled", False):
+            return None
+        return getattr(get_method(self.peft_config[self._active[0]].peft_type), hook)
+
     def forward(self, *args, **kwargs):
+        hook = self._method_hook("forward")
+        if hook is not None:
+            return hook(self, self._active[0], *args, **kwargs)
         return self.base_model.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
+        hook = self._method_hook("generate")
+        if hook is not None:
+            return hook(self, self._active[0], *args, **kwargs)
         return self.base_model.model.generate(*args, **kwargs)
 
     # ---- adapters --------------------------------------------------------------------------------
@@ -139,8 +153,12 @@ class PeftModel(nn.Module):
         trainable = [n for n in self._active if not self.peft_config[n].inference_mode]
         bias = self.peft_config[self._active[0]].bias if self._active and hasattr(self.peft_config[self._active[0]], "bias") else "none"
         inject.mark_trainable(model, trainable, bias)
-        for hook in _REFRESH_HOOKS:
-            hook(self, trainable)
+        from deltatune.methods.base import get_method
+
+        for peft_type in {c.peft_type for c in self.peft_config.values()}:
+            hook = get_method(peft_type).refresh
+            if hook is not None:
+                hook(self, trainable)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -288,7 +306,7 @@ class PeftModelForCausalLM(PeftModel):
     """Explicit arguments so transformers' Trainer sees ``labels`` and keeps the dataset's columns."""
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
-        return self.base_model.model(
+        return super().forward(
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels, **kwargs
         )
 
@@ -311,8 +329,6 @@ _TASK_CLASSES = {
     TaskType.TOKEN_CLS: PeftModelForTokenClassification,
     TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
 }
-# Methods that keep extra state on the PeftModel (prompts) register a hook run after every _refresh.
-_REFRESH_HOOKS: list = []
 
 
 def _model_class(config: PeftConfig) -> type[PeftModel]:

@@ -99,8 +99,11 @@ def _sharegpt(row: dict, index: int) -> list[dict]:
         raise ValueError(f"Row {index}: 'conversations' is a {type(raw).__name__}; expected a list of {{from, value}}.")
     msgs = []
     for turn, m in enumerate(raw):
-        speaker = m.get("from", m.get("role")) if isinstance(m, dict) else None
-        content = m.get("value", m.get("content")) if isinstance(m, dict) else None
+        if not isinstance(m, dict):
+            raise ValueError(f"Row {index}, turn {turn}: {m!r:.80} is not a mapping; expected {{'from': ..., 'value': ...}}.")
+        # Arrow fills keys that only other rows use with None, so fall back on None, not on absence.
+        speaker = m.get("from") or m.get("role")
+        content = m["value"] if m.get("value") is not None else m.get("content")
         if speaker not in SHAREGPT_ROLES:
             raise ValueError(
                 f"Row {index}, turn {turn}: speaker {speaker!r} is not one of {', '.join(SHAREGPT_ROLES)}; "

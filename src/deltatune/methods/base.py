@@ -90,6 +90,15 @@ class Method:
     make_adapter: Callable[[PeftConfig, nn.Module, str], Adapter] | None
     # Layer types the method can wrap; used by target resolution for errors and "all-linear".
     layer_types: tuple[type, ...] = ()
+    # Optional hooks for methods that are not "one adapter per wrapped layer" (prompts, prefixes,
+    # selective fine-tuning). Each receives the PeftModel. When set, they replace the default step.
+    attach: Callable | None = None  # (peft_model, config, adapter_name) -> None
+    detach: Callable | None = None  # (peft_model, adapter_name) -> None
+    state_dict: Callable | None = None  # (peft_model, adapter_name) -> {peft key: tensor}
+    load_state_dict: Callable | None = None  # (peft_model, state_dict, adapter_name) -> None, all or nothing
+    forward: Callable | None = None  # (peft_model, adapter_name, *args, **kwargs) -> model output
+    generate: Callable | None = None  # (peft_model, adapter_name, *args, **kwargs) -> token ids
+    refresh: Callable | None = None  # (peft_model, trainable_adapter_names) -> None, after set_adapter etc.
 
 
 METHODS: dict[PeftType, Method] = {}
