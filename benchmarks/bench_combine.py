@@ -53,13 +53,17 @@ def factors(layer: LoraLayer, name: str) -> LoraFactors:
     return LoraFactors(layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach(), float(layer.scaling[name]))
 
 
-def time_it(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
+def time_interleaved(fns: dict, repeats: int) -> tuple[dict[str, float], dict[str, object]]:
+    """Median wall time of each function, running them in turn each repeat so that load from
+    other processes on a shared machine hits all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    outs: dict[str, object] = {}
     for i in range(repeats):
-        t0 = time.perf_counter()
-        out = fn(i)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            outs[name] = fn(i)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}, outs
 
 
 def main() -> None:
@@ -87,9 +91,9 @@ def main() -> None:
 
     with torch.no_grad():
         run_ours(0)  # warm-up (LAPACK initialisation)
-        t_peft, peft_name = time_it(run_peft, args.repeats)
-        t_dense, _ = time_it(run_dense, args.repeats)
-        t_ours, ours = time_it(run_ours, args.repeats)
+        t, outs = time_interleaved({"peft": run_peft, "dense": run_dense, "ours": run_ours}, args.repeats)
+        t_peft, t_dense, t_ours = t["peft"], t["dense"], t["ours"]
+        peft_name, ours = outs["peft"], outs["ours"]
         err = max(
             ((o.delta_weight() - factors(m, peft_name).delta_weight()).abs().max()
              / factors(m, peft_name).delta_weight().abs().max()).item()
@@ -97,7 +101,7 @@ def main() -> None:
         )
 
     print(f"{len(mods)} LoRA modules, r={RANK} x 2 adapters -> svd_rank={RANK}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; median of {args.repeats}")
+          f"{torch.get_num_threads()} threads; median of {args.repeats}, interleaved")
     print()
     print("| method | time (s) | speed-up vs peft |")
     print("|---|---:|---:|")

@@ -13,6 +13,16 @@ from tiny import VOCAB, input_ids, tiny_gpt2, tiny_llama
 from tolerances import assert_close
 
 
+def _tiny_phi():
+    """Phi's lm_head has a bias, which the fused loss must carry."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    torch.manual_seed(0)
+    cfg = PhiConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=128, pad_token_id=0)
+    return PhiForCausalLM(cfg).eval()
+
+
 def _batch(seed=1):
     ids = input_ids(batch=2, seq=10, seed=seed)
     mask = torch.ones_like(ids)
@@ -35,7 +45,7 @@ def _assert_grads_close(got, want):
             assert_close(g, w)
 
 
-@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2, _tiny_phi])
 def test_matches_model_loss_and_gradients(make):
     model = make()
     ids, mask, labels = _batch()
@@ -44,6 +54,17 @@ def test_matches_model_loss_and_gradients(make):
     assert n == int((labels[:, 1:] != -100).sum())
     assert_close(got, want)
     _assert_grads_close(_param_grads(model, got), _param_grads(model, want))
+
+
+def test_bf16_model_matches_within_bf16_tolerance():
+    model = tiny_llama().to(torch.bfloat16)
+    ids, mask, labels = _batch()
+    want = model(ids, attention_mask=mask, labels=labels).loss
+    got, _ = causal_lm_loss(model, ids, attention_mask=mask, labels=labels)
+    assert_close(got, want, dtype=torch.bfloat16)
+    for g, w in zip(_param_grads(model, got), _param_grads(model, want)):
+        assert g.dtype == torch.bfloat16
+        assert_close(g.float(), w.float(), dtype=torch.bfloat16)
 
 
 def test_num_items_in_batch_matches_transformers_normalisation():

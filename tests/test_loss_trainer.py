@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
+import deltatune.train.loss as loss_mod
 from deltatune.train.trainer import FusedLossTrainer
 from tiny import input_ids, tiny_llama
 from tolerances import assert_close
@@ -40,12 +41,17 @@ def _train(trainer_cls, tmp_path):
     return losses, model
 
 
-def test_fused_trainer_matches_standard_trainer(tmp_path):
+def test_fused_trainer_matches_standard_trainer(tmp_path, monkeypatch):
+    fused_calls = []
+    real = loss_mod.fused_linear_cross_entropy
+    monkeypatch.setattr(loss_mod, "fused_linear_cross_entropy", lambda *a, **k: fused_calls.append(1) or real(*a, **k))
     fused_losses, fused_model = _train(FusedLossTrainer, tmp_path)
     std_losses, std_model = _train(Trainer, tmp_path)
+    assert len(fused_calls) == 6  # 3 steps x 2 micro-batches, none fell back to full logits
     assert len(fused_losses) == len(std_losses) == 3
     assert fused_losses[0] == pytest.approx(std_losses[0], abs=1e-5)
     assert fused_losses == pytest.approx(std_losses, abs=1e-4)
-    for (name, p), q in zip(fused_model.named_parameters(), std_model.parameters()):
-        # Three Adam steps divide by sqrt(second moment) and so amplify 1e-7 gradient differences
-        assert_close(p, q, scale=100.0)
+    for p, q in zip(fused_model.parameters(), std_model.parameters()):
+        # Adam divides by sqrt(second moment), so 1e-7 gradient differences grow over three steps
+        # (3e-6 observed at lr 1e-2)
+        assert_close(p, q, scale=10.0)

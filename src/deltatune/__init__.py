@@ -13,6 +13,8 @@ from deltatune.model import (
 )
 from deltatune.surgery.inject import inject_adapter_in_model
 from deltatune.surgery.targets import resolve_targets
+from deltatune.methods.ia3 import IA3Config
+from deltatune.methods.bottleneck import BottleneckConfig
 
 __version__ = "0.1.0"
 
@@ -21,6 +23,7 @@ __all__ = [
     "PeftModelForFeatureExtraction", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
     "get_peft_model", "inject_adapter_in_model", "resolve_targets", "get_peft_model_state_dict",
     "set_peft_model_state_dict", "prepare_model_for_kbit_training",
+    "IA3Config", "BottleneckConfig",
 ]
 
 

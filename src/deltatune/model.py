@@ -107,7 +107,10 @@ class PeftModel(nn.Module):
         name = getattr(getattr(base, "config", None), "_name_or_path", None)
         if config.base_model_name_or_path is None and name:
             config = config.replace(base_model_name_or_path=name)
-        return config
+        from deltatune.methods.base import get_method
+
+        prepare = get_method(config.peft_type).prepare_config
+        return prepare(config, base) if prepare is not None else config
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
         """Attach a new adapter. It is not made active: call :meth:`set_adapter` for that."""

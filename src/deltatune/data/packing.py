@@ -18,6 +18,7 @@ first token, and packed, the previous example's last token must not learn to pre
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ from deltatune.data.tokenize import IGNORE_INDEX
 
 
 def pack_examples(ds: datasets.Dataset, max_length: int) -> datasets.Dataset:
-    """Pack tokenized examples into rows of at most ``max_length`` tokens (first-fit decreasing).
+    """Pack tokenized examples into rows of at most ``max_length`` tokens (best-fit decreasing).
 
     Args:
         ds: rows with ``input_ids`` and ``labels`` (lists, each at most ``max_length`` long).
@@ -41,28 +42,31 @@ def pack_examples(ds: datasets.Dataset, max_length: int) -> datasets.Dataset:
     Raises:
         ValueError: an example is longer than ``max_length`` (tokenize with the same limit).
     """
-    lengths = [len(ids) for ids in ds["input_ids"]]
+    # Column[:] materialises a Python list in one Arrow call; indexing a Column row by row is slow.
+    ids_col, labels_col = ds["input_ids"][:], ds["labels"][:]
+    lengths = [len(ids) for ids in ids_col]
     too_long = [i for i, n in enumerate(lengths) if n > max_length]
     if too_long:
         raise ValueError(
             f"{len(too_long)} example(s) (first: row {too_long[0]}, {lengths[too_long[0]]} tokens) exceed "
             f"max_length={max_length}; tokenize with the same max_length before packing."
         )
-    # First-fit decreasing: longest first, each into the first row with room. Ties keep dataset
-    # order, so the packing is deterministic.
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    # Best-fit decreasing: longest first, each into the fullest row that still has room for it.
+    # `open_rows` is kept sorted by (free room, row index), so the choice is one bisect and ties
+    # resolve the same way every run.
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
-    room: list[int] = []
+    open_rows: list[tuple[int, int]] = []
     for i in order:
-        for b, free in enumerate(room):
-            if lengths[i] <= free:
-                bins[b].append(i)
-                room[b] -= lengths[i]
-                break
+        k = bisect.bisect_left(open_rows, (lengths[i], -1))
+        if k < len(open_rows):
+            free, b = open_rows.pop(k)
         else:
-            bins.append([i])
-            room.append(max_length - lengths[i])
-    ids_col, labels_col = ds["input_ids"], ds["labels"]
+            free, b = max_length, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        if free - lengths[i] > 0:
+            bisect.insort(open_rows, (free - lengths[i], b))
     rows: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
     for members in bins:
         ids, labels, pos = [], [], []

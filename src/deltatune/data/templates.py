@@ -77,9 +77,11 @@ def _render_with_tokenizer(messages: list[dict], tokenizer: Any) -> list[Segment
             )
         segments += [(prefix[len(done):], False), (full[len(prefix):], True)]
         done = full
-    rest = _apply(tokenizer, messages, generation_prompt=False)
-    if rest.startswith(done) and len(rest) > len(done):
-        segments.append((rest[len(done):], False))
+    if messages and messages[-1]["role"] != "assistant":
+        # Turns after the last assistant reply are context the model is not trained to produce.
+        rest = _apply(tokenizer, messages, generation_prompt=False)
+        if rest.startswith(done):
+            segments.append((rest[len(done):], False))
     return [s for s in segments if s[0]]
 
 

@@ -51,29 +51,44 @@ class TokenizeStats:
         )
 
 
-def _encode_by_offsets(segments: list[Segment], tokenizer: Any) -> tuple[list[int], list[bool]]:
-    # One pass over the full text keeps the tokenization identical to inference (BPE merges can
-    # cross segment boundaries); each token is then attributed to the segment where it starts.
-    text = "".join(s for s, _ in segments)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+def _attribute(segments: list[Segment], offsets: list[tuple[int, int]]) -> list[bool]:
+    # Each token belongs to the segment its first character falls in.
     starts, flags, pos = [], [], 0
     for seg, trainable in segments:
         starts.append(pos)
         flags.append(trainable)
         pos += len(seg)
-    trainable = [flags[bisect.bisect_right(starts, start) - 1] for start, _ in enc["offset_mapping"]]
-    return list(enc["input_ids"]), trainable
+    return [flags[bisect.bisect_right(starts, start) - 1] for start, _ in offsets]
 
 
-def _encode_by_segments(segments: list[Segment], tokenizer: Any) -> tuple[list[int], list[bool]]:
+def _encode_many(examples: list[list[Segment]], tokenizer: Any) -> list[tuple[list[int], list[bool]]]:
+    if getattr(tokenizer, "is_fast", False):
+        # One pass over each example's full text keeps the tokenization identical to inference
+        # (BPE merges can cross segment boundaries); offsets then attribute tokens to segments.
+        texts = ["".join(s for s, _ in segs) for segs in examples]
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return [
+            (list(ids), _attribute(segs, offsets))
+            for segs, ids, offsets in zip(examples, enc["input_ids"], enc["offset_mapping"])
+        ]
     # Slow tokenizers have no offsets; tokenizing segment by segment is exact at the segment level.
-    ids: list[int] = []
-    trainable: list[bool] = []
-    for seg, flag in segments:
-        piece = tokenizer(seg, add_special_tokens=False)["input_ids"]
-        ids += piece
-        trainable += [flag] * len(piece)
-    return ids, trainable
+    out = []
+    for segs in examples:
+        ids: list[int] = []
+        trainable: list[bool] = []
+        for seg, flag in segs:
+            piece = tokenizer(seg, add_special_tokens=False)["input_ids"]
+            ids += piece
+            trainable += [flag] * len(piece)
+        out.append((ids, trainable))
+    return out
+
+
+def _finish(ids: list[int], trainable: list[bool], max_length: int, train_on_prompt: bool) -> dict:
+    truncated = len(ids) > max_length
+    ids, trainable = ids[:max_length], trainable[:max_length]
+    labels = [tok if (flag or train_on_prompt) else IGNORE_INDEX for tok, flag in zip(ids, trainable)]
+    return {"input_ids": ids, "labels": labels, "truncated": truncated}
 
 
 def tokenize_segments(
@@ -90,12 +105,8 @@ def tokenize_segments(
     Returns:
         ``{"input_ids": [...], "labels": [...], "truncated": bool}``.
     """
-    encode = _encode_by_offsets if getattr(tokenizer, "is_fast", False) else _encode_by_segments
-    ids, trainable = encode(segments, tokenizer)
-    truncated = len(ids) > max_length
-    ids, trainable = ids[:max_length], trainable[:max_length]
-    labels = [tok if (flag or train_on_prompt) else IGNORE_INDEX for tok, flag in zip(ids, trainable)]
-    return {"input_ids": ids, "labels": labels, "truncated": truncated}
+    (ids, trainable), = _encode_many([segments], tokenizer)
+    return _finish(ids, trainable, max_length, train_on_prompt)
 
 
 def tokenize_dataset(
@@ -109,20 +120,24 @@ def tokenize_dataset(
     Returns:
         ``(dataset with input_ids and labels added, stats)``.
     """
-    def encode(row: dict) -> dict:
-        return tokenize_segments(render_segments(row, tokenizer, template), tokenizer, max_length, train_on_prompt)
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        rendered = [render_segments(row, tokenizer, template) for row in rows]
+        done = [_finish(ids, flags, max_length, train_on_prompt) for ids, flags in _encode_many(rendered, tokenizer)]
+        return {key: [d[key] for d in done] for key in ("input_ids", "labels", "truncated")}
 
-    out = ds.map(encode, desc="Tokenizing")
-    truncated = sum(out["truncated"])
-    has_label = [any(lab != IGNORE_INDEX for lab in labels[1:]) for labels in out["labels"]]
-    kept = out.filter(lambda _, i: has_label[i], with_indices=True).remove_columns("truncated")
-    lengths = [len(ids) for ids in kept["input_ids"]]
+    out = ds.map(encode, batched=True, batch_size=256, desc="Tokenizing")
+    # Position 0's label is never used (labels are shifted), so it does not count as trainable.
+    n_labels = [sum(lab != IGNORE_INDEX for lab in labels[1:]) for labels in out["labels"][:]]
+    keep = [i for i, n in enumerate(n_labels) if n > 0]
+    kept = (out if len(keep) == len(out) else out.select(keep)).remove_columns("truncated")
+    lengths = [len(ids) for ids in kept["input_ids"][:]]
     stats = TokenizeStats(
         examples=len(kept),
-        truncated=truncated,
+        truncated=sum(out["truncated"][:]),
         dropped=len(out) - len(kept),
         tokens=sum(lengths),
-        label_tokens=sum(sum(lab != IGNORE_INDEX for lab in labels[1:]) for labels in kept["labels"]),
+        label_tokens=sum(n_labels[i] for i in keep),
         longest=max(lengths, default=0),
     )
     if stats.truncated or stats.dropped:

@@ -17,11 +17,12 @@ from torch import nn
 
 from deltatune.io.atomic import atomic_write
 from deltatune.surgery.inject import adapted_layers, save_wrappers
+from deltatune.surgery.layer import AdaptedLayer
 
 PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
-EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # peft's names for the "auto" rule
 
 
 def _wants_embedding_layers(config: Any, save_embedding_layers: bool | str) -> bool:
@@ -70,12 +71,27 @@ def adapter_key_map(
                     if pname.rsplit(".", 1)[-1] == "bias":
                         extra[f"{PREFIX}{name}.modules_to_save.{pname}"] = p
     if _wants_embedding_layers(config, save_embedding_layers):
-        extra.update({f"{PREFIX}{n}": p for n, p in _base_params(model) if any(e in n for e in EMBEDDING_LAYER_NAMES)})
+        extra.update(_embedding_params(model, save_embedding_layers == "auto"))
     for k, v in extra.items():
         if k not in keys:
             keys[k] = v
             optional.add(k)
     return keys, optional
+
+
+def _embedding_params(model: nn.Module, only_wrapped: bool) -> dict[str, torch.Tensor]:
+    """peft's rule: the input and output embedding matrices; when an embedding is itself a target
+    ("auto"), only the ones that carry an adapter."""
+    layers = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            layer = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):
+            layer = None
+        if layer is not None and (not only_wrapped or isinstance(layer, AdaptedLayer)):
+            layers.append(layer)
+    names = [n for n, m in model.named_modules() if any(m is layer for layer in layers)]
+    return {f"{PREFIX}{n}": p for n, p in _base_params(model) if any(n.startswith(m + ".") for m in names)}
 
 
 def _base_params(model: nn.Module):

@@ -99,6 +99,9 @@ class Method:
     forward: Callable | None = None  # (peft_model, adapter_name, *args, **kwargs) -> model output
     generate: Callable | None = None  # (peft_model, adapter_name, *args, **kwargs) -> token ids
     refresh: Callable | None = None  # (peft_model, trainable_adapter_names) -> None, after set_adapter etc.
+    # (config, model) -> config with model-dependent defaults filled in (e.g. IA³'s per-family targets);
+    # runs before targets are resolved, and its result is what gets saved.
+    prepare_config: Callable | None = None
 
 
 METHODS: dict[PeftType, Method] = {}

@@ -41,7 +41,8 @@ def dora_weight_norm(
     ‖W_j + s B_j A‖² = ‖W_j‖² + 2s · B_j·(A W_jᵀ) + s² · B_j (A Aᵀ) B_jᵀ. W is frozen, so ‖W_j‖² can be
     passed in precomputed; the other two terms are (out × r) and (r × r) products.
     """
-    W32, A32, B32 = W.float(), A.float(), B.float()
+    dt = torch.promote_types(W.dtype, torch.float32)  # at least fp32 for the sums; never lower than the input
+    W32, A32, B32 = W.to(dt), A.to(dt), B.to(dt)
     if w_sq is None:
         w_sq = W32.square().sum(dim=1)  # (out,)
     cross = (B32 * (W32 @ A32.T)).sum(dim=1)  # (out,)

@@ -31,7 +31,8 @@ def quantize_dynamic8(values: torch.Tensor, blocksize: int = 256) -> tuple[torch
     n_blocks = -(-n // blocksize)
     padded = torch.nn.functional.pad(flat, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
     scales = padded.abs().amax(dim=1)  # (n_blocks,)
-    inv = 1.0 / scales
+    # a zero block would give 0 * inf = NaN; its codes are forced to 0 below anyway
+    inv = torch.where(scales == 0, torch.zeros_like(scales), 1.0 / scales)
     unit = (padded * inv[:, None]).clamp_(-1.0, 1.0)
     # Each step rounds to float32 separately (the kernel uses no fused multiply-add).
     grid = ((unit + 1.0) * 0.5) * float(LUT_SIZE - 1) + 0.5

@@ -34,6 +34,8 @@ def inject_adapter_in_model(config: PeftConfig, model: nn.Module, adapter_name: 
     method = get_method(config.peft_type)
     if method.make_adapter is None:
         raise ValueError(f"{config.peft_type.value} does not attach to layers; use get_peft_model instead")
+    if method.prepare_config is not None:
+        config = method.prepare_config(config, model)
     targets = resolve_targets(model, config)
     for name in targets:
         module = model.get_submodule(name)

@@ -81,8 +81,9 @@ class AdaptedLayer(_Passthrough):
                 continue  # merging twice is idempotent: the second call changes nothing
             adapter = self.adapters[name]
             if not adapter.mergeable:
+                why = getattr(adapter, "not_mergeable_reason", "")  # e.g. ": a nonlinearity cannot be folded ..."
                 raise ValueError(
-                    f"adapter {name!r} ({type(adapter).__name__}) cannot be merged into the base weights; "
+                    f"adapter {name!r} ({type(adapter).__name__}) cannot be merged into the base weights{why}; "
                     "keep it unmerged, or use a mergeable method (LoRA, DoRA, IA³)"
                 )
             if safe_merge:

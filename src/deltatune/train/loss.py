@@ -139,8 +139,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             ctx.save_for_backward(hidden, weight, bias, labels)
             ctx.scale, ctx.ignore_index, ctx.chunk_size = scale, ignore_index, chunk_size
         else:
-            loss_sum, grads = _sweep(hidden, weight, bias, labels, ignore_index, chunk_size, scale, want)
-            ctx.save_for_backward(*grads)
+            loss_sum, (grad_h, grad_w, grad_b) = _sweep(hidden, weight, bias, labels, ignore_index, chunk_size,
+                                                        scale, want)
+            w_store = _store_dtype(weight.dtype)  # bf16 weights keep a bf16 gradient, not the fp32 accumulator
+            ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(w_store),
+                                  None if grad_b is None else grad_b.to(w_store))
         return loss_sum * scale
 
     @staticmethod

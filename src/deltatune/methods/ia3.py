@@ -1,0 +1,259 @@
+"""IA³: learned vectors that rescale a layer's output, or for feed-forward layers its input.
+
+Liu et al., 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context
+Learning" (arXiv:2205.05638), section 3.3. For attention keys and values the vector rescales the
+layer's output, ``l ⊙ (W x + b)``; for the second feed-forward layer it rescales the input (the
+feed-forward's hidden activations), ``W (l ⊙ x) + b``. Both are linear in the weight, so merging
+multiplies the weight's rows (output) or columns (input), and the bias for output scaling.
+
+On disk each vector is ``base_model.model.<module>.ia3_l``, shaped (out, 1) for output scaling and
+(1, in) for input scaling, exactly as peft writes it.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import nn
+
+from deltatune.config import PeftConfig, PeftType
+from deltatune.methods.base import Adapter, Method, dense_weight, register_method, set_dense_weight
+
+# peft's per-family defaults: (target_modules, feedforward_modules) when target_modules is None.
+IA3_DEFAULTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "llama": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "mistral": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "qwen2": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "qwen3": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "gemma": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "gemma2": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "phi": (("q_proj", "v_proj", "fc2"), ("fc2",)),
+    "gpt2": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
+    "bert": (("key", "value", "output.dense"), ("output.dense",)),
+    "roberta": (("key", "value", "output.dense"), ("output.dense",)),
+    "opt": (("q_proj", "k_proj", "fc2"), ("fc2",)),
+    "gptj": (("q_proj", "v_proj", "fc_out"), ("fc_out",)),
+    "gpt_neox": (("query_key_value", "dense_4h_to_h"), ("dense_4h_to_h",)),
+    "falcon": (("query_key_value", "dense_4h_to_h"), ("dense_4h_to_h",)),
+    "bloom": (("query_key_value", "mlp.dense_4h_to_h"), ("mlp.dense_4h_to_h",)),
+    "t5": (("k", "v", "wo"), ("wo",)),
+    "bart": (("q_proj", "v_proj", "fc2"), ("fc2",)),
+}
+
+
+# ---- config ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class IA3Config(PeftConfig):
+    """IA³ (Liu et al., 2022, arXiv:2205.05638) with peft's field names and semantics."""
+
+    peft_type: ClassVar[PeftType] = PeftType.IA3
+
+    target_modules: Sequence[str] | str | None = None
+    """Module names (suffix match on the dotted path), a regex matched against the full path, or
+    ``"all-linear"``. None: peft's default for the model family (e.g. k_proj, v_proj, down_proj for
+    LLaMA; c_attn, mlp.c_proj for GPT-2; key, value, output.dense for BERT)."""
+    exclude_modules: Sequence[str] | str | None = None
+    """Names (suffix match) or a regex of modules never to wrap, even if ``target_modules`` matches."""
+    feedforward_modules: Sequence[str] | str | None = None
+    """Targets whose INPUT is scaled (the paper's feed-forward vector); all other targets scale their
+    output. A regex (full match) or names; a name matches every module path that ends with it as a
+    plain string, as in peft (so "output.dense" also matches BERT's "attention.output.dense"). Must
+    be a subset of ``target_modules`` when both are lists. None: the family default, or no
+    feed-forward modules for a family deltatune has no default for."""
+    fan_in_fan_out: bool = False
+    """Informational: deltatune reads the weight layout from the layer type. Set to True when a
+    target is GPT-2's Conv1D, as peft does, so saved configs match peft's."""
+    modules_to_save: Sequence[str] | None = None
+    """Modules (suffix match) trained in full and saved with the adapter, e.g. a classifier head."""
+    init_ia3_weights: bool = True
+    """True: vectors start at 1 (the adapted model equals the base). False: random (tests only)."""
+    layers_to_transform: Sequence[int] | int | None = None
+    """Only wrap modules inside these layer indices (not in peft's IA3Config; omitted on disk when None)."""
+    layers_pattern: Sequence[str] | str | None = None
+    """Name of the layer list (e.g. "layers", "h") used to read a module's layer index."""
+
+    def validate(self) -> None:
+        if not isinstance(self.init_ia3_weights, bool):
+            raise ValueError(f"init_ia3_weights must be True or False, got {self.init_ia3_weights!r}")
+        for name in ("target_modules", "feedforward_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value != "all-linear":
+                try:
+                    re.compile(value)
+                except re.error as e:
+                    raise ValueError(f"{name} regex {value!r} does not compile: {e}") from None
+        ff, targets = self.feedforward_modules, self.target_modules
+        if isinstance(ff, tuple) and isinstance(targets, tuple) and not set(ff) <= set(targets):
+            raise ValueError(
+                f"feedforward_modules must be a subset of target_modules (peft's rule); "
+                f"{sorted(set(ff) - set(targets))} are not in target_modules={list(targets)}. "
+                "Add them to target_modules or remove them from feedforward_modules."
+            )
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ValueError("layers_pattern only makes sense together with layers_to_transform; set both or neither")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        # peft's IA3Config has no layer selection; leave the keys out unless used, so files match peft's.
+        for key in ("layers_to_transform", "layers_pattern"):
+            if out[key] is None:
+                del out[key]
+        return out
+
+
+def is_feedforward(feedforward_modules: Sequence[str] | str | None, module_name: str) -> bool:
+    """peft's rule: a regex must match the whole path; a name matches any path ending with it."""
+    if not feedforward_modules:
+        return False
+    if isinstance(feedforward_modules, str):
+        return re.fullmatch(feedforward_modules, module_name) is not None
+    return any(module_name.endswith(key) for key in feedforward_modules)
+
+
+def prepare_ia3_config(config: IA3Config, model: nn.Module) -> IA3Config:
+    """Fill in the family's default targets and feed-forward modules, and ``fan_in_fan_out`` for Conv1D.
+
+    Raises:
+        ValueError: ``target_modules`` is None and deltatune has no default for the model's family.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    from deltatune.surgery.targets import linear_layer_names, resolve_targets
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    defaults = IA3_DEFAULTS.get(model_type)
+    changes: dict[str, Any] = {}
+    if config.target_modules is None:
+        if defaults is None:
+            names = ", ".join(linear_layer_names(model, _supported_types()))
+            raise ValueError(
+                f"IA3Config.target_modules is not set and deltatune has no IA³ default for model type "
+                f"{model_type!r}; pass target_modules=[...] and feedforward_modules=[...]. "
+                f"Layers that can be targeted: {names}"
+            )
+        changes["target_modules"] = defaults[0]
+    if config.feedforward_modules is None:
+        changes["feedforward_modules"] = defaults[1] if defaults is not None else ()
+    config = config.replace(**changes) if changes else config
+    if not config.fan_in_fan_out:
+        modules = dict(model.named_modules())
+        targets = resolve_targets(model, config)
+        if any(isinstance(getattr(modules[n], "base_layer", modules[n]), Conv1D) for n in targets):
+            config = config.replace(fan_in_fan_out=True)
+    return config
+
+
+# ---- functional core -------------------------------------------------------------------------------
+def ia3_scale(h: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """l ⊙ h for h (..., n) and l (n,), computed in l's dtype and returned in h's."""
+    return (h.to(l.dtype) * l).to(h.dtype)  # (..., n)
+
+
+def ia3_merged_weight(W: torch.Tensor, l: torch.Tensor, feedforward: bool) -> torch.Tensor:
+    """W·diag(l) (columns, input scaling) or diag(l)·W (rows, output scaling) for W (out, in)."""
+    return W * (l[None, :] if feedforward else l[:, None])  # (out, in)
+
+
+# ---- module ----------------------------------------------------------------------------------------
+class IA3Scale(Adapter):
+    """One IA³ vector on one layer: scales the output, or the input when ``feedforward`` is True.
+
+    The vector is kept in float32 whatever the base dtype: it starts at 1, and in bfloat16 an update
+    smaller than 2⁻⁸ to a value near 1 rounds away, so the vector could not learn.
+    """
+
+    peft_keys = {"ia3_l": "ia3_l"}
+
+    def __init__(self, in_features: int, out_features: int, feedforward: bool, init_ones: bool = True) -> None:
+        super().__init__()
+        self.feedforward = feedforward
+        shape = (1, in_features) if feedforward else (out_features, 1)  # peft's on-disk shapes
+        self.ia3_l = nn.Parameter(torch.ones(shape) if init_ones else 1 + 0.5 * torch.randn(shape))
+        # Original weight rows/columns (and bias entries) where l == 0, which division cannot restore.
+        self._zeroed: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+
+    @property
+    def vector(self) -> torch.Tensor:
+        return self.ia3_l.flatten()  # (n,)
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        return ia3_scale(x, self.vector) if self.feedforward else x
+
+    def forward(self, x: torch.Tensor, base_layer: nn.Module, base_out: torch.Tensor | None) -> torch.Tensor:
+        if base_out is None:
+            base_out = base_layer(self.transform_input(x))
+        return base_out if self.feedforward else ia3_scale(base_out, self.vector)
+
+    def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
+        """What merging adds to the (out, in) weight: (l - 1) scaling of W (the bias is scaled too)."""
+        W = dense_weight(base_layer, torch.float32)
+        return ia3_merged_weight(W, self.vector.float(), self.feedforward) - W
+
+    @torch.no_grad()
+    def merge(self, base_layer: nn.Module) -> None:
+        l = self.vector.float()
+        W = dense_weight(base_layer, torch.float32)
+        bias = getattr(base_layer, "bias", None)
+        scales_bias = not self.feedforward and isinstance(bias, torch.Tensor)
+        zero = l == 0
+        if zero.any():
+            saved = W[:, zero] if self.feedforward else W[zero]
+            self._zeroed = (zero, saved.clone(), bias[zero].clone() if scales_bias else None)
+        set_dense_weight(base_layer, ia3_merged_weight(W, l, self.feedforward))
+        if scales_bias:
+            bias.copy_((bias.float() * l).to(bias.dtype))
+
+    @torch.no_grad()
+    def unmerge(self, base_layer: nn.Module) -> None:
+        l = self.vector.float()
+        safe = torch.where(l == 0, torch.ones_like(l), l)
+        W = ia3_merged_weight(dense_weight(base_layer, torch.float32), 1 / safe, self.feedforward)
+        bias = getattr(base_layer, "bias", None)
+        scales_bias = not self.feedforward and isinstance(bias, torch.Tensor)
+        if scales_bias:
+            bias.copy_((bias.float() / safe).to(bias.dtype))
+        if self._zeroed is not None:
+            zero, saved_w, saved_b = self._zeroed
+            if self.feedforward:
+                W[:, zero] = saved_w
+            else:
+                W[zero] = saved_w
+            if saved_b is not None:
+                bias[zero] = saved_b
+            self._zeroed = None
+        set_dense_weight(base_layer, W)
+
+
+# ---- construction ----------------------------------------------------------------------------------
+def _features(layer: nn.Module) -> tuple[int, int]:
+    if hasattr(layer, "in_features") and hasattr(layer, "out_features"):
+        return layer.in_features, layer.out_features
+    out_f, in_f = dense_weight(layer).shape
+    return in_f, out_f
+
+
+def make_ia3_adapter(config: IA3Config, base_layer: nn.Module, module_name: str) -> IA3Scale:
+    """Build one IA³ vector for ``base_layer``; input scaling if ``module_name`` is a feed-forward module."""
+    in_f, out_f = _features(base_layer)
+    ff = is_feedforward(config.feedforward_modules, module_name)
+    return IA3Scale(in_f, out_f, ff, init_ones=config.init_ia3_weights)
+
+
+def _supported_types() -> tuple[type, ...]:
+    from transformers.pytorch_utils import Conv1D
+
+    types: list[type] = [nn.Linear, Conv1D]
+    try:
+        from deltatune.quant import quantized_linear_types
+
+        types.extend(quantized_linear_types())
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+register_method(
+    Method(PeftType.IA3, IA3Config, make_ia3_adapter, layer_types=_supported_types(), prepare_config=prepare_ia3_config)
+)

@@ -1,0 +1,358 @@
+"""What prompt tuning and prefix tuning share: the config base, the encoder store, saving, and input plumbing.
+
+Both methods leave the model's layers alone. Their trainable state is one small module per adapter
+(the "prompt encoder"), kept in ``PeftModel.prompt_encoder`` (a ``ModuleDict`` keyed by adapter
+name, as in peft, so full-model state dicts use peft's parameter names). At every forward they
+change the model's *inputs*: prompt tuning inserts virtual tokens into the sequence, prefix tuning
+pre-fills the key/value cache. Either way the attention mask gains ``num_virtual_tokens`` ones in
+front, and the method registers through :func:`register_prompt_method`, which wires the
+:class:`~deltatune.methods.base.Method` hooks that :class:`~deltatune.model.PeftModel` calls.
+
+On disk (peft's format) the adapter is one tensor, ``prompt_embeddings``, plus any
+``modules_to_save`` copies under ``base_model.<module path>.<param>`` (no ``.model.``: peft's prompt
+learning keeps the user's model itself as ``base_model``).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+from torch import nn
+
+from deltatune.config import PeftConfig, PeftType, TaskType
+from deltatune.methods.base import Method, register_method
+from deltatune.surgery import inject
+from deltatune.surgery.targets import resolve_modules_to_save
+
+ENCODERS_ATTR = "prompt_encoder"
+SAVED_TABLE_KEY = "prompt_embeddings"
+_CLASSIFIER_NAMES = ("classifier", "score")
+# Tasks whose model reads token_type_ids (peft keeps them there and drops them elsewhere).
+_KEEPS_TOKEN_TYPES = (TaskType.SEQ_CLS, TaskType.TOKEN_CLS, TaskType.QUESTION_ANS)
+# Tasks whose labels are per position, so inserted virtual tokens need ignored (-100) labels.
+_PER_TOKEN_LABELS = (TaskType.CAUSAL_LM, TaskType.TOKEN_CLS)
+
+
+@dataclass(frozen=True)
+class PromptLearningConfig(PeftConfig):
+    """Fields every prompt-learning config shares (peft's ``PromptLearningConfig``).
+
+    The model dimensions default to None and are read from the model's config when the adapter is
+    added, as peft does; the filled-in values are what ``adapter_config.json`` records.
+    """
+
+    peft_type: ClassVar[PeftType]
+
+    num_virtual_tokens: int | None = None
+    """How many virtual tokens (soft-prompt vectors, or prefix key/value positions) to learn. Required."""
+    token_dim: int | None = None
+    """Width of one virtual token. None: the model's hidden size (prefix tuning on a grouped-query
+    model: head_dim × num_key_value_heads, the width of one layer's keys)."""
+    num_transformer_submodules: int | None = None
+    """1 for decoder-only and encoder-only models (2 would be encoder-decoder, not supported). None: 1."""
+    num_attention_heads: int | None = None
+    """Heads of the model (prefix tuning on a grouped-query model: the key/value heads). None: from the model."""
+    num_layers: int | None = None
+    """Transformer layers of the model. None: from the model."""
+    modules_to_save: Sequence[str] | None = None
+    """Modules (suffix match) trained in full and saved with the adapter; SEQ_CLS adds the classifier."""
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return True
+
+    def validate(self) -> None:
+        n = self.num_virtual_tokens
+        if not (isinstance(n, int) and not isinstance(n, bool) and n > 0):
+            raise ValueError(f"num_virtual_tokens must be a positive integer (e.g. 20), got {n!r}")
+        for name in ("token_dim", "num_attention_heads", "num_layers", "num_transformer_submodules"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value > 0):
+                raise ValueError(f"{name} must be a positive integer or None (read from the model), got {value!r}")
+        if self.num_transformer_submodules not in (None, 1):
+            raise ValueError(
+                f"num_transformer_submodules={self.num_transformer_submodules}: only 1 (decoder-only or encoder-only "
+                "models) is supported; encoder-decoder prompt learning is not implemented"
+            )
+        if self.task_type == TaskType.SEQ_2_SEQ_LM:
+            raise ValueError("task_type SEQ_2_SEQ_LM: prompt learning on encoder-decoder models is not implemented")
+
+
+# ---- model dimensions ------------------------------------------------------------------------------
+def _first_attr(cfg: Any, names: Sequence[str]) -> int | None:
+    for name in names:
+        value = getattr(cfg, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def text_config(model: nn.Module) -> Any:
+    """The model's (text) config: the language-model part of a vision-language config."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise ValueError(
+            f"{type(model).__name__} has no .config; pass num_layers, token_dim and num_attention_heads explicitly"
+        )
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def fill_model_dims(config: PromptLearningConfig, model: nn.Module) -> PromptLearningConfig:
+    """Fill the dimension fields left as None from the model's config (peft's lookup order)."""
+    cfg = text_config(model)
+    lookups = {
+        "num_layers": ("num_hidden_layers", "num_layers", "n_layer"),
+        "token_dim": ("hidden_size", "n_embd", "d_model"),
+        "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"),
+    }
+    changes: dict[str, int] = {}
+    for field_name, names in lookups.items():
+        if getattr(config, field_name) is None:
+            value = _first_attr(cfg, names)
+            if value is None:
+                raise ValueError(f"cannot read {field_name} from {type(cfg).__name__}; pass {field_name}=... in the config")
+            changes[field_name] = value
+    if config.num_transformer_submodules is None:
+        changes["num_transformer_submodules"] = 1
+    return config.replace(**changes) if changes else config
+
+
+# ---- the encoder store on the PeftModel -------------------------------------------------------------
+def encoders(peft_model: nn.Module) -> nn.ModuleDict:
+    """``peft_model.prompt_encoder``, created on first use."""
+    if ENCODERS_ATTR not in peft_model._modules:
+        peft_model.add_module(ENCODERS_ATTR, nn.ModuleDict())
+    return peft_model._modules[ENCODERS_ATTR]
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def attach_encoder(peft_model: nn.Module, config: PromptLearningConfig, adapter_name: str, encoder: nn.Module) -> None:
+    """Store ``encoder`` for ``adapter_name`` and wrap the config's ``modules_to_save``."""
+    base = peft_model.base_model.model
+    keys = tuple(dict.fromkeys(config.modules_to_save or ()))
+    for key in keys:
+        if key not in _CLASSIFIER_NAMES and not resolve_modules_to_save(base, [key]):
+            raise ValueError(f"modules_to_save entry {key!r} matches no module of {type(base).__name__}")
+    encoders(peft_model)[adapter_name] = encoder.to(_device_of(base))
+    inject.add_modules_to_save(base, keys, adapter_name)
+
+
+def detach(peft_model: nn.Module, adapter_name: str) -> None:
+    """Drop the adapter's encoder (its ``modules_to_save`` copies are removed by PeftModel)."""
+    store = encoders(peft_model)
+    if adapter_name in store:
+        del store[adapter_name]
+
+
+def refresh(peft_model: nn.Module, trainable: Sequence[str]) -> None:
+    """Exactly the trainable adapters' encoders get gradients (the base model is already frozen)."""
+    for name, encoder in encoders(peft_model).items():
+        encoder.requires_grad_(name in trainable)
+
+
+# ---- saving and loading (peft's format) -----------------------------------------------------------------
+def _saved_module_tensors(peft_model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for name, wrapper in inject.save_wrappers(peft_model.base_model.model):
+        if adapter_name in wrapper.modules_to_save:
+            for pname, tensor in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+                out[f"base_model.{name}.{pname}"] = tensor
+    return out
+
+
+def state_dict(peft_model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """``{"prompt_embeddings": table}`` plus the ``modules_to_save`` copies, as peft writes them."""
+    table = encoders(peft_model)[adapter_name].table_to_save()
+    out = {SAVED_TABLE_KEY: table}
+    out.update(_saved_module_tensors(peft_model, adapter_name))
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
+
+
+def load_state_dict(peft_model: nn.Module, sd: dict[str, torch.Tensor], adapter_name: str) -> None:
+    """Load a peft-format state dict into adapter ``adapter_name``, all or nothing.
+
+    Raises:
+        ValueError: listing every missing key, unexpected key and shape mismatch; nothing is copied then.
+    """
+    encoder = encoders(peft_model)[adapter_name]
+    modules = _saved_module_tensors(peft_model, adapter_name)
+    problems = [f"missing: {k} (expected shape {tuple(v.shape)})" for k, v in modules.items() if k not in sd]
+    if SAVED_TABLE_KEY not in sd:
+        problems.append(f"missing: {SAVED_TABLE_KEY} (expected shape {tuple(encoder.saved_shape)})")
+    else:
+        why = encoder.load_problem(tuple(sd[SAVED_TABLE_KEY].shape))
+        if why:
+            problems.append(why)
+    for k, v in sd.items():
+        if k != SAVED_TABLE_KEY and k not in modules:
+            problems.append(f"unexpected: {k} (shape {tuple(v.shape)}), no such adapter tensor in this model")
+        elif k in modules and tuple(v.shape) != tuple(modules[k].shape):
+            problems.append(f"shape mismatch at {k}: checkpoint {tuple(v.shape)} vs model {tuple(modules[k].shape)}")
+    if problems:
+        raise ValueError(f"adapter {adapter_name!r} does not fit this model; nothing was loaded:\n  " + "\n  ".join(problems))
+    with torch.no_grad():
+        encoder.load_table(sd[SAVED_TABLE_KEY])
+        for k, target in modules.items():
+            target.copy_(sd[k].to(device=target.device, dtype=target.dtype))
+
+
+# ---- input plumbing ------------------------------------------------------------------------------------
+def batch_size_of(kwargs: dict[str, Any]) -> int:
+    for key in ("input_ids", "inputs_embeds"):
+        if kwargs.get(key) is not None:
+            return kwargs[key].shape[0]
+    raise ValueError("prompt learning needs input_ids or inputs_embeds to know the batch size; pass one of them")
+
+
+def extend_attention_mask(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """Prepend ``n`` ones (the virtual tokens are always attended to) to a (B, T) mask."""
+    if mask is None:
+        return None
+    if mask.dim() != 2:
+        raise ValueError(
+            f"prompt learning extends 2-D (batch, seq) attention masks; got a {mask.dim()}-D mask. "
+            "Pass the 2-D padding mask and let the model build the 4-D one."
+        )
+    ones = torch.ones(mask.shape[0], n, dtype=mask.dtype, device=mask.device)
+    return torch.cat([ones, mask], dim=1)  # (B, n + T)
+
+
+def prepend(t: torch.Tensor, n: int, value: int) -> torch.Tensor:
+    """Prepend ``n`` columns filled with ``value`` to a (B, T) tensor (labels, token types)."""
+    pad = torch.full((t.shape[0], n), value, dtype=t.dtype, device=t.device)
+    return torch.cat([pad, t], dim=1)  # (B, n + T)
+
+
+def adjust_inputs(config: PromptLearningConfig, kwargs: dict[str, Any], inserts_tokens: bool, fresh: bool) -> dict[str, Any]:
+    """Make the base model's keyword inputs consistent with ``num_virtual_tokens`` extra positions.
+
+    Args:
+        config: the adapter's config.
+        kwargs: the base model's keyword inputs (changed copy returned).
+        inserts_tokens: True if the method puts virtual tokens into the sequence (prompt tuning);
+            False if they only live in the key/value cache (prefix tuning).
+        fresh: True if this forward starts a sequence (the virtual tokens are added now); False for a
+            decoding step whose cache already holds them.
+    """
+    n, task = config.num_virtual_tokens, config.task_type
+    kwargs = dict(kwargs)
+    kwargs["attention_mask"] = extend_attention_mask(kwargs.get("attention_mask"), n)
+    if kwargs.get("position_ids") is not None:
+        if inserts_tokens:
+            warnings.warn("position_ids are not supported with prompt tuning and are ignored (as in peft)", stacklevel=4)
+            kwargs["position_ids"] = None
+        else:
+            kwargs["position_ids"] = kwargs["position_ids"] + n  # the prefix occupies positions 0..n-1
+    if kwargs.get("token_type_ids") is not None:
+        if task not in _KEEPS_TOKEN_TYPES:
+            warnings.warn("token_type_ids are not supported with prompt learning and are ignored (as in peft)", stacklevel=4)
+            kwargs["token_type_ids"] = None
+        elif inserts_tokens and fresh:
+            kwargs["token_type_ids"] = prepend(kwargs["token_type_ids"], n, 0)
+    if inserts_tokens and fresh and kwargs.get("labels") is not None and task in _PER_TOKEN_LABELS:
+        kwargs["labels"] = prepend(kwargs["labels"], n, -100)
+    return kwargs
+
+
+def cache_is_empty(cache: Any) -> bool:
+    """True if ``cache`` holds no tokens yet (None or an empty transformers ``Cache``)."""
+    if cache is None:
+        return True
+    if not hasattr(cache, "get_seq_length"):
+        raise TypeError(
+            f"past_key_values of type {type(cache).__name__} is not supported; pass a transformers Cache "
+            "(e.g. DynamicCache) — legacy tuple caches were removed in transformers 5"
+        )
+    return cache.get_seq_length() == 0
+
+
+# An insert function turns the (adjusted) base-model inputs into ones that carry the virtual tokens:
+# (peft_model, config, encoder, kwargs, fresh) -> kwargs.
+InsertFn = Callable[[nn.Module, PromptLearningConfig, nn.Module, dict, bool], dict]
+
+
+def _inputs_for_base(peft_model, adapter_name, insert: InsertFn, inserts_tokens: bool, kwargs: dict, fresh: bool | None) -> dict:
+    config = peft_model.peft_config[adapter_name]
+    encoder = encoders(peft_model)[adapter_name]
+    if kwargs.get("use_cache") is False and fresh is None:
+        # No cache across steps: every forward is a fresh full sequence; a cache returned by the
+        # previous step (transformers hands it back even with use_cache=False) must not be reused.
+        kwargs = {**kwargs, "past_key_values": None}
+    if fresh is None:
+        fresh = cache_is_empty(kwargs.get("past_key_values"))
+    kwargs = adjust_inputs(config, kwargs, inserts_tokens, fresh)
+    return insert(peft_model, config, encoder, kwargs, fresh)
+
+
+def make_forward(insert: InsertFn, inserts_tokens: bool) -> Callable:
+    """The ``Method.forward`` hook: adjust the inputs, insert the virtual tokens, run the base model.
+
+    A forward given a non-empty cache is a decoding step: the cache already holds the virtual tokens.
+    """
+
+    def forward(peft_model, adapter_name: str, *args, **kwargs):
+        if args:
+            if len(args) > 1 or "input_ids" in kwargs:
+                raise TypeError("pass the model's inputs by keyword (input_ids=..., attention_mask=...)")
+            kwargs["input_ids"] = args[0]
+        batch_size_of(kwargs)
+        cache = kwargs.get("past_key_values")
+        base_kwargs = _inputs_for_base(peft_model, adapter_name, insert, inserts_tokens, kwargs, cache_is_empty(cache))
+        return peft_model.base_model.model(**base_kwargs)
+
+    return forward
+
+
+def make_generate(insert: InsertFn, inserts_tokens: bool) -> Callable:
+    """The ``Method.generate`` hook: transformers' ``generate`` with the virtual tokens added to every forward.
+
+    A forward pre-hook on the base model rewrites each step's inputs while ``generate`` runs: the first
+    step (empty cache), or every step with ``use_cache=False``, gets the virtual tokens; every step
+    gets the extended attention mask. The hook is removed when ``generate`` returns or raises.
+    """
+
+    def generate(peft_model, adapter_name: str, *args, **kwargs):
+        base = peft_model.base_model.model
+
+        def pre_hook(module, hook_args, hook_kwargs):
+            if hook_args:
+                raise TypeError("prompt learning expects generate to call the model with keyword inputs")
+            return hook_args, _inputs_for_base(peft_model, adapter_name, insert, inserts_tokens, hook_kwargs, None)
+
+        handle = base.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        try:
+            return base.generate(*args, **kwargs)
+        finally:
+            handle.remove()
+
+    return generate
+
+
+def register_prompt_method(
+    peft_type: PeftType,
+    config_cls: type[PromptLearningConfig],
+    build_encoder: Callable[[PromptLearningConfig, nn.Module], nn.Module],
+    prepare_config: Callable[[PromptLearningConfig, nn.Module], PromptLearningConfig],
+    insert: InsertFn,
+    inserts_tokens: bool,
+) -> Method:
+    """Register a prompt-learning method: its encoder builder and insert function, shared hooks otherwise."""
+
+    def attach(peft_model, config, adapter_name: str) -> None:
+        attach_encoder(peft_model, config, adapter_name, build_encoder(config, peft_model.base_model.model))
+
+    return register_method(
+        Method(
+            peft_type, config_cls, None,
+            attach=attach, detach=detach, state_dict=state_dict, load_state_dict=load_state_dict,
+            forward=make_forward(insert, inserts_tokens), generate=make_generate(insert, inserts_tokens),
+            refresh=refresh, prepare_config=prepare_config,
+        )
+    )

@@ -1,0 +1,87 @@
+"""Tier (c): parity with the real peft package (a test-only oracle) on tiny LLaMA, GPT-2 and BERT."""
+import warnings
+
+import peft
+import pytest
+import torch
+from safetensors import safe_open
+
+import deltatune as dt
+from tiny import input_ids, tiny_bert_cls, tiny_gpt2, tiny_llama
+from tolerances import assert_close
+
+CASES = {
+    "llama-lora": (tiny_llama, dict(target_modules=["q_proj", "v_proj"])),
+    "llama-rslora": (tiny_llama, dict(target_modules=["q_proj", "k_proj", "down_proj"], lora_alpha=16, use_rslora=True)),
+    "llama-dora": (tiny_llama, dict(target_modules=["q_proj", "v_proj", "gate_proj"], use_dora=True)),
+    "llama-embedding": (tiny_llama, dict(target_modules=["embed_tokens", "q_proj"])),
+    "llama-modules-to-save": (tiny_llama, dict(target_modules=["q_proj"], modules_to_save=["lm_head"])),
+    "llama-all-linear": (tiny_llama, dict(target_modules="all-linear", rank_pattern={"o_proj": 2})),
+    "gpt2-conv1d": (tiny_gpt2, dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)),
+    "gpt2-dora": (tiny_gpt2, dict(target_modules=["c_attn"], fan_in_fan_out=True, use_dora=True)),
+    "bert-seq-cls": (tiny_bert_cls, dict(target_modules=["query", "value"], task_type="SEQ_CLS")),
+    "bert-bias-all": (tiny_bert_cls, dict(target_modules=["query", "value"], task_type="SEQ_CLS", bias="all")),
+}
+
+
+def _perturb(model):
+    # Move every trainable tensor (incl. DoRA magnitudes and modules_to_save copies) off its init.
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _keys(path):
+    with safe_open(f"{path}/adapter_model.safetensors", "pt") as f:
+        return set(f.keys()), f.metadata()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_ours_loads_in_peft(case, tmp_path):
+    make, kw = CASES[case]
+    ours = dt.get_peft_model(make(), dt.LoraConfig(r=4, init_lora_weights=False, **kw))
+    _perturb(ours)
+    ours.eval()
+    x = input_ids()
+    ours.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(make(), tmp_path).eval()
+    assert_close(ours(x).logits, theirs(x).logits)
+    assert _keys(tmp_path)[1] == {"format": "pt"}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_peft_loads_in_ours_with_same_keys_and_counts(case, tmp_path):
+    make, kw = CASES[case]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(make(), peft.LoraConfig(r=4, init_lora_weights=False, **kw))
+    ours = dt.get_peft_model(make(), dt.LoraConfig(r=4, init_lora_weights=False, **kw))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    _perturb(theirs)
+    theirs.eval()
+    x = input_ids()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.save_pretrained(tmp_path / "peft")
+    loaded = dt.PeftModel.from_pretrained(make(), tmp_path / "peft")
+    assert_close(loaded(x).logits, theirs(x).logits)
+    ours.save_pretrained(tmp_path / "ours")
+    assert _keys(tmp_path / "ours")[0] == _keys(tmp_path / "peft")[0]
+
+
+def test_named_adapter_subfolder_round_trip(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+        theirs.add_adapter("second", peft.LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False))
+        theirs.save_pretrained(tmp_path)
+    ours = dt.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    ours.load_adapter(tmp_path / "second", adapter_name="second")
+    ours.set_adapter("second")
+    theirs.set_adapter("second")
+    x = input_ids()
+    assert_close(ours(x).logits, theirs.eval()(x).logits)
