@@ -30,7 +30,8 @@ def test_undetectable_columns_are_listed_with_the_expected_ones():
 
 
 def test_explicit_format_with_missing_column_names_found_and_expected():
-    with pytest.raises(ValueError, match=r"'alpaca' needs column\(s\) instruction, output.*output missing.*\['instruction'\]"):
+    expected = r"'alpaca' needs column\(s\) instruction, output.*output missing.*\['instruction'\]"
+    with pytest.raises(ValueError, match=expected):
         normalize(_ds([{"instruction": "x"}]), "alpaca")
 
 

@@ -15,6 +15,9 @@ from deltatune.surgery.inject import inject_adapter_in_model
 from deltatune.surgery.targets import resolve_targets
 from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.bottleneck import BottleneckConfig
+from deltatune.methods.adalora import AdaLoraConfig
+from deltatune.methods.bitfit import BitFitConfig
+from deltatune.methods.partial import PartialConfig
 
 __version__ = "0.1.0"
 
@@ -24,6 +27,8 @@ __all__ = [
     "get_peft_model", "inject_adapter_in_model", "resolve_targets", "get_peft_model_state_dict",
     "set_peft_model_state_dict", "prepare_model_for_kbit_training",
     "IA3Config", "BottleneckConfig",
+    "AdaLoraConfig",
+    "BitFitConfig", "PartialConfig",
 ]
 
 

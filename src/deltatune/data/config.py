@@ -15,6 +15,11 @@ TEMPLATES = ("auto", "tokenizer", "chatml", "llama2", "alpaca", "plain")
 PACKED_MASKS = ("4d", "position_ids")
 """Accepted values of :attr:`DataConfig.packed_mask`."""
 
+BBC_PROMPT_TOKENS = 64
+"""Room ``bbc-news`` examples need besides the article: system and user instructions plus the
+answer take ~60 SmolLM2 tokens in ChatML."""
+"""Accepted values of :attr:`DataConfig.packed_mask`."""
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -78,10 +83,18 @@ class DataConfig:
             fail("max_length", self.max_length, "an integer >= 8 (tokens per example)")
         if not isinstance(self.eval_size, int) or self.eval_size < 0:
             fail("eval_size", self.eval_size, "an integer >= 0 (0 disables the eval split)")
-        if self.max_train_examples is not None and (not isinstance(self.max_train_examples, int) or self.max_train_examples < 1):
+        limit = self.max_train_examples
+        if limit is not None and (not isinstance(limit, int) or limit < 1):
             fail("max_train_examples", self.max_train_examples, "None or an integer >= 1")
-        if not isinstance(self.article_tokens, int) or not 8 <= self.article_tokens < self.max_length:
-            fail("article_tokens", self.article_tokens, f"an integer in [8, max_length={self.max_length})")
+        if not isinstance(self.article_tokens, int) or self.article_tokens < 8:
+            fail("article_tokens", self.article_tokens, "an integer >= 8")
+        if self.is_builtin and self.article_tokens + BBC_PROMPT_TOKENS > self.max_length:
+            # Truncation cuts the end of an example, i.e. the answer: leave room for prompt and answer.
+            fail("article_tokens", self.article_tokens,
+                 f"at most max_length - {BBC_PROMPT_TOKENS} = {self.max_length - BBC_PROMPT_TOKENS} (the instructions "
+                 "and the answer need the rest); lower it or raise max_length")
+        if self.is_builtin and self.eval_source is not None:
+            fail("eval_source", self.eval_source, f"None for the built-in {self.source!r} dataset (use eval_size)")
         if self.is_builtin and self.format not in ("auto", "chat"):
             fail("format", self.format, f"'auto' for the built-in {self.source!r} dataset (it is already chat-formatted)")
 

@@ -57,7 +57,8 @@ def check_columns(columns: list[str], fmt: str) -> None:
     if missing:
         raise ValueError(
             f"Format {fmt!r} needs column(s) {', '.join(REQUIRED_COLUMNS[fmt])}, but {', '.join(missing)} "
-            f"missing; the data has columns {sorted(columns)}. Rename the columns, or pick the matching format: {_expected()}."
+            f"missing; the data has columns {sorted(columns)}. Rename the columns, or pick the matching format: "
+            f"{_expected()}."
         )
 
 
@@ -100,7 +101,9 @@ def _sharegpt(row: dict, index: int) -> list[dict]:
     msgs = []
     for turn, m in enumerate(raw):
         if not isinstance(m, dict):
-            raise ValueError(f"Row {index}, turn {turn}: {m!r:.80} is not a mapping; expected {{'from': ..., 'value': ...}}.")
+            raise ValueError(
+                f"Row {index}, turn {turn}: {m!r:.80} is not a mapping; expected {{'from': ..., 'value': ...}}."
+            )
         # Arrow fills keys that only other rows use with None, so fall back on None, not on absence.
         speaker = m.get("from") or m.get("role")
         content = m["value"] if m.get("value") is not None else m.get("content")

@@ -57,7 +57,8 @@ def _apply(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> str
     except Exception as err:  # jinja2 TemplateError, raise_exception() calls in templates, KeyError...
         raise TemplateError(
             f"The tokenizer's chat template failed on roles {[m['role'] for m in messages]}: {type(err).__name__}: {err}. "
-            f"Fix the data (e.g. alternate user/assistant turns), or choose a built-in template: {', '.join(BUILTIN_TEMPLATES)}."
+            "Fix the data (e.g. alternate user/assistant turns), or choose a built-in template: "
+            f"{', '.join(BUILTIN_TEMPLATES)}."
         ) from err
 
 

@@ -112,22 +112,22 @@ def register_method(method: Method) -> Method:
     return method
 
 
+# Which module defines each method; imported on first use so `import deltatune` stays cheap and a
+# method's optional dependencies load only when that method is used.
+METHOD_MODULES = {
+    PeftType.LORA: "lora", PeftType.ADALORA: "adalora", PeftType.IA3: "ia3", PeftType.PROMPT_TUNING: "prompt",
+    PeftType.PREFIX_TUNING: "prefix", PeftType.BOTTLENECK: "bottleneck", PeftType.BITFIT: "bitfit",
+    PeftType.PARTIAL: "partial",
+}
+
+
 def get_method(peft_type: PeftType | str) -> Method:
-    _load_builtin_methods()
     try:
-        return METHODS[PeftType(peft_type)]
-    except (KeyError, ValueError):
-        known = sorted(t.value for t in METHODS)
-        raise ValueError(f"unknown peft_type {peft_type!r}; deltatune supports {known}") from None
+        peft_type = PeftType(peft_type)
+    except ValueError:
+        raise ValueError(f"unknown peft_type {peft_type!r}; deltatune supports {[t.value for t in PeftType]}") from None
+    if peft_type not in METHODS:
+        import importlib
 
-
-def _load_builtin_methods() -> None:
-    # Importing a method module registers it; done lazily so importing deltatune stays cheap.
-    import importlib
-
-    for name in ("lora", "ia3", "prompt", "prefix", "bottleneck", "bitfit", "adalora", "partial"):
-        try:
-            importlib.import_module(f"deltatune.methods.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"deltatune.methods.{name}":
-                raise
+        importlib.import_module(f"deltatune.methods.{METHOD_MODULES[peft_type]}")
+    return METHODS[peft_type]

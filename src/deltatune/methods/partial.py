@@ -120,12 +120,18 @@ def iter_unwrapped_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, s
     Our wrappers are seen through: an ``AdaptedLayer`` stands for its base layer and a
     ``ModulesToSaveWrapper`` for its original module, and adapter copies are never visited.
     ``enclosing`` is the path of the nearest ``ModulesToSaveWrapper`` strictly around the module
-    (a module some adapter already trains in full), or None.
+    (a module some adapter already trains in full), or None. A module reachable by several paths is
+    reported once, at its first path, as ``nn.Module.named_modules`` does.
     """
     from deltatune.surgery.layer import AdaptedLayer, ModulesToSaveWrapper
 
+    seen: set[int] = set()
+
     def walk(parent: nn.Module, prefix: str, enclosing: str | None):
         for name, child in parent.named_children():
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
             path = prefix + name
             inner = enclosing
             if isinstance(child, ModulesToSaveWrapper):

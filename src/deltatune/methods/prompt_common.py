@@ -324,6 +324,10 @@ def make_generate(insert: InsertFn, inserts_tokens: bool) -> Callable:
         def pre_hook(module, hook_args, hook_kwargs):
             if hook_args:
                 raise TypeError("prompt learning expects generate to call the model with keyword inputs")
+            if inserts_tokens:
+                # generate derives position ids from the attention mask on its own; with virtual tokens in
+                # the sequence they are dropped (as in peft) and the model counts positions from 0.
+                hook_kwargs.pop("position_ids", None)
             return hook_args, _inputs_for_base(peft_model, adapter_name, insert, inserts_tokens, hook_kwargs, None)
 
         handle = base.register_forward_pre_hook(pre_hook, with_kwargs=True)

@@ -32,7 +32,8 @@ def _require_gguf() -> None:
         import gguf  # noqa: F401
     except ImportError as err:
         raise ImportError(
-            "Reading a .gguf file needs the `gguf` package, which is not installed. Install it with: pip install 'gguf>=0.10'"
+            "Reading a .gguf file needs the `gguf` package, which is not installed. "
+            "Install it with: pip install 'gguf>=0.10'"
         ) from err
 
 

@@ -85,6 +85,7 @@ def _sweep(hidden, weight, bias, labels, ignore_index, chunk_size, grad_scale, w
         lse = total.log() + z_max.squeeze(1)  # (C,)
         loss_sum += torch.where(m_c, lse - z_y, 0.0).sum()
         if grad_scale is None:
+            del z, e
             continue
         # dL/dz = s * m * (softmax(z) - onehot(y)), built in place in the logits buffer.
         row = m_c.to(acc) * grad_scale  # (C,) 0 on ignored rows, 1/n for a mean
@@ -100,6 +101,8 @@ def _sweep(hidden, weight, bias, labels, ignore_index, chunk_size, grad_scale, w
                 grad_w += g_lo.T @ h_c  # (V, H) low-precision product, accumulated in fp32
         if grad_b is not None:
             grad_b += g.sum(0)  # (V,)
+        # Release this chunk's logits now, or they live on while the next chunk's are allocated.
+        del z, e, g, g_lo
     return loss_sum, (grad_h, grad_w, grad_b)
 
 

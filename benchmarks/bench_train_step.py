@@ -1,0 +1,160 @@
+"""Training-step cost of each PEFT method, deltatune against peft, as a ratio to the frozen-base floor.
+
+Model: LLaMA-shaped, hidden 512, 8 layers, intermediate 1408, vocab 32000; batch 4 x 256, fp32.
+A step is forward + backward + AdamW. The floor is the same model with every weight frozen and
+gradients flowing through the activations only (the input embeddings require grad): no PEFT method
+can be cheaper than that.
+
+Time: all models live in one process and are timed interleaved (one step of each, round robin), so
+machine noise hits every config alike; we report the median. Memory: each config runs in its own
+process (peak RSS), and the bytes autograd saves for backward are counted with saved_tensors_hooks.
+
+    python benchmarks/bench_train_step.py [--reps 7] [--only lora,dora] [--seq 256]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CONFIGS = {
+    "lora": dict(r=16, lora_alpha=32, target_modules=TARGETS),
+    "lora+dropout": dict(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.05),
+    "dora": dict(r=16, lora_alpha=32, target_modules=TARGETS, use_dora=True),
+    "ia3": dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    "prefix": dict(num_virtual_tokens=20, task_type="CAUSAL_LM"),
+    "prompt": dict(num_virtual_tokens=20, task_type="CAUSAL_LM"),
+}
+CLASS = {"lora": "LoraConfig", "lora+dropout": "LoraConfig", "dora": "LoraConfig", "ia3": "IA3Config",
+         "prefix": "PrefixTuningConfig", "prompt": "PromptTuningConfig"}
+
+
+def build_base(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024)
+    return LlamaForCausalLM(cfg)
+
+
+def build(impl: str, config: str):
+    """A ready-to-step (model, optimizer, make_inputs) for one implementation and config."""
+    model = build_base()
+    if config == "floor":
+        model.requires_grad_(False)
+    else:
+        lib = __import__("peft" if impl == "peft" else "deltatune")
+        cfg = getattr(lib, CLASS[config])(**CONFIGS[config])
+        model = lib.get_peft_model(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    return model.train(), opt
+
+
+def step(model, opt, ids, floor: bool) -> None:
+    if floor:
+        # Gradients through every activation, none into weights: the physical lower bound.
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        loss = model(inputs_embeds=emb, labels=ids).loss
+    else:
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    if opt is not None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def saved_bytes(model, ids, floor: bool) -> int:
+    """Bytes of distinct storages autograd keeps for backward during one forward."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        if floor:
+            emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+            loss = model(inputs_embeds=emb, labels=ids).loss
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(v for k, v in seen.items() if k not in params)  # weights are not activations
+
+
+def worker(impl: str, config: str, seq: int) -> None:
+    torch.set_num_threads(2)
+    model, opt = build(impl, config)
+    ids = torch.randint(0, 32000, (4, seq), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        step(model, opt, ids, config == "floor")
+    saved = saved_bytes(model, ids, config == "floor")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak": peak, "saved": saved}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--only", default="lora,lora+dropout,dora")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--worker", nargs=2)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(*args.worker, args.seq)
+    torch.set_num_threads(2)
+    configs = args.only.split(",")
+    runs = [("floor", "floor")] + [(impl, c) for c in configs for impl in ("peft", "deltatune")]
+    models = {r: build(*r) for r in runs}
+    ids = torch.randint(0, 32000, (4, args.seq), generator=torch.Generator().manual_seed(0))
+    times: dict = {r: [] for r in runs}
+    for rep in range(args.reps + 2):  # two warm-up rounds
+        for r in runs:
+            t0 = time.perf_counter()
+            step(*models[r], ids, r[1] == "floor")
+            if rep >= 2:
+                times[r].append(time.perf_counter() - t0)
+    med = {r: statistics.median(v) for r, v in times.items()}
+    mem = {}
+    if not args.no_memory:
+        for r in runs:
+            out = subprocess.run([sys.executable, __file__, "--worker", r[0], r[1], "--seq", str(args.seq)],
+                                 capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            mem[r] = json.loads(out.stdout.strip().splitlines()[-1])
+    floor = med[("floor", "floor")]
+    print(f"\nbatch 4x{args.seq}, fp32, {torch.get_num_threads()} threads, median of {args.reps} interleaved steps; "
+          f"floor step = {floor * 1000:.0f} ms\n")
+    print("| config | peft / floor | deltatune / floor | deltatune / peft | peak RSS peft | peak RSS deltatune | saved act. peft | saved act. deltatune |")
+    print("|---|---|---|---|---|---|---|---|")
+    if mem:
+        f = mem[("floor", "floor")]
+        print(f"| floor | 1.00x | 1.00x | - | {f['peak'] / 2**20:.0f} MB | {f['peak'] / 2**20:.0f} MB | {f['saved'] / 2**20:.0f} MB | {f['saved'] / 2**20:.0f} MB |")
+    for c in configs:
+        p, d = med[("peft", c)], med[("deltatune", c)]
+        row = f"| {c} | {p / floor:.3f}x | {d / floor:.3f}x | {d / p:.3f}x |"
+        if mem:
+            mp, md = mem[("peft", c)], mem[("deltatune", c)]
+            row += f" {mp['peak'] / 2**20:.0f} MB | {md['peak'] / 2**20:.0f} MB | {mp['saved'] / 2**20:.0f} MB | {md['saved'] / 2**20:.0f} MB |"
+        else:
+            row += " - | - | - | - |"
+        print(row)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Getting a quantized model ready for (QLoRA) training."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def prepare_model_for_kbit_training(
+    model: nn.Module, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: dict[str, Any] | None = None
+) -> nn.Module:
+    """Freeze the base model and make training on top of quantized layers stable and memory-lean.
+
+    Same protocol as peft's function of the same name:
+
+    1. freeze every parameter (adapters added afterwards are the only trainable ones);
+    2. cast float16/bfloat16 parameters (norms, embeddings, head, biases; the quantized weights are
+       buffers and untouched) to float32, since low-precision norms and heads make training unstable
+       (QLoRA keeps them in higher precision);
+    3. with ``use_gradient_checkpointing``: make the input embeddings' output require grad (so the
+       gradient reaches adapters inside checkpointed blocks whose inputs are otherwise frozen) and
+       turn on gradient checkpointing, non-reentrant by default.
+
+    Args:
+        model: a transformers ``PreTrainedModel`` (quantized or not).
+        use_gradient_checkpointing: enable gradient checkpointing and input gradients.
+        gradient_checkpointing_kwargs: passed to ``torch.utils.checkpoint``; default
+            ``{"use_reentrant": False}``.
+
+    Returns:
+        ``model``, modified in place.
+
+    Raises:
+        ValueError: if gradient checkpointing is asked for on a model that does not support it.
+    """
+    for param in model.parameters():
+        param.requires_grad = False
+    for param in model.parameters():
+        if param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.to(torch.float32)
+    if not use_gradient_checkpointing:
+        return model
+    kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; "
+                         "call prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)")
+    model.enable_input_require_grads()
+    # transformers >= 5 renamed the method; the old name still works there but warns
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
