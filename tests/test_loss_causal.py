@@ -126,7 +126,7 @@ def test_logit_softcapping_falls_back_to_the_model_loss(monkeypatch):
     model.config.final_logit_softcapping = 30.0  # llama ignores it, so the reference is unchanged
     ids, mask, labels = _batch()
     import deltatune.train.loss as loss_mod
-    monkeypatch.setattr(loss_mod, "_warned_types", set())
+    monkeypatch.setattr(loss_mod, "_warned_reasons", set())
     calls = []
     model.register_forward_hook(lambda *a: calls.append(1))  # only the standard path runs the full model
     with pytest.warns(UserWarning, match="final_logit_softcapping"):
@@ -141,3 +141,22 @@ def test_rejects_labels_outside_vocabulary():
     labels[0, -1] = VOCAB
     with pytest.raises(ValueError, match="labels must be in"):
         causal_lm_loss(model, ids, attention_mask=mask, labels=labels)
+
+
+def test_wrapper_without_config_falls_back_to_its_forward(monkeypatch):
+    """A DDP-like wrapper must be called through its forward, never bypassed to reach the trunk."""
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+
+        def forward(self, **kw):
+            return self.module(**kw)
+
+    import deltatune.train.loss as loss_mod
+    monkeypatch.setattr(loss_mod, "_warned_reasons", set())
+    model = tiny_llama()
+    ids, mask, labels = _batch()
+    with pytest.warns(UserWarning, match="not a transformers model"):
+        got, _ = causal_lm_loss(Wrapper(model), ids, attention_mask=mask, labels=labels)
+    assert_close(got, model(ids, attention_mask=mask, labels=labels).loss)

@@ -109,8 +109,7 @@ def test_gradient_checkpointing_is_refused_with_a_reason():
 
 
 # ---- generate ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
-@pytest.mark.parametrize("projection", [False, True])
+@pytest.mark.parametrize("make,projection", [(tiny_llama, False), (tiny_gpt2, False), (tiny_llama, True)])
 def test_generate_with_and_without_cache_matches_full_forwards(make, projection):
     pm = get_peft_model(make(), _config(prefix_projection=projection))
     with torch.no_grad():

@@ -144,7 +144,11 @@ def test_missing_folder_and_unquantized_save_are_explained(fp_model, tmp_path):
 
 _RSS_SCRIPT = textwrap.dedent("""
     import sys, threading, time, torch
+    from transformers import AutoConfig, AutoModelForCausalLM
     from deltatune.quant import load_quantized, QuantConfig
+
+    with torch.device("meta"):  # import the modeling code first: it is not what we measure
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(sys.argv[1]))
 
     def anon_kb():  # private memory only: the mmap-ed checkpoint pages are file-backed
         for line in open("/proc/self/status"):

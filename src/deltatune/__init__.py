@@ -18,6 +18,8 @@ from deltatune.methods.bottleneck import BottleneckConfig
 from deltatune.methods.adalora import AdaLoraConfig
 from deltatune.methods.bitfit import BitFitConfig
 from deltatune.methods.partial import PartialConfig
+from deltatune.methods.prompt import PromptTuningConfig, PromptTuningInit
+from deltatune.methods.prefix import PrefixTuningConfig
 
 __version__ = "0.1.0"
 
@@ -29,6 +31,7 @@ __all__ = [
     "IA3Config", "BottleneckConfig",
     "AdaLoraConfig",
     "BitFitConfig", "PartialConfig",
+    "PromptTuningConfig", "PromptTuningInit", "PrefixTuningConfig",
 ]
 
 

@@ -278,17 +278,16 @@ def cache_is_empty(cache: Any) -> bool:
 InsertFn = Callable[[nn.Module, PromptLearningConfig, nn.Module, dict, bool], dict]
 
 
-def _inputs_for_base(peft_model, adapter_name, insert: InsertFn, inserts_tokens: bool, kwargs: dict, fresh: bool | None) -> dict:
+def _inputs_for_base(peft_model, adapter_name: str, insert: InsertFn, inserts_tokens: bool, kwargs: dict, generating: bool) -> dict:
+    """The base model's inputs for one forward of adapter ``adapter_name``."""
     config = peft_model.peft_config[adapter_name]
-    encoder = encoders(peft_model)[adapter_name]
-    if kwargs.get("use_cache") is False and fresh is None:
-        # No cache across steps: every forward is a fresh full sequence; a cache returned by the
-        # previous step (transformers hands it back even with use_cache=False) must not be reused.
+    if generating and kwargs.get("use_cache") is False:
+        # Without a cache every step is a fresh full sequence; the cache the previous step returned
+        # (transformers hands it back even with use_cache=False) must not be reused.
         kwargs = {**kwargs, "past_key_values": None}
-    if fresh is None:
-        fresh = cache_is_empty(kwargs.get("past_key_values"))
+    fresh = cache_is_empty(kwargs.get("past_key_values"))  # else a decoding step: the cache has the tokens
     kwargs = adjust_inputs(config, kwargs, inserts_tokens, fresh)
-    return insert(peft_model, config, encoder, kwargs, fresh)
+    return insert(peft_model, config, encoders(peft_model)[adapter_name], kwargs, fresh)
 
 
 def make_forward(insert: InsertFn, inserts_tokens: bool) -> Callable:
@@ -302,9 +301,8 @@ def make_forward(insert: InsertFn, inserts_tokens: bool) -> Callable:
             if len(args) > 1 or "input_ids" in kwargs:
                 raise TypeError("pass the model's inputs by keyword (input_ids=..., attention_mask=...)")
             kwargs["input_ids"] = args[0]
-        batch_size_of(kwargs)
-        cache = kwargs.get("past_key_values")
-        base_kwargs = _inputs_for_base(peft_model, adapter_name, insert, inserts_tokens, kwargs, cache_is_empty(cache))
+        batch_size_of(kwargs)  # a clear error when neither input_ids nor inputs_embeds is given
+        base_kwargs = _inputs_for_base(peft_model, adapter_name, insert, inserts_tokens, kwargs, generating=False)
         return peft_model.base_model.model(**base_kwargs)
 
     return forward
@@ -328,7 +326,7 @@ def make_generate(insert: InsertFn, inserts_tokens: bool) -> Callable:
                 # generate derives position ids from the attention mask on its own; with virtual tokens in
                 # the sequence they are dropped (as in peft) and the model counts positions from 0.
                 hook_kwargs.pop("position_ids", None)
-            return hook_args, _inputs_for_base(peft_model, adapter_name, insert, inserts_tokens, hook_kwargs, None)
+            return hook_args, _inputs_for_base(peft_model, adapter_name, insert, inserts_tokens, hook_kwargs, generating=True)
 
         handle = base.register_forward_pre_hook(pre_hook, with_kwargs=True)
         try:

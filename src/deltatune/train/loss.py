@@ -30,7 +30,7 @@ SUPPORTED_MODEL_TYPES = frozenset({
 })
 # Config fields that change logits after the output projection; any of them set disables fusion.
 _LOGIT_MODIFIERS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-_warned_types: set[str] = set()
+_warned_reasons: set[str] = set()
 
 
 def chunk_size_for_budget(vocab_size: int, dtype: torch.dtype, budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> int:
@@ -195,6 +195,7 @@ def fused_linear_cross_entropy(
         ValueError: on mismatched shapes, an unknown reduction, a chunk size below 1, or labels
             outside [0, V) that are not ``ignore_index``.
     """
+    labels = labels.to(device=hidden.device, dtype=torch.long)  # gather and scatter index with int64
     _check_args(hidden, weight, labels, bias, ignore_index, chunk_size, reduction)
     dev = hidden.device.type
     if torch.is_autocast_enabled(dev):
@@ -313,9 +314,9 @@ def _is_plain_linear(module: nn.Module | None) -> bool:
 def _fusion_blocker(model: nn.Module, lm: nn.Module) -> str | None:
     """Why the fused path would not reproduce this model's loss, or None if it does."""
     cfg = getattr(lm, "config", None)
-    if cfg is None or not hasattr(lm, "base_model"):
-        return (f"{type(model).__name__} is not a transformers model (a DDP/FSDP wrapper?); calling its trunk "
-                "directly would bypass the wrapper's hooks")
+    if cfg is None or getattr(lm, "base_model", lm) is lm:
+        return (f"{type(model).__name__} is not a transformers model with a head on a trunk (a DDP/FSDP "
+                "wrapper? calling its trunk directly would bypass the wrapper's hooks)")
     if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
         return "prompt-learning adapters add virtual tokens in the wrapper's forward"
     model_type = getattr(cfg, "model_type", None)
@@ -330,8 +331,8 @@ def _fusion_blocker(model: nn.Module, lm: nn.Module) -> str | None:
 
 
 def _warn_once(reason: str) -> None:
-    if reason not in _warned_types:
-        _warned_types.add(reason)
+    if reason not in _warned_reasons:
+        _warned_reasons.add(reason)
         warnings.warn(f"deltatune causal_lm_loss: using the model's own loss (full logits) because {reason}.",
                       stacklevel=3)
 
