@@ -9,17 +9,13 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from deltatune.methods.adalora import (
-    AdaLoraConfig,
-    SVDAdapter,
-    orth_penalty,
-    orth_regularizer,
-    svd_adapters,
-)
+from deltatune.methods.adalora import AdaLoraConfig, SVDAdapter, svd_adapters
 from deltatune.methods.adalora_alloc import (
     RankAllocator,
     budget_schedule,
     keep_mask,
+    orth_penalty,
+    orth_regularizer,
     smoothed_importance,
     triplet_scores,
 )
@@ -222,3 +218,43 @@ def test_inference_only_model_cannot_allocate(tmp_path):
         loaded = dt.PeftModel.from_pretrained(tiny_llama(), tmp_path)
     with pytest.raises(ValueError, match="is_trainable=True"):
         loaded.update_and_allocate(0)
+
+
+# ---- pruned checkpoints --------------------------------------------------------------------------
+def _pruned(tmp_path):
+    """A tiny LLaMA adapter at init_r=3 whose rank_pattern keeps triplets {0, 2} of every layer, saved."""
+    model = dt.get_peft_model(tiny_llama(), _cfg(init_r=3, target_r=1, init_lora_weights=False))
+    pattern = {p + ".lora_E": [True, False, True] for p, _ in svd_adapters(model.base_model.model, "default")}
+    model.peft_config["default"] = model.peft_config["default"].replace(rank_pattern=pattern)
+    model.save_pretrained(tmp_path)
+    return model
+
+
+def test_failed_load_leaves_the_layers_unchanged(tmp_path):
+    from deltatune.io.checkpoint import load_weights
+    from deltatune.methods.base import get_method
+
+    _pruned(tmp_path)
+    bad = dict(load_weights(tmp_path))
+    bad.pop(next(iter(bad)))
+    fresh = dt.get_peft_model(tiny_llama(), _cfg(init_r=3, target_r=1))
+    pattern = {p + ".lora_E": [True, False, True] for p, _ in svd_adapters(fresh.base_model.model, "default")}
+    fresh.peft_config["default"] = fresh.peft_config["default"].replace(rank_pattern=pattern)
+    with pytest.raises(ValueError, match="missing"):
+        get_method("ADALORA").load_state_dict(fresh, bad, "default")
+    assert {a.r for _, a in svd_adapters(fresh.base_model.model, "default")} == {3}
+
+
+def test_training_resumes_from_a_pruned_checkpoint(tmp_path):
+    _pruned(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = dt.PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    adapters = svd_adapters(model.base_model.model, "default")
+    assert all(a.r == 2 and a.positions == (0, 2) and a.lora_A.requires_grad for _, a in adapters)
+    x = input_ids()
+    model(input_ids=x, labels=x).loss.backward()
+    model.update_and_allocate(9)  # the last reduction step: budget 4 of the 8 triplets left
+    pattern = model.peft_config["default"].rank_pattern
+    assert all(len(m) == 3 and not m[1] for m in pattern.values())  # init_r-long; pruned stays pruned
+    assert sum(map(sum, pattern.values())) == 4

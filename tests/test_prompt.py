@@ -141,3 +141,14 @@ def test_loaded_prompt_can_resume_training(tmp_path):
     assert frozen.get_nb_trainable_parameters()[0] == 0
     trainable = PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
     assert trainable.get_nb_trainable_parameters()[0] == 4 * 32
+
+
+def test_merge_and_unload_refuses_prompt_tuning():
+    import deltatune as dt
+    from tiny import tiny_llama
+
+    pm = dt.get_peft_model(tiny_llama(), dt.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"))
+    import pytest as _pytest
+
+    with _pytest.raises(ValueError, match="cannot be merged"):
+        pm.merge_and_unload()

@@ -11,7 +11,8 @@ from deltatune.quant import (
 
 def _checkpointing(model):
     # transformers 5 renamed is_gradient_checkpointing (the old name warns)
-    return getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+    new = hasattr(type(model), "is_activation_checkpointing")
+    return model.is_activation_checkpointing if new else model.is_gradient_checkpointing
 
 
 @pytest.fixture

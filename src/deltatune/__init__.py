@@ -43,8 +43,14 @@ def get_peft_model_state_dict(model, state_dict=None, adapter_name: str = "defau
 def set_peft_model_state_dict(model, peft_model_state_dict, adapter_name: str = "default"):
     """peft's function: load peft-format tensors into an existing adapter (all or nothing)."""
     from deltatune.io.checkpoint import set_peft_model_state_dict as _set
+    from deltatune.methods.base import get_method
 
-    _set(model.base_model.model, peft_model_state_dict, adapter_name, model.peft_config[adapter_name])
+    config = model.peft_config[adapter_name]
+    own = get_method(config.peft_type).load_state_dict  # prompts and other non-layer methods load themselves
+    if own is not None:
+        own(model, peft_model_state_dict, adapter_name)
+    else:
+        _set(model.base_model.model, peft_model_state_dict, adapter_name, config)
 
 
 def __getattr__(name):

@@ -129,16 +129,13 @@ class PeftModel(nn.Module):
         from deltatune.methods.base import get_method
 
         method = get_method(config.peft_type)
+        for key in tuple(getattr(config, "modules_to_save", None) or ()):
+            if key not in CLASSIFIER_NAMES and not inject.resolve_modules_to_save(self.base_model.model, [key]):
+                raise ValueError(f"modules_to_save entry {key!r} matches no module of {type(self.base_model.model).__name__}")
         hook = getattr(method, "attach", None)
         if hook is not None:
-            hook(self, config, adapter_name)  # methods that change the model's inputs (prompts, prefixes)
+            hook(self, config, adapter_name)  # methods that are not one adapter per layer (prompts, prefixes)
             return
-        user_keys = tuple(getattr(config, "modules_to_save", None) or ())
-        for key in user_keys:
-            if key in CLASSIFIER_NAMES:
-                continue
-            if not inject.resolve_modules_to_save(self.base_model.model, [key]):
-                raise ValueError(f"modules_to_save entry {key!r} matches no module of {type(self.base_model.model).__name__}")
         inject.inject_adapter_in_model(config, self.base_model.model, adapter_name)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
@@ -195,7 +192,20 @@ class PeftModel(nn.Module):
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold the (given or active) adapters into the base weights; forward then skips them."""
         names = adapter_names or list(self._active)
-        for _, host in inject.adapted_layers(self.base_model.model):
+        prompts = [n for n in names if self.peft_config[n].is_prompt_learning]
+        if prompts:
+            raise ValueError(
+                f"adapter {prompts[0]!r} is {self.peft_config[prompts[0]].peft_type.value}: virtual tokens and prefixes "
+                "are inputs, not weight changes, so they cannot be merged; keep the PeftModel for inference"
+            )
+        hosts = [host for _, host in inject.adapted_layers(self.base_model.model)]
+        # Check every adapter first, so a non-mergeable one (bottleneck) never leaves the model half merged.
+        for host in hosts:
+            for n in names:
+                adapter = host.adapters[n] if n in host.adapters else None
+                if adapter is not None and not adapter.mergeable:
+                    host.merge([n])  # raises the adapter's own explanation; nothing has been merged yet
+        for host in hosts:
             host.merge(names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:

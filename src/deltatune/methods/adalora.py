@@ -3,19 +3,19 @@
 Each wrapped layer learns ΔW = P·Λ·Q (eq. 3) as triplets (P_i, λ_i, Q_i); peft's names are
 ``lora_B`` = P (out, r), ``lora_E`` = Λ (r, 1) and ``lora_A`` = Q (r, in). During training a global
 budget of triplets shrinks on a cubic schedule (eq. 12) and the triplets with the lowest smoothed
-sensitivity (eqs. 8-11) are masked by zeroing their λ_i. The allocator and the Trainer callback live
-in :mod:`deltatune.methods.adalora_alloc`; this module holds the config, the layer adapter, the
-orthogonality regulariser and the peft-format save/load at the pruned ranks.
+sensitivity (eqs. 8-11) are masked by zeroing their λ_i. What only runs in training (the orthogonality
+regulariser, the allocator, the Trainer callback) lives in :mod:`deltatune.methods.adalora_alloc`; this
+module holds the config, the layer adapter and the peft-format save/load at the pruned ranks.
 
 Call ``model.update_and_allocate(global_step)`` after ``backward()`` and before ``zero_grad()``,
 or add :class:`AdaLoraCallback` to a transformers ``Trainer``.
 """
 from __future__ import annotations
 
-import functools
 import re
+import types
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
@@ -43,25 +43,6 @@ def svd_delta(x: torch.Tensor, A: torch.Tensor, E: torch.Tensor, B: torch.Tensor
 def svd_delta_weight(A: torch.Tensor, E: torch.Tensor, B: torch.Tensor, scaling: float, ranknum: torch.Tensor) -> torch.Tensor:
     """ΔW = P Λ Q · alpha / ranknum as an (out, in) matrix (eq. 3)."""
     return B @ (A * E) * scaling / (ranknum + RANKNUM_EPS)  # (out, in)
-
-
-def orth_penalty(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """‖Q Qᵀ − I‖_F + ‖Pᵀ P − I‖_F for one layer (A = Q (r, in), B = P (out, r)).
-
-    The paper's eq. 4 squares both norms; peft (whose checkpoints and losses we match) does not, and
-    neither do we. An empty (rank 0) layer contributes 0.
-    """
-    total = A.new_zeros(())
-    for cov in (A @ A.T, B.T @ B):  # (r, r) each
-        total = total + torch.norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device), p="fro")
-    return total
-
-
-def orth_regularizer(factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | float:
-    """peft's R: the sum of ‖·‖_F terms over every A and B, divided by the number of matrices (2 per layer)."""
-    if not factors:
-        return 0.0
-    return sum(orth_penalty(A, B) for A, B in factors) / (2 * len(factors))
 
 
 # ---- config ----------------------------------------------------------------------------------------
@@ -102,7 +83,7 @@ class AdaLoraConfig(PeftConfig):
     """Only wrap modules inside these layer indices."""
     layers_pattern: Sequence[str] | str | None = None
     """Name of the layer list (e.g. "layers", "h") used to read a module's layer index."""
-    alpha_pattern: Mapping[str, float] | None = None
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
     """Ignored by AdaLoRA (as in peft)."""
     use_dora: bool = False
     """Not supported by AdaLoRA; must be False."""
@@ -242,7 +223,10 @@ class SVDAdapter(Adapter):
 
     @torch.no_grad()
     def keep_rows(self, keep: torch.Tensor) -> None:
-        """Shrink to the triplets where ``keep`` (length r) is True; ranknum, hence the scale, is unchanged."""
+        """Shrink to the triplets where ``keep`` (length r) is True; ranknum, hence the scale, is unchanged.
+
+        Makes new parameters: call it before building an optimizer (it is used when loading), never mid-run.
+        """
         grad = self.lora_A.requires_grad
         self.positions = tuple(p for p, k in zip(self.positions, keep.tolist()) if k)
         self.lora_A = nn.Parameter(self.lora_A[keep].clone(), requires_grad=grad)  # (r', in)
@@ -338,21 +322,25 @@ def _load_state_dict(peft_model, state_dict: dict[str, torch.Tensor], adapter_na
 
 
 # ---- model-level hooks -------------------------------------------------------------------------------
-# peft's AdaLoRA defaults where they differ from LoRA's (deltatune.surgery.targets.DEFAULT_TARGETS).
+# peft's TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING for the model families deltatune knows; it differs
+# from LoRA's defaults for t5, roberta and opt. Other families (peft has none for mistral, phi, falcon) must
+# name target_modules.
 ADALORA_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "t5": ("q", "k", "v", "o", "wi", "wo"), "roberta": ("query", "key", "value", "dense"),
-    "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    "llama": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"), "qwen3": ("q_proj", "v_proj"),
+    "gemma": ("q_proj", "v_proj"), "gptj": ("q_proj", "v_proj"), "gpt2": ("c_attn",), "bert": ("query", "value"),
+    "bloom": ("query_key_value",), "gpt_neox": ("query_key_value",), "roberta": ("query", "key", "value", "dense"),
+    "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"), "t5": ("q", "k", "v", "o", "wi", "wo"),
 }
-NO_ADALORA_DEFAULT = ("mistral", "falcon", "phi", "phi3")
 
 
-def _default_targets(model: nn.Module) -> Sequence[str] | None:
-    from deltatune.surgery.targets import DEFAULT_TARGETS
-
+def _default_targets(model: nn.Module) -> tuple[str, ...]:
     kind = getattr(getattr(model, "config", None), "model_type", None)
-    if kind in NO_ADALORA_DEFAULT or (kind not in ADALORA_DEFAULT_TARGETS and kind not in DEFAULT_TARGETS):
-        raise ValueError(f"target_modules is not set and peft has no AdaLoRA default for model type {kind!r}; pass target_modules=[...]")
-    return ADALORA_DEFAULT_TARGETS.get(kind, DEFAULT_TARGETS.get(kind))
+    if kind not in ADALORA_DEFAULT_TARGETS:
+        raise ValueError(
+            f"target_modules is not set and there is no AdaLoRA default for model type {kind!r} (nor in peft); "
+            "pass target_modules=[...] naming the linear layers to adapt"
+        )
+    return ADALORA_DEFAULT_TARGETS[kind]
 
 
 def trainable_adalora(peft_model, exclude: str | None = None) -> list[str]:
@@ -378,8 +366,9 @@ def _attach(peft_model, config: AdaLoraConfig, adapter_name: str) -> None:
         if key not in CLASSIFIER_NAMES and not inject.resolve_modules_to_save(model, [key]):
             raise ValueError(f"modules_to_save entry {key!r} matches no module of {type(model).__name__}")
     inject.inject_adapter_in_model(config, model, adapter_name)
-    # peft's AdaLoraModel API: model.base_model.update_and_allocate(step) (and model.update_and_allocate).
-    peft_model.base_model.update_and_allocate = functools.partial(_update_and_allocate, peft_model)
+    # peft's AdaLoraModel API: model.base_model.update_and_allocate(step), also reachable as
+    # model.update_and_allocate(step) through PeftModel's attribute passthrough.
+    peft_model.base_model.update_and_allocate = types.MethodType(update_and_allocate, peft_model)
 
 
 def _detach(peft_model, adapter_name: str) -> None:
@@ -390,10 +379,15 @@ def _detach(peft_model, adapter_name: str) -> None:
         peft_model.base_model.__dict__.pop("update_and_allocate", None)
 
 
-def _update_and_allocate(peft_model, global_step: int) -> None:
-    from deltatune.methods.adalora_alloc import update_and_allocate
+def update_and_allocate(peft_model, global_step: int) -> None:
+    """Update the importance scores and mask to the budget of ``global_step`` (0-based).
 
-    update_and_allocate(peft_model, global_step)
+    Call after ``loss.backward()`` / ``optimizer.step()`` and before ``optimizer.zero_grad()``, as in peft;
+    see :func:`deltatune.methods.adalora_alloc.update_and_allocate`.
+    """
+    from deltatune.methods import adalora_alloc
+
+    adalora_alloc.update_and_allocate(peft_model, global_step)
 
 
 def _forward(peft_model, adapter_name: str, *args: Any, **kwargs: Any):
@@ -403,6 +397,8 @@ def _forward(peft_model, adapter_name: str, *args: Any, **kwargs: Any):
     config = peft_model.peft_config[adapter_name]
     loss = getattr(outputs, "loss", None)
     if isinstance(loss, torch.Tensor) and not config.inference_mode and config.orth_reg_weight > 0:
+        from deltatune.methods.adalora_alloc import orth_regularizer
+
         factors = [(a.lora_A, a.lora_B) for _, a in svd_adapters(peft_model.base_model.model, adapter_name)]
         outputs.loss = loss + config.orth_reg_weight * orth_regularizer(factors)
     return outputs

@@ -1,4 +1,5 @@
-"""AdaLoRA's budget allocation (Zhang et al., 2023, arXiv:2303.10512, section 3.2-3.3) and its Trainer callback.
+"""AdaLoRA's training side (Zhang et al., 2023, arXiv:2303.10512): the orthogonality regulariser (eq. 4),
+the budget allocation (sections 3.2-3.3) and the transformers Trainer callback.
 
 Per step, for every entry w of P, Λ and Q (peft's lora_B, lora_E, lora_A):
 
@@ -21,6 +22,7 @@ the same masks in both libraries.
 from __future__ import annotations
 
 import warnings
+from typing import Sequence
 
 import torch
 from transformers.trainer_callback import TrainerCallback
@@ -31,6 +33,25 @@ PARAMS = ("lora_A", "lora_E", "lora_B")
 
 
 # ---- functional core -------------------------------------------------------------------------------
+def orth_penalty(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """‖Q Qᵀ − I‖_F + ‖Pᵀ P − I‖_F for one layer (A = Q (r, in), B = P (out, r)).
+
+    The paper's eq. 4 squares both norms; peft (whose checkpoints and losses we match) does not, and
+    neither do we. An empty (rank 0) layer contributes 0.
+    """
+    total = A.new_zeros(())
+    for cov in (A @ A.T, B.T @ B):  # (r, r) each
+        total = total + torch.norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device), p="fro")
+    return total
+
+
+def orth_regularizer(factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | float:
+    """peft's R: the sum of ‖·‖_F terms over every A and B, divided by the number of matrices (2 per layer)."""
+    if not factors:
+        return 0.0
+    return sum(orth_penalty(A, B) for A, B in factors) / (2 * len(factors))
+
+
 def budget_schedule(step: int, init_bgt: int, target_bgt: int, config: AdaLoraConfig) -> tuple[int, bool]:
     """(budget b(t), whether to mask at this step) for the cubic schedule of eq. 12."""
     tinit, tfinal, total = config.tinit, config.tfinal, config.total_step

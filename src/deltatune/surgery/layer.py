@@ -87,11 +87,12 @@ class AdaptedLayer(_Passthrough):
                     "keep it unmerged, or use a mergeable method (LoRA, DoRA, IA³)"
                 )
             if safe_merge:
-                before = self.base_layer.weight.detach().clone()
+                # Some adapters (IA³) also change the bias: snapshot every tensor of the base layer.
+                before = {k: v.detach().clone() for k, v in self.base_layer.state_dict().items()}
                 adapter.merge(self.base_layer)
-                if not torch.isfinite(self.base_layer.weight).all():
-                    self.base_layer.weight.data.copy_(before)
-                    raise ValueError(f"merging adapter {name!r} produced NaN/inf weights; the base was restored")
+                if not all(torch.isfinite(v).all() for v in self.base_layer.state_dict().values() if v.is_floating_point()):
+                    self.base_layer.load_state_dict(before)
+                    raise ValueError(f"merging adapter {name!r} produced NaN/inf weights; the base layer was restored")
             else:
                 adapter.merge(self.base_layer)
             self.merged.append(name)
