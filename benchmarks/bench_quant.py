@@ -7,11 +7,16 @@ Prints markdown tables:
    measured in the same run (repetitions interleaved across variants, median reported);
 3. time to quantize a 4096x4096 weight, ours vs bitsandbytes.
 
-Usage: python benchmarks/bench_quant.py [--reps N] [--size 4096] [--no-compile]
+Usage: python benchmarks/bench_quant.py [--reps N] [--size 4096] [--threads 2] [--no-compile]
+
+The load average is printed before and after: on a shared machine, other processes stall the
+synchronisation points of multi-threaded ops, which penalises many small ops (tiles) much more
+than one big matmul; ``--threads 1`` gives ratios that are robust to that.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -48,7 +53,8 @@ def bnb_bits(bnb, w: torch.Tensor, double_quant: bool) -> float:
 
 def bits_table(w: torch.Tensor, bnb) -> list[str]:
     rows = ["| format | ours (bits/param) | bitsandbytes (bits/param) |", "|---|---|---|"]
-    for name, qt, dq in [("NF4 + double quant", "nf4", True), ("NF4", "nf4", False), ("FP4 + double quant", "fp4", True)]:
+    formats = [("NF4 + double quant", "nf4", True), ("NF4", "nf4", False), ("FP4 + double quant", "fp4", True)]
+    for name, qt, dq in formats:
         ours = quantize_4bit(w, qt, 64, dq).bits_per_param()
         ref = f"{bnb_bits(bnb, w, dq):.4f}" if bnb is not None and qt == "nf4" else "-"
         rows.append(f"| {name} | {ours:.4f} | {ref} |")
@@ -110,15 +116,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     bnb = _bnb()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"bitsandbytes {getattr(bnb, '__version__', 'not installed')}\n")
+          f"bitsandbytes {getattr(bnb, '__version__', 'not installed')}, "
+          f"load average at start {os.getloadavg()[0]:.1f}\n")
     print("\n".join(bits_table(torch.randn(args.size, args.size) * 0.02, bnb)) + "\n")
     print("\n".join(forward_table(args.size, [8, 1024], args.reps, not args.no_compile, bnb)) + "\n")
     print("\n".join(quantize_table(args.size, bnb)))
+    print(f"\nload average at end {os.getloadavg()[0]:.1f} (cores: {os.cpu_count()})")
 
 
 if __name__ == "__main__":

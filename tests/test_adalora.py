@@ -226,8 +226,11 @@ def _pruned(tmp_path):
     model = dt.get_peft_model(tiny_llama(), _cfg(init_r=3, target_r=1, init_lora_weights=False))
     pattern = {p + ".lora_E": [True, False, True] for p, _ in svd_adapters(model.base_model.model, "default")}
     model.peft_config["default"] = model.peft_config["default"].replace(rank_pattern=pattern)
+    with torch.no_grad():  # as the allocator leaves it: pruned triplets have λ = 0
+        for _, a in svd_adapters(model.base_model.model, "default"):
+            a.lora_E[1] = 0.0
     model.save_pretrained(tmp_path)
-    return model
+    return model.eval()
 
 
 def test_failed_load_leaves_the_layers_unchanged(tmp_path):
@@ -258,3 +261,27 @@ def test_training_resumes_from_a_pruned_checkpoint(tmp_path):
     pattern = model.peft_config["default"].rank_pattern
     assert all(len(m) == 3 and not m[1] for m in pattern.values())  # init_r-long; pruned stays pruned
     assert sum(map(sum, pattern.values())) == 4
+
+
+def test_default_targets_are_peft_adalora_ones_and_are_saved(tmp_path):
+    model = dt.get_peft_model(tiny_llama(), _cfg(target_modules=None, init_r=2, target_r=1))
+    assert model.peft_config["default"].target_modules == ("q_proj", "v_proj")
+    model.save_pretrained(tmp_path)
+    assert '"q_proj"' in (tmp_path / "adapter_config.json").read_text()
+    from transformers import MistralConfig, MistralForCausalLM
+
+    mistral = MistralForCausalLM(MistralConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(ValueError, match="no AdaLoRA default for model type 'mistral'"):
+        dt.get_peft_model(mistral, _cfg(target_modules=None))
+
+
+def test_peft_state_dict_functions_use_the_pruned_ranks(tmp_path):
+    model = _pruned(tmp_path)
+    sd = dt.get_peft_model_state_dict(model)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A"
+    assert sd[key].shape == (2, 32) and not any(k.endswith("ranknum") for k in sd)
+    fresh = dt.get_peft_model(tiny_llama(), model.peft_config["default"].replace(inference_mode=False))
+    dt.set_peft_model_state_dict(fresh, sd)
+    x = input_ids()
+    assert_close(fresh(input_ids=x).logits, model(input_ids=x).logits)

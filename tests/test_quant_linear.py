@@ -6,8 +6,7 @@ from tolerances import assert_close
 from torch import nn
 
 from deltatune.quant import Linear4bit, Linear8bit, QuantConfig, cached_dequant, quantize_nf4
-from deltatune.quant.codebooks import code_4bit
-from deltatune.quant.kernels import _dequant_tile
+from deltatune.quant.kernels import _dequant_tile, byte_levels
 from deltatune.quant.matmul import tile_rows
 from deltatune.quant.nf4 import absmax_float, dequantize_range
 
@@ -124,7 +123,7 @@ def test_compiled_kernel_math_equals_eager_kernel():
     # The torch.compile-d path runs _dequant_tile; compiling itself is torch's job (and ~10 s).
     s = quantize_nf4(_x(64, 128) * 0.05)
     absmax = absmax_float(s)
-    assert torch.equal(_dequant_tile(s.packed, absmax, code_4bit("nf4"), 64),
+    assert torch.equal(_dequant_tile(s.packed, absmax, byte_levels("nf4", torch.device("cpu")), 64),
                        dequantize_range(s.packed, absmax, "nf4", 64, 0, s.numel))
 
 

@@ -78,12 +78,22 @@ class PeftModel(nn.Module):
         return getattr(get_method(self.peft_config[self._active[0]].peft_type), hook)
 
     def forward(self, *args, **kwargs):
+        if kwargs.get("adapter_names") is not None:  # one adapter per row: see deltatune.serving
+            from deltatune.serving.server import peft_forward
+
+            return peft_forward(self, kwargs.pop("adapter_names"), args, kwargs)
+        kwargs.pop("adapter_names", None)
         hook = self._method_hook("forward")
         if hook is not None:
             return hook(self, self._active[0], *args, **kwargs)
         return self.base_model.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
+        if kwargs.get("adapter_names") is not None:  # one adapter per row: see deltatune.serving
+            from deltatune.serving.server import peft_generate
+
+            return peft_generate(self, kwargs.pop("adapter_names"), args, kwargs)
+        kwargs.pop("adapter_names", None)
         hook = self._method_hook("generate")
         if hook is not None:
             return hook(self, self._active[0], *args, **kwargs)

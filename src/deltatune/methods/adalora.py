@@ -333,14 +333,17 @@ ADALORA_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _default_targets(model: nn.Module) -> tuple[str, ...]:
+def prepare_adalora_config(config: AdaLoraConfig, model: nn.Module) -> AdaLoraConfig:
+    """Fill in peft's AdaLoRA default targets for the model family; the filled-in config is what is saved."""
+    if config.target_modules is not None:
+        return config
     kind = getattr(getattr(model, "config", None), "model_type", None)
     if kind not in ADALORA_DEFAULT_TARGETS:
         raise ValueError(
             f"target_modules is not set and there is no AdaLoRA default for model type {kind!r} (nor in peft); "
             "pass target_modules=[...] naming the linear layers to adapt"
         )
-    return ADALORA_DEFAULT_TARGETS[kind]
+    return config.replace(target_modules=ADALORA_DEFAULT_TARGETS[kind])
 
 
 def trainable_adalora(peft_model, exclude: str | None = None) -> list[str]:
@@ -349,8 +352,8 @@ def trainable_adalora(peft_model, exclude: str | None = None) -> list[str]:
 
 
 def _attach(peft_model, config: AdaLoraConfig, adapter_name: str) -> None:
-    """Inject as the default step does, with peft's AdaLoRA target defaults and one-trainable-adapter rule."""
-    from deltatune.model import CLASSIFIER_NAMES
+    """Inject as the default step does (PeftModel has checked modules_to_save and run
+    :func:`prepare_adalora_config`), after peft's one-trainable-adapter check."""
     from deltatune.surgery import inject
 
     others = trainable_adalora(peft_model, exclude=adapter_name)
@@ -359,13 +362,7 @@ def _attach(peft_model, config: AdaLoraConfig, adapter_name: str) -> None:
             f"AdaLoRA trains one adapter at a time and {others[0]!r} is already trainable; add "
             f"{adapter_name!r} with inference_mode=True, or delete_adapter({others[0]!r}) first"
         )
-    model = peft_model.base_model.model
-    if config.target_modules is None:
-        config = config.replace(target_modules=_default_targets(model))
-    for key in config.modules_to_save or ():
-        if key not in CLASSIFIER_NAMES and not inject.resolve_modules_to_save(model, [key]):
-            raise ValueError(f"modules_to_save entry {key!r} matches no module of {type(model).__name__}")
-    inject.inject_adapter_in_model(config, model, adapter_name)
+    inject.inject_adapter_in_model(config, peft_model.base_model.model, adapter_name)
     # peft's AdaLoraModel API: model.base_model.update_and_allocate(step), also reachable as
     # model.update_and_allocate(step) through PeftModel's attribute passthrough.
     peft_model.base_model.update_and_allocate = types.MethodType(update_and_allocate, peft_model)
@@ -420,6 +417,7 @@ def _supported_types() -> tuple[type, ...]:
 register_method(Method(
     PeftType.ADALORA, AdaLoraConfig, make_svd_adapter, layer_types=_supported_types(), attach=_attach,
     detach=_detach, state_dict=_state_dict, load_state_dict=_load_state_dict, forward=_forward,
+    prepare_config=prepare_adalora_config,
 ))
 
 

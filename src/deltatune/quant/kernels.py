@@ -1,10 +1,15 @@
 """A ``torch.compile``-d 4-bit dequantize kernel (opt-in: ``QuantConfig(compile=True)``).
 
-In eager mode a tile is rebuilt by three passes over memory (gather, scale, cast). Inductor fuses
-unpacking the nibbles, the table lookup and the scaling into one loop, which on CPU roughly halves
-the dequantize time (numbers in benchmarks/bench_quant.py). The values are identical: the same
-float32 product ``level * absmax``. Compilation happens once per tile shape (~10 s on CPU the first
-time, cached on disk by Inductor afterwards); it needs a C++ compiler on CPU and Triton on CUDA.
+In eager mode a tile is rebuilt by three passes over memory (index conversion, table gather,
+scaling). Inductor fuses them into one loop over the packed bytes: each byte indexes a (256, 2)
+table holding both of its levels, times the block's absmax. The values are identical to the eager
+kernel (the same float32 product ``level * absmax``).
+
+Measured on a 2-core AVX2 CPU (benchmarks/bench_quant.py) this is no faster than the eager
+kernel, whose int64 "pair" gather is already a single pass; unpacking nibbles separately and
+compiling that was 2x slower. It is kept for devices where fusing matters more (CUDA, via Triton).
+Compilation happens once per tile shape (~10 s on CPU the first time, cached on disk by Inductor
+afterwards) and needs a C++ compiler on CPU.
 """
 from __future__ import annotations
 
@@ -12,15 +17,14 @@ import functools
 
 import torch
 
-from deltatune.quant.codebooks import _code_4bit_cpu
+from deltatune.quant.codebooks import byte_pairs_4bit
 from deltatune.quant.nf4 import dequantize_range
 
 
-def _dequant_tile(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """Whole blocks only: ``packed`` (n/2,) uint8, ``absmax`` (n / blocksize,) -> (n,) float32."""
-    hi = (packed >> 4).long()
-    lo = (packed & 15).long()
-    levels = torch.stack([code[hi], code[lo]], dim=-1).view(-1, blocksize)  # (n_blocks, blocksize)
+def _dequant_tile(packed: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """Whole blocks only: ``packed`` (n/2,) uint8, ``absmax`` (n / blocksize,), ``pairs`` (256, 2)
+    float32 levels of each byte (high nibble first) -> (n,) float32."""
+    levels = pairs[packed.long()].view(-1, blocksize)  # (n_blocks, blocksize)
     return (levels * absmax[:, None]).view(-1)
 
 
@@ -30,8 +34,9 @@ def _compiled():
 
 
 @functools.lru_cache(maxsize=8)
-def _code(quant_type: str, device: torch.device) -> torch.Tensor:
-    return _code_4bit_cpu(quant_type).to(device)
+def byte_levels(quant_type: str, device: torch.device) -> torch.Tensor:
+    """(256, 2) float32: the two levels coded by each byte value, high nibble first."""
+    return byte_pairs_4bit(quant_type).view(torch.float32).view(256, 2).to(device)
 
 
 def compiled_dequant_rows(packed: torch.Tensor, absmax: torch.Tensor, quant_type: str, blocksize: int,
@@ -50,14 +55,14 @@ def compiled_dequant_rows(packed: torch.Tensor, absmax: torch.Tensor, quant_type
         The tile function. A tile that ends inside a block (only possible for the last tile when
         ``out * in`` is not a multiple of ``blocksize``) falls back to the eager kernel.
     """
-    kernel, code = _compiled(), _code(quant_type, packed.device)
+    kernel, pairs = _compiled(), byte_levels(quant_type, packed.device)
 
     def rows(start: int, stop: int) -> torch.Tensor:
         a, b = start * in_features, stop * in_features
         if b % blocksize:
             w = dequantize_range(packed, absmax, quant_type, blocksize, a, b)
         else:
-            w = kernel(packed[a // 2:b // 2], absmax[a // blocksize:b // blocksize], code, blocksize)
+            w = kernel(packed[a // 2:b // 2], absmax[a // blocksize:b // blocksize], pairs, blocksize)
         return w.view(stop - start, in_features).to(dtype)
 
     return rows

@@ -66,7 +66,7 @@ class _QuantLinear(nn.Module):
         self.bias = None
         if bias:
             b = torch.zeros(out_features, device=device, dtype=bias_dtype or torch.float32)
-            self.bias = nn.Parameter(b, requires_grad=False)
+            self.bias = nn.Parameter(b)  # an ordinary parameter, as in nn.Linear
         # When True, forward dequantizes once and reuses the dense weight until clear_cache();
         # see cached_dequant().
         self.cache_weight = False
@@ -81,6 +81,10 @@ class _QuantLinear(nn.Module):
 
     def _make_dequant_rows(self):
         raise NotImplementedError
+
+    def _out_scale(self) -> torch.Tensor | None:
+        """Per-output-feature factor applied after the matmul (row-wise formats), or None."""
+        return None
 
     # --- shared -------------------------------------------------------------------------------
     def _check_weight(self, weight: torch.Tensor) -> None:
@@ -102,7 +106,8 @@ class _QuantLinear(nn.Module):
                 self._weight_cache = self.dequantize_weight(self.compute_dtype)
             y = F.linear(x2, self._weight_cache)
         else:
-            y = quant_linear(x2, self._make_dequant_rows, self.out_features, self.tile_rows)  # (N, out)
+            y = quant_linear(x2, self._make_dequant_rows, self.out_features, self.tile_rows,
+                             self._out_scale())  # (N, out)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*lead, self.out_features).to(x.dtype)
@@ -157,7 +162,7 @@ class Linear4bit(_QuantLinear):
         blocksize: values per absmax scale.
         double_quant: quantize the absmax constants too (QLoRA double quantization).
         compute_dtype: dtype of the matmul; inputs are cast to it and outputs back.
-        compile: dequantize tiles with a ``torch.compile``-d kernel (see :mod:`.kernels`).
+        use_compile: dequantize tiles with a ``torch.compile``-d kernel (see :mod:`.kernels`).
         device: where the buffers live.
         bias_dtype: dtype of the bias (float32 by default).
     """
@@ -166,11 +171,12 @@ class Linear4bit(_QuantLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, quant_type: str = "nf4",
                  blocksize: int = 64, double_quant: bool = True, compute_dtype: torch.dtype = torch.float32,
-                 compile: bool = False, device=None, bias_dtype: torch.dtype | None = None):
+                 use_compile: bool = False, device=None, bias_dtype: torch.dtype | None = None):
         super().__init__(in_features, out_features, bias, compute_dtype, device, bias_dtype)
         check_quant_type(quant_type)
         check_blocksize(blocksize)
-        self.quant_type, self.blocksize, self.double_quant, self.compile = quant_type, blocksize, double_quant, compile
+        self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
+        self.use_compile = use_compile
         n = in_features * out_features
         n_blocks = -(-n // blocksize)
         self.register_buffer("qweight", torch.zeros((n + 1) // 2, dtype=torch.uint8, device=device))
@@ -188,7 +194,7 @@ class Linear4bit(_QuantLinear):
         config = config or QuantConfig()
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, quant_type=config.quant_type,
                     blocksize=config.blocksize, double_quant=config.double_quant,
-                    compute_dtype=config.torch_compute_dtype, compile=config.compile, device=linear.weight.device)
+                    compute_dtype=config.torch_compute_dtype, use_compile=config.compile, device=linear.weight.device)
         layer._copy_bias_from(linear)
         layer.requantize_(linear.weight)
         return layer
@@ -224,7 +230,7 @@ class Linear4bit(_QuantLinear):
     def _make_dequant_rows(self):
         absmax = absmax_float(self.quant_state)  # (n_blocks,) float32, once per pass
         n_in, dtype = self.in_features, self.compute_dtype
-        if self.compile:
+        if self.use_compile:
             return compiled_dequant_rows(self.qweight, absmax, self.quant_type, self.blocksize, n_in, dtype)
 
         def rows(start: int, stop: int) -> torch.Tensor:
@@ -282,13 +288,16 @@ class Linear8bit(_QuantLinear):
         return dequantize_int8(self.quant_state, dtype or self.compute_dtype)
 
     def _make_dequant_rows(self):
-        q, s, dtype = self.qweight, self.row_absmax, self.compute_dtype
+        q, dtype = self.qweight, self.compute_dtype
 
         def rows(start: int, stop: int) -> torch.Tensor:
-            # same operation order as dequantize_int8, so tiles equal the dense weight exactly
-            return (q[start:stop] * s[start:stop, None] * INV_127).to(dtype)  # (rows, in)
+            return q[start:stop].to(dtype)  # (rows, in); int8 values are exact in every float dtype
 
         return rows
+
+    def _out_scale(self) -> torch.Tensor:
+        # W = Q diag(s) row-wise, so x W^T = (x Q^T) * s: the scale moves out of the tiles
+        return (self.row_absmax * INV_127).to(self.compute_dtype)
 
 
 QuantLinear = (Linear4bit, Linear8bit)

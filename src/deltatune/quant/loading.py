@@ -52,7 +52,7 @@ def _empty_layer(linear: nn.Module, settings: dict, compile: bool, device) -> Li
     if settings["bits"] == 4:
         return Linear4bit(linear.in_features, linear.out_features, linear.bias is not None,
                           quant_type=settings["quant_type"], blocksize=settings["blocksize"],
-                          double_quant=settings["double_quant"], compute_dtype=dtype, compile=compile, device=device)
+                          double_quant=settings["double_quant"], compute_dtype=dtype, use_compile=compile, device=device)
     return Linear8bit(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype=dtype,
                       device=device)
 

@@ -83,34 +83,39 @@ def tiled_linear_grad_input(grad: torch.Tensor, dequant_rows: DequantRows, in_fe
 
 
 class QuantLinearFunction(torch.autograd.Function):
-    """``y = x W^T`` for a frozen quantized W that is rebuilt tile by tile in both passes.
+    """``y = (x W^T) * c`` for a frozen quantized W rebuilt tile by tile in both passes.
 
-    Forward: ``y[:, t] = x @ W_t^T`` for each tile t of output rows (see :func:`tiled_linear`).
+    ``c`` is an optional per-output-feature scale (row-wise formats such as int8 factor their
+    scale out of W this way, so a tile is only a dtype conversion); without it ``c = 1``.
 
-    Backward: W is frozen, so only the input gets a gradient. From ``y = x W^T``,
-    ``dL/dx = dL/dy · W = Σ_t dL/dy[:, t] · W_t`` (sum over tiles of output rows), which
-    :func:`tiled_linear_grad_input` computes by rebuilding each tile again. Nothing is saved for
-    backward but a way to rebuild W from the quantized weight the layer stores anyway: no dense
-    copy of W, no per-block constants, and not x, since ``dL/dW`` is never needed.
+    Forward: ``y[:, t] = (x @ W_t^T) * c_t`` for each tile t of output rows (:func:`tiled_linear`).
+
+    Backward: W is frozen, so only the input gets a gradient. From ``y = (x W^T) diag(c)``,
+    ``dL/dx = (dL/dy · diag(c)) · W = Σ_t (dL/dy[:, t] * c_t) · W_t`` (sum over tiles of output
+    rows), which :func:`tiled_linear_grad_input` computes by rebuilding each tile again. Nothing is
+    saved for backward but a way to rebuild W from the quantized weight the layer stores anyway:
+    no dense copy of W, no per-block constants, and not x, since ``dL/dW`` is never needed.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, make_dequant_rows: Callable[[], DequantRows], out_features: int, rows: int):
+    def forward(ctx, x, make_dequant_rows, out_features, rows, out_scale):
         ctx.make_dequant_rows, ctx.rows, ctx.in_features = make_dequant_rows, rows, x.shape[1]
-        return tiled_linear(x, make_dequant_rows(), out_features, rows)
+        ctx.out_scale = out_scale
+        y = tiled_linear(x, make_dequant_rows(), out_features, rows)
+        return y if out_scale is None else y.mul_(out_scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         dx = None
         if ctx.needs_input_grad[0]:
+            grad = grad if ctx.out_scale is None else grad * ctx.out_scale
             dx = tiled_linear_grad_input(grad.contiguous(), ctx.make_dequant_rows(), ctx.in_features, ctx.rows)
-        return dx, None, None, None
+        return dx, None, None, None, None
 
 
-def quant_linear(
-    x: torch.Tensor, make_dequant_rows: Callable[[], DequantRows], out_features: int, rows: int
-) -> torch.Tensor:
-    """Differentiable (w.r.t. ``x``) ``x @ W.T`` for a quantized W; see :class:`QuantLinearFunction`.
+def quant_linear(x: torch.Tensor, make_dequant_rows: Callable[[], DequantRows], out_features: int, rows: int,
+                 out_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Differentiable (w.r.t. ``x``) ``(x @ W.T) * out_scale``; see :class:`QuantLinearFunction`.
 
     Args:
         x: (N, in_features) input in the compute dtype.
@@ -118,10 +123,12 @@ def quant_linear(
             such as dequantized absmax, are built once per pass and not kept between passes).
         out_features: rows of W.
         rows: rows per tile.
+        out_scale: optional (out_features,) scale of the outputs, in the compute dtype.
 
     Returns:
         (N, out_features).
     """
     if torch.is_grad_enabled() and x.requires_grad:
-        return QuantLinearFunction.apply(x, make_dequant_rows, out_features, rows)
-    return tiled_linear(x, make_dequant_rows(), out_features, rows)
+        return QuantLinearFunction.apply(x, make_dequant_rows, out_features, rows, out_scale)
+    y = tiled_linear(x, make_dequant_rows(), out_features, rows)
+    return y if out_scale is None else y.mul_(out_scale)

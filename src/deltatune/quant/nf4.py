@@ -20,11 +20,13 @@ import functools
 
 import torch
 
-from deltatune.quant.codebooks import QUANT_TYPES, _bounds_4bit_cpu, _code_4bit_cpu, byte_pairs_4bit
+from deltatune.quant.codebooks import QUANT_TYPES, _bounds_4bit_cpu, byte_pairs_4bit
 from deltatune.quant.dynamic8 import dequantize_dynamic8, quantize_dynamic8
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
+# Rounding boundaries as Python floats (exact float32 values), so no device sync is needed.
+_MIDPOINTS = {q: _bounds_4bit_cpu(q)[0].tolist() for q in QUANT_TYPES}
 # Quantize this many values at a time so temporaries stay a few MB whatever the tensor size.
 _CHUNK = 1 << 20
 
@@ -106,11 +108,11 @@ def check_quant_type(quant_type: str) -> None:
 @functools.lru_cache(maxsize=32)
 def _table(name: str, quant_type: str, device: torch.device):
     # Codebooks are built on the CPU once, so codes are identical on every device.
-    if name == "bounds":
-        return tuple(t.to(device) for t in _bounds_4bit_cpu(quant_type))
+    if name == "order":
+        return _bounds_4bit_cpu(quant_type)[1].to(device)
     if name == "pairs":
         return byte_pairs_4bit(quant_type).to(device)
-    return _code_4bit_cpu(quant_type).to(device)
+    raise KeyError(name)
 
 
 def _codes_4bit(chunk: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,10 +122,15 @@ def _codes_4bit(chunk: torch.Tensor, blocksize: int, quant_type: str) -> tuple[t
     blocks = torch.nn.functional.pad(chunk, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
     absmax = blocks.abs().amax(dim=1)  # (n_blocks,)
     unit = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp_(-1.0, 1.0)
-    midpoints, order = _table("bounds", quant_type, chunk.device)
-    rank = torch.bucketize(unit, midpoints, out_int32=True)  # number of midpoints < u
-    codes = rank if quant_type == "nf4" else order[rank]  # NF4 levels are already sorted
-    return codes.to(torch.uint8).view(-1), absmax
+    # rank = number of midpoints strictly below u (= torch.bucketize), as 15 vectorised compares:
+    # several times faster on CPU than bucketize's per-element binary search.
+    rank = torch.zeros(unit.shape, dtype=torch.uint8, device=chunk.device)
+    for m in _MIDPOINTS[quant_type]:
+        rank += unit > m  # m is a float32 value, so the comparison is exact
+    if quant_type == "nf4":  # NF4 levels are sorted: the rank is the code
+        return rank.view(-1), absmax
+    order = _table("order", quant_type, chunk.device)
+    return order[rank.long()].to(torch.uint8).view(-1), absmax
 
 
 def quantize_4bit(

@@ -8,7 +8,9 @@ from torch import nn
 
 
 def prepare_model_for_kbit_training(
-    model: nn.Module, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    model: nn.Module,
+    use_gradient_checkpointing: bool = True,
+    gradient_checkpointing_kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Freeze the base model and make training on top of quantized layers stable and memory-lean.
 

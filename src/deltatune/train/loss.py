@@ -155,10 +155,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             hidden, weight, bias, labels = ctx.saved_tensors
             _, grads = _sweep(hidden, weight, bias, labels, ctx.ignore_index, ctx.chunk_size,
                               ctx.scale * grad_output, ctx.want)
-            factor = 1.0
         else:
-            grads, factor = ctx.saved_tensors, grad_output
-        grad_h, grad_w, grad_b = (None if g is None else g * factor for g in grads)
+            # Scaled in place: a copy would double the (V, H) peak. A second backward through the same
+            # graph (retain_graph=True) then fails autograd's saved-tensor version check instead of
+            # returning wrong gradients; recompute=True supports it.
+            grads = tuple(None if g is None else g.mul_(grad_output) for g in ctx.saved_tensors)
+        grad_h, grad_w, grad_b = grads
         h_dt, w_dt = ctx.dtypes
         return (None if grad_h is None else grad_h.to(h_dt), None if grad_w is None else grad_w.to(w_dt),
                 None if grad_b is None else grad_b.to(w_dt), None, None, None, None, None)

@@ -1,0 +1,105 @@
+"""Running a model with per-row adapters: forward hooks that apply a bank's plans, for one request.
+
+Hooks are registered on the served layers for the duration of one call (a forward, or a whole
+``generate``) and removed afterwards, so the model itself is never rewritten and, outside a request,
+is exactly the base model. Each hooked layer applies its :class:`LayerPlan` (built once per request).
+"""
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltatune.serving.bank import AdapterBank, LayerBank, LayerPlan
+from deltatune.serving.kernels import affine_rows, mixed_embedding_lora, mixed_lora_, scale_rows, single_lora_
+
+
+def _rows_error(path: str, got: int, plan: LayerPlan) -> ValueError:
+    return ValueError(
+        f"{path} received {got} rows but the request gave adapter_names for {plan.rows}; pass one adapter name per "
+        "row of the batch (generate: per input row, before num_beams / num_return_sequences expansion)"
+    )
+
+
+def _pre_hook(path: str, plan: LayerPlan, module: nn.Module, args: tuple) -> tuple:
+    x = args[0]  # (b, ..., in)
+    if x.shape[0] != plan.rows:
+        raise _rows_error(path, x.shape[0], plan)
+    x3 = x.reshape(plan.rows, -1, x.shape[-1])
+    return (scale_rows(x3, plan.in_scale).view(x.shape), *args[1:])
+
+
+def _post_hook(path: str, layer: LayerBank, plan: LayerPlan, module: nn.Module, args: tuple, y: torch.Tensor):
+    x = args[0]
+    b = plan.rows
+    if y.shape[0] != b:
+        raise _rows_error(path, y.shape[0], plan)
+    y3 = y.reshape(b, -1, y.shape[-1])  # (b, L, out)
+    if plan.A is not None:
+        if layer.embedding and plan.single:
+            y3 = y3 + (F.embedding(x.reshape(b, -1), plan.A.T) @ plan.Bt).to(y3.dtype)  # (b, L, out)
+        elif layer.embedding:
+            y3 = mixed_embedding_lora(y3, x, plan.ids, layer.A[:, : plan.A.shape[-2]], plan.Bt)
+        elif plan.single:
+            y3 = single_lora_(y3, x, plan.A, plan.Bt)
+        else:
+            y3 = mixed_lora_(y3, x.reshape(b, -1, x.shape[-1]), plan.A, plan.Bt)
+    y3 = affine_rows(y3, plan.out_scale, plan.out_shift)
+    return y3.view(y.shape)
+
+
+@contextlib.contextmanager
+def routed(
+    bank: AdapterBank, ids: torch.Tensor, unique: frozenset[int], module_for: Callable[[str], nn.Module]
+) -> Iterator[None]:
+    """Within the block, every served layer (``module_for(path)``) applies each row's adapter."""
+    handles = []
+    try:
+        for path, layer in bank.layers.items():
+            plan = layer.plan(ids, unique)
+            if plan is None:
+                continue
+            module = module_for(path)
+            if plan.in_scale is not None:
+                handles.append(module.register_forward_pre_hook(partial(_pre_hook, path, plan)))
+            handles.append(module.register_forward_hook(partial(_post_hook, path, layer, plan)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def batch_size(args: Sequence[Any], kwargs: dict[str, Any]) -> int | None:
+    """Rows of the batch: from input_ids / inputs_embeds / the first tensor argument."""
+    for key in ("input_ids", "inputs_embeds"):
+        if isinstance(kwargs.get(key), torch.Tensor):
+            return kwargs[key].shape[0]
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.shape[0]
+    return None
+
+
+def check_names(adapter_names: Sequence[str], rows: int | None) -> list[str]:
+    if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+        raise TypeError(f"adapter_names must be a list of str, one per row of the batch; got {adapter_names!r}")
+    names = list(adapter_names)
+    if rows is not None and len(names) != rows:
+        raise ValueError(f"adapter_names has {len(names)} entries but the batch has {rows} rows; give one name per row")
+    return names
+
+
+def expand_for_generate(names: list[str], model: nn.Module, kwargs: dict[str, Any]) -> list[str]:
+    """Repeat each row's name as generate repeats the row (transformers' ``repeat_interleave`` by
+    max(num_beams, num_return_sequences)); beams of one input never leave its block of rows."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+    returns = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) or 1
+    if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None:
+        raise ValueError("adapter_names does not support assisted generation; generate without an assistant")
+    expand = max(int(beams), int(returns))
+    return [n for n in names for _ in range(expand)]

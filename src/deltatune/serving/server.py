@@ -1,0 +1,176 @@
+"""Serving many adapters at once: a standalone :class:`AdapterServer`, and ``adapter_names=[...]`` on PeftModel.
+
+Both run each row of a batch with its own adapter (or "__base__") through a bank of stacked
+adapters (:mod:`deltatune.serving.bank`), never through a per-layer dict of adapters.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from deltatune.serving.bank import BASE, AdapterBank
+from deltatune.serving.routing import batch_size, check_names, expand_for_generate, routed
+from deltatune.serving.sources import FolderSource, PeftModelSource
+from deltatune.surgery import inject
+from deltatune.surgery.layer import AdaptedLayer, ModulesToSaveWrapper
+
+
+class AdapterServer:
+    """A plain transformers model that serves saved adapters per row, loading and evicting them as needed.
+
+    Example:
+        >>> server = AdapterServer(model, max_slots=16)
+        >>> server.load("sql", "adapters/sql")          # peft- or deltatune-saved folder
+        >>> server.load("chat", "adapters/chat")
+        >>> out = server.generate(input_ids, adapter_names=["sql", "__base__", "chat"], max_new_tokens=20)
+
+    Args:
+        model: the base model, without adapters injected.
+        max_slots: adapters resident at once; loading one more evicts the least recently used, which
+            is read again from its folder when a later request names it.
+
+    Calls are serialised by a lock: one request (one batch) runs at a time, and loading an adapter
+    between requests does not disturb the other slots.
+    """
+
+    def __init__(self, model: nn.Module, max_slots: int = 8) -> None:
+        if any(isinstance(m, (AdaptedLayer, ModulesToSaveWrapper)) for m in model.modules()):
+            raise ValueError(
+                "AdapterServer needs the plain base model, but this one has adapters injected; pass "
+                "peft_model.unload() (or call peft_model(..., adapter_names=[...]) directly)"
+            )
+        self.model = model
+        self.bank = AdapterBank(max_slots)
+        self._lock = threading.RLock()
+
+    @property
+    def resident(self) -> list[str]:
+        """Adapters in slots now, least recently used first."""
+        return self.bank.resident
+
+    def load(self, name: str, path: str | os.PathLike) -> None:
+        """Register the adapter saved at ``path`` under ``name`` and put it in a slot (evicting if full).
+
+        Raises:
+            ValueError: the folder is not a servable adapter for this model (nothing is registered).
+        """
+        with self._lock:
+            self.bank.register(name, FolderSource(self.model, path))
+            self.bank.ensure([name])
+
+    def unload(self, name: str) -> None:
+        """Evict ``name`` and forget its path."""
+        with self._lock:
+            self.bank.forget(name)
+
+    @contextlib.contextmanager
+    def _request(self, names: list[str]) -> Iterator[None]:
+        with self._lock, self.bank.request(names) as (ids, unique):
+            with routed(self.bank, ids, unique, self.model.get_submodule):
+                yield
+
+    def __call__(self, *args: Any, adapter_names: Sequence[str], **kwargs: Any):
+        """The model's forward with row i run through adapter ``adapter_names[i]``."""
+        names = check_names(adapter_names, batch_size(args, kwargs))
+        with self._request(names):
+            return self.model(*args, **kwargs)
+
+    forward = __call__
+
+    def generate(self, *args: Any, adapter_names: Sequence[str], **kwargs: Any):
+        """``model.generate`` with each input row (and all its beams / samples) using its own adapter."""
+        names = check_names(adapter_names, batch_size(args, kwargs))
+        with self._request(expand_for_generate(names, self.model, kwargs)):
+            return self.model.generate(*args, **kwargs)
+
+
+# ---- PeftModel(..., adapter_names=[...]) ------------------------------------------------------------
+def _peft_bank(peft_model: nn.Module) -> AdapterBank:
+    """The bank cached on a PeftModel: one slot per adapter, re-read when an adapter's tensors change."""
+    bank = vars(peft_model).get("_serving_bank")
+    if bank is None:
+        bank = AdapterBank(max(1, len(peft_model.peft_config)))
+        vars(peft_model)["_serving_bank"] = bank
+    bank.max_slots = max(bank.max_slots, len(peft_model.peft_config))
+    for name in list(bank.registered):
+        if name not in peft_model.peft_config:
+            bank.forget(name)  # deleted from the model
+    return bank
+
+
+def _check_peft(peft_model: nn.Module, names: list[str]) -> None:
+    if peft_model.training:
+        raise ValueError("adapter_names is for inference; call model.eval() first (peft raises the same)")
+    for n in set(names) - {BASE}:
+        if n not in peft_model.peft_config:
+            raise ValueError(f"no adapter named {n!r}; this model has {sorted(peft_model.peft_config)} (and {BASE!r})")
+        if peft_model.peft_config[n].is_prompt_learning:
+            raise ValueError(
+                f"adapter {n!r} is {peft_model.peft_config[n].peft_type.value}, which changes the model's inputs and "
+                "cannot be mixed per row; run it alone with set_adapter"
+            )
+    model = peft_model.base_model.model
+    merged = sorted({a for _, h in inject.adapted_layers(model) for a in h.merged})
+    if merged:
+        raise ValueError(f"adapters {merged} are merged into the base weights; call unmerge_adapter() before adapter_names")
+
+
+def _base_of(model: nn.Module, path: str) -> nn.Module:
+    module = model.get_submodule(path)
+    return module.base_layer if isinstance(module, AdaptedLayer) else module
+
+
+def _saved_copy_hook(names: list[str], wrapper: ModulesToSaveWrapper, args: tuple, out: Any):
+    """modules_to_save: rows whose adapter trained this module in full run through its copy."""
+    for name in dict.fromkeys(names):
+        if name in wrapper.modules_to_save:
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=out.device)
+            sub = [a.index_select(0, rows) if isinstance(a, torch.Tensor) else a for a in args]
+            out = out.index_copy(0, rows, wrapper.modules_to_save[name](*sub))
+    return out
+
+
+@contextlib.contextmanager
+def _peft_request(peft_model: nn.Module, names: list[str]) -> Iterator[None]:
+    _check_peft(peft_model, names)
+    model = peft_model.base_model.model
+    bank = _peft_bank(peft_model)
+    for n in set(names) - {BASE}:
+        if n not in bank.registered:
+            bank.register(n, PeftModelSource(peft_model, n))
+    hosts = list(inject.adapted_layers(model)) + list(inject.save_wrappers(model))
+    disabled = {id(m): m.disabled for _, m in hosts}
+    with bank.request(names) as (ids, unique), routed(bank, ids, unique, lambda p: _base_of(model, p)):
+        handles = [
+            w.register_forward_hook(lambda m, a, o: _saved_copy_hook(names, m, a, o))
+            for _, w in inject.save_wrappers(model)
+            if any(n in w.modules_to_save for n in names)
+        ]
+        inject.set_disabled(model, True)  # the wrappers run their base layers; the hooks add each row's adapter
+        try:
+            yield
+        finally:
+            for _, m in hosts:
+                m.disabled = disabled[id(m)]
+            for h in handles:
+                h.remove()
+
+
+def peft_forward(peft_model: nn.Module, adapter_names: Sequence[str], args: tuple, kwargs: dict) -> Any:
+    """``peft_model(*args, adapter_names=..., **kwargs)``: row i through adapter ``adapter_names[i]``."""
+    names = check_names(adapter_names, batch_size(args, kwargs))
+    with _peft_request(peft_model, names):
+        return peft_model.base_model.model(*args, **kwargs)
+
+
+def peft_generate(peft_model: nn.Module, adapter_names: Sequence[str], args: tuple, kwargs: dict) -> Any:
+    """``peft_model.generate(..., adapter_names=...)``: each input row generates with its own adapter."""
+    names = check_names(adapter_names, batch_size(args, kwargs))
+    model = peft_model.base_model.model
+    with _peft_request(peft_model, expand_for_generate(names, model, kwargs)):
+        return model.generate(*args, **kwargs)
