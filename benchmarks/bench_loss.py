@@ -125,8 +125,8 @@ def _print_table(args, results) -> None:
            for k, v in results.items()}
     logits_mb = args.tokens * args.vocab * 4 / 2**20
     print(f"\nN={args.tokens} H={args.hidden} V={args.vocab} {args.dtype}, 2 threads, median of {args.reps} "
-          f"subprocesses x {args.iters} iters; fp32 logits alone = {logits_mb:.0f} MB\n")
-    print("| config | chunk | fwd+bwd s | time vs standard | peak extra MB | memory vs standard |")
+          f"subprocesses x {args.iters} iters; fp32 logits alone = {logits_mb:.0f} MiB\n")
+    print("| config | chunk | fwd+bwd s | time vs standard | peak extra MiB | memory vs standard |")
     print("|---|---:|---:|---:|---:|---:|")
     for label, path, w_grad, _, _ in CONFIGS:
         ref = med["standard, W trainable" if w_grad else "standard, W frozen (LoRA)"]

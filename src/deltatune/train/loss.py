@@ -1,7 +1,7 @@
 """Causal-LM cross-entropy that never materialises the full (tokens, vocab) logits.
 
 With SmolLM2's 49,152-token vocabulary the logits are the largest activation in training: 1,024
-tokens give a 201 MB fp32 logits tensor, and the standard path keeps two more of that size (the
+tokens give a 192 MiB fp32 logits tensor, and the standard path keeps two more of that size (the
 log-softmax saved for backward and its gradient). :func:`fused_linear_cross_entropy` runs the
 output projection and the loss chunk by chunk and computes the gradients in the same pass, so the
 extra memory is one chunk of logits. :func:`causal_lm_loss` applies it to a transformers model,

@@ -1,0 +1,195 @@
+"""Serving cost: mixed-adapter batches, unmerged single-adapter forward, and merged adapter swaps.
+
+Model: LLaMA-shaped, hidden 512, 8 layers, intermediate 1408, vocab 32000, fp32, 2 threads.
+Adapters: LoRA r=16 on all seven projections (q, k, v, o, gate, up, down).
+
+1. Forward (no grad), as a ratio to the base model's forward on the same batch:
+   - mixed: rows spread round-robin over N distinct adapters; deltatune's
+     ``model(ids, adapter_names=...)`` (stacked banks, gathered bmm) against peft's
+     ``adapter_names`` (a loop over sub-batches inside every layer);
+   - single: one unmerged adapter for the whole batch (the training layers' forward), both libraries.
+2. Swap: time to replace the merged adapter by another one, and the largest weight error left
+   after 100 swaps against a fresh merge of the final adapter.
+
+Every configuration lives in this one process and is timed interleaved (one call of each, round
+robin); the table shows the median over rounds of each round's ratio to the base model, in wall
+time and in process CPU time (all threads; steadier than wall time on a busy machine).
+
+    python benchmarks/bench_serving.py [--rounds 5] [--seq 128] [--skip-swap]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CASES = [(8, 8), (32, 8), (32, 32)]  # (rows, distinct adapters)
+
+
+def build_base(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def build_adapted(lib_name: str, base, n_adapters: int):
+    """``base`` (deep-copied) with n LoRA adapters a0..a{n-1}, random B so nothing is a no-op."""
+    lib = __import__(lib_name)
+    cfg = lib.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False)
+    model = lib.get_peft_model(copy.deepcopy(base), cfg, adapter_name="a0")
+    for i in range(1, n_adapters):
+        model.add_adapter(f"a{i}", cfg)
+    return model.eval()
+
+
+def timed(fn) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def run_rounds(calls: dict, rounds: int) -> dict[str, tuple[float, float, float]]:
+    """{name: (median wall ratio to 'base', median cpu ratio, median base-relative wall seconds)}."""
+    for fn in calls.values():  # warm-up
+        fn()
+    ratios: dict[str, list[tuple[float, float, float]]] = {k: [] for k in calls}
+    for _ in range(rounds):
+        times = {k: timed(fn) for k, fn in calls.items()}
+        for k, (w, c) in times.items():
+            ratios[k].append((w / times["base"][0], c / times["base"][1], w))
+    return {k: tuple(statistics.median(v[i] for v in vals) for i in range(3)) for k, vals in ratios.items()}
+
+
+def forward_tables(rounds: int, seq: int) -> None:
+    base = build_base()
+    ours = build_adapted("deltatune", base, 32)
+    theirs = build_adapted("peft", base, 32)
+    print("| batch | distinct adapters | deltatune mixed / base | peft mixed / base | base (s) |")
+    print("|---|---|---|---|---|")
+    singles = {}
+    for rows, distinct in CASES:
+        ids = torch.randint(0, 32000, (rows, seq), generator=torch.Generator().manual_seed(rows))
+        names = [f"a{i % distinct}" for i in range(rows)]
+        ours.set_adapter("a0")
+        theirs.set_adapter("a0")
+        calls = {
+            "base": lambda: base(input_ids=ids),
+            "ours": lambda: ours(input_ids=ids, adapter_names=names),
+            "peft": lambda: theirs(input_ids=ids, adapter_names=names),
+        }
+        if distinct == CASES[0][1]:  # single unmerged adapter, same batch
+            calls["ours single"] = lambda: ours(input_ids=ids)
+            calls["peft single"] = lambda: theirs(input_ids=ids)
+        with torch.no_grad():
+            res = run_rounds(calls, rounds)
+        print(f"| {rows}x{seq} | {distinct} | {res['ours'][0]:.3f} (cpu {res['ours'][1]:.3f}) "
+              f"| {res['peft'][0]:.3f} (cpu {res['peft'][1]:.3f}) | {res['base'][2]:.2f} |", flush=True)
+        if "ours single" in res:
+            singles[f"{rows}x{seq}"] = res
+    print("\n| batch | deltatune single unmerged / base | peft single unmerged / base |")
+    print("|---|---|---|")
+    for batch, res in singles.items():
+        print(f"| {batch} | {res['ours single'][0]:.3f} (cpu {res['ours single'][1]:.3f}) "
+              f"| {res['peft single'][0]:.3f} (cpu {res['peft single'][1]:.3f}) |")
+
+
+def _drift(model, reference) -> float:
+    """Largest difference of the targeted weights (inside any wrapper) from the reference model's."""
+    worst = 0.0
+    for path, ref in reference.named_modules():
+        if path.rsplit(".", 1)[-1] in TARGETS:
+            layer = model.get_submodule(path)
+            layer = getattr(layer, "base_layer", layer)
+            worst = max(worst, (layer.weight - ref.weight).abs().max().item())
+    return worst
+
+
+def swap_table(rounds: int) -> None:
+    from deltatune.serving import MergedAdapterSwitcher
+    from deltatune.surgery.inject import adapted_layers
+
+    base = build_base()
+    ours = build_adapted("deltatune", base, 2)
+    theirs = build_adapted("peft", base, 2)
+    switchers = {}
+    for exact in (True, False):
+        model = copy.deepcopy(base)
+        sw = MergedAdapterSwitcher(model, exact=exact)
+        for name in ("a0", "a1"):
+            sw.add(name, {p: copy.deepcopy(h.adapters[name]) for p, h in adapted_layers(ours.base_model.model)})
+        switchers[exact] = (model, sw)
+    ours.merge_adapter(["a0"])
+    theirs.set_adapter("a0")
+    theirs.merge_adapter()
+
+    def peft_like(m, is_peft):
+        state = {"cur": "a0"}
+
+        def swap():
+            nxt = "a1" if state["cur"] == "a0" else "a0"
+            m.unmerge_adapter()
+            m.set_adapter(nxt)
+            if is_peft:
+                m.merge_adapter()
+            else:
+                m.merge_adapter([nxt])
+            state["cur"] = nxt
+        return swap
+
+    def switcher_swap(sw):
+        return lambda: sw.switch("a1" if sw.current == "a0" else "a0")
+
+    calls = {
+        "deltatune MergedAdapterSwitcher (pristine copy)": switcher_swap(switchers[True][1]),
+        "deltatune MergedAdapterSwitcher(exact=False) (subtract, add)": switcher_swap(switchers[False][1]),
+        "deltatune PeftModel unmerge_adapter + merge_adapter": peft_like(ours, False),
+        "peft unmerge_adapter + set_adapter + merge_adapter": peft_like(theirs, True),
+    }
+    with torch.no_grad():
+        times = {k: [] for k in calls}
+        for fn in calls.values():
+            fn()
+        for _ in range(max(rounds, 100) // 2 * 2):  # an even count ends on the adapter we started from
+            for k, fn in calls.items():
+                times[k].append(timed(fn)[0])
+        reference = copy.deepcopy(base)
+        sw = MergedAdapterSwitcher(reference)
+        sw.add("x", switchers[True][1].adapters[switchers[True][1].current])
+        sw.switch("x")  # a fresh merge of the current adapter into the pristine base
+        drift = {
+            list(calls)[0]: _drift(switchers[True][0], reference),
+            list(calls)[1]: _drift(switchers[False][0], reference),
+            list(calls)[2]: _drift(ours.base_model.model, reference),
+            list(calls)[3]: _drift(theirs.base_model.model, reference),
+        }
+    print(f"\n| swap ({len(times[list(calls)[0]])} swaps, 56 layers) | median ms | max weight error vs fresh merge |")
+    print("|---|---|---|")
+    for k, v in times.items():
+        print(f"| {k} | {1e3 * statistics.median(v):.1f} | {drift[k]:.2e} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--skip-swap", action="store_true")
+    ap.add_argument("--skip-forward", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    if not args.skip_forward:
+        forward_tables(args.rounds, args.seq)
+    if not args.skip_swap:
+        swap_table(args.rounds)
+
+
+if __name__ == "__main__":
+    main()

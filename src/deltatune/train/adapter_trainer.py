@@ -1,0 +1,129 @@
+"""The Trainer of ``deltatune train``: fused loss, adapter-only checkpoints, a stop on a non-finite loss.
+
+transformers' ``Trainer`` saves a model it does not know (ours is not peft's ``PeftModel``) as its
+full state dict, base weights included, and cannot load it back. :class:`AdapterTrainer` writes
+checkpoints as the adapter alone, in peft's format (so every ``checkpoint-N`` folder is also a
+loadable adapter), and restores it in place on ``resume_from_checkpoint``; the Trainer itself
+still saves and restores the optimizer, the scheduler, the RNG states and its own state.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from deltatune.train.loss import causal_lm_loss
+from deltatune.train.trainer import FusedLossTrainer
+
+CHECKPOINT_FILES = ("adapter_config.json", "trainer_state.json", "optimizer.pt", "scheduler.pt")
+"""Files a complete resumable checkpoint folder holds (``trainer_state.json`` is written last)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss (or, at a checkpoint, a trainable parameter) became NaN or infinite."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+        """The optimizer step (1-based) at which it happened."""
+
+
+def _method_hook(model: nn.Module, name: str) -> Any:
+    """The active adapter's method hook ``name`` (e.g. AdaLoRA's ``forward``), or None."""
+    configs = getattr(model, "peft_config", None)
+    active = getattr(model, "active_adapter", None)
+    if not configs or active not in configs:
+        return None
+    from deltatune.methods.base import get_method
+
+    return getattr(get_method(configs[active].peft_type), name, None)
+
+
+def nonfinite_parameters(model: nn.Module, limit: int = 3) -> list[str]:
+    """Names of up to ``limit`` trainable parameters holding NaN or inf."""
+    bad = []
+    for name, p in model.named_parameters():
+        if p.requires_grad and not torch.isfinite(p.detach()).all():
+            bad.append(name)
+            if len(bad) >= limit:
+                break
+    return bad
+
+
+class AdapterTrainer(FusedLossTrainer):
+    """``FusedLossTrainer`` for a deltatune ``PeftModel`` (see the module docstring).
+
+    Also: a NaN/inf training loss raises :class:`NonFiniteLossError` before the optimizer step
+    (so the weights and the last checkpoint stay good); the eval loss uses the fused loss too
+    (only supervised positions are projected onto the vocabulary); methods with their own
+    forward (prompt and prefix tuning insert virtual tokens, AdaLoRA adds its orthogonality
+    penalty to the loss) train and evaluate through the model's forward.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if _method_hook(model, "forward") is not None:
+            # The fused path calls the trunk directly and would skip the method's own forward: the
+            # virtual tokens of prompt/prefix tuning, AdaLoRA's orthogonality term.
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            step = self.state.global_step + 1
+            raise NonFiniteLossError(f"the training loss is {loss.item()} at step {step}", step)
+        return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if not prediction_loss_only or "labels" not in inputs or _method_hook(model, "forward") is not None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, _ = causal_lm_loss(model, **inputs)
+        return loss.detach(), None, None
+
+    # ---- checkpoints: the adapter only -----------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        bad = nonfinite_parameters(self.model)
+        if bad:
+            step = self.state.global_step
+            raise NonFiniteLossError(f"trainable parameters {bad} are NaN or inf after step {step}", step)
+        os.makedirs(output_dir, exist_ok=True)
+        self.model.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        model = model if model is not None else self.model
+        folder = Path(resume_from_checkpoint)
+        if not (folder / "adapter_config.json").is_file():
+            raise ValueError(f"{folder} holds no adapter (adapter_config.json); it is not a deltatune checkpoint.")
+        name = model.active_adapter
+        model._load_weights(folder, name)  # in place and all or nothing; requires_grad is kept
+
+    def _load_best_model(self) -> None:
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+def is_complete_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` holds everything a resume needs (a crash mid-save leaves it incomplete)."""
+    return folder.is_dir() and all((folder / f).is_file() for f in CHECKPOINT_FILES)
+
+
+def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The complete ``checkpoint-N`` folder with the highest N in ``output_dir``, or None."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    found = []
+    for child in root.glob("checkpoint-*"):
+        suffix = child.name.removeprefix("checkpoint-")
+        if suffix.isdigit() and is_complete_checkpoint(child):
+            found.append((int(suffix), child))
+    return max(found)[1] if found else None

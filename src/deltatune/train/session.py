@@ -1,0 +1,183 @@
+"""One training session of a run: load, score, wrap, train (or resume), save, score, report."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from deltatune.data.pipeline import PreparedData
+from deltatune.train import outputs
+from deltatune.train.adapter_trainer import AdapterTrainer, NonFiniteLossError, last_checkpoint
+from deltatune.train.callbacks import GracefulInterrupt, RunRecorder, StepBoundary
+from deltatune.train.config import TrainConfig
+from deltatune.train.metrics import describe, score_accuracy
+
+
+def training_arguments(config: TrainConfig, output_dir: Path, steps: int, has_eval: bool) -> Any:
+    """transformers ``TrainingArguments`` for the run (the Trainer owns the schedule and checkpoints)."""
+    from transformers import TrainingArguments
+    from transformers.integrations import is_tensorboard_available
+
+    t = config.train
+    eval_steps = (max(1, steps // 4) if t.eval_steps is None else t.eval_steps) if has_eval else 0
+    save_steps = (eval_steps or max(1, steps // 4)) if t.save_steps is None else t.save_steps
+    cuda = torch.cuda.is_available()
+    bf16 = (cuda and torch.cuda.is_bf16_supported()) if t.bf16 == "auto" else bool(t.bf16)
+    tensorboard = t.tensorboard and is_tensorboard_available()
+    if t.tensorboard and not tensorboard:
+        print("note: tensorboard is not installed, so no TensorBoard logs are written; "
+              "install it with pip install 'deltatune[plot]'")
+    return TrainingArguments(
+        output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr,
+        lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_steps if t.warmup_steps is not None else t.warmup_ratio,
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, optim=t.optim, bf16=bf16,
+        logging_steps=t.logging_steps, eval_strategy="steps" if eval_steps else "no", eval_steps=eval_steps or None,
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or None,
+        save_total_limit=t.save_total_limit, report_to=["tensorboard"] if tensorboard else [], seed=t.seed,
+        disable_tqdm=not t.progress_bar, use_cpu=not cuda, remove_unused_columns=False, label_names=["labels"],
+        include_num_input_tokens_seen="all" if config.data.packing else "non_padding",
+        logging_nan_inf_filter=False, dataloader_num_workers=0,
+    )
+
+
+class TrainingSession:
+    """Holds what one call of :func:`deltatune.train.run.run_training` builds, phase by phase."""
+
+    def __init__(self, config: TrainConfig, output_dir: Path, tokenizer: Any, prepared: PreparedData,
+                 peft_config: Any, steps: int, log: Callable[[str], None]) -> None:
+        self.config, self.output_dir, self.tokenizer = config, output_dir, tokenizer
+        self.prepared, self.peft_config, self.steps, self.log = prepared, peft_config, steps, log
+        self.metrics: dict[str, Any] = {"status": "running", "model": config.model, "method": config.method.name,
+                                        "output_dir": str(output_dir), "timings": {}}
+
+    # ---- phases --------------------------------------------------------------------------------------------
+    def run(self, checkpoint: Path | None, accuracy: bool, started: float):
+        from transformers import set_seed
+
+        from deltatune.model import get_peft_model
+        from deltatune.train.run import RunResult, load_model
+
+        timings = self.metrics["timings"]
+        timings["data_s"] = time.perf_counter() - started
+        t0 = time.perf_counter()
+        model = load_model(self.config, self.log)
+        timings["load_model_s"] = time.perf_counter() - t0
+        if checkpoint is not None:
+            previous = outputs.read_metrics(self.output_dir)
+            self.metrics["zero_shot"] = previous.get("zero_shot")
+            self.log(f"resuming from {checkpoint}")
+        elif accuracy and self.config.eval.zero_shot:
+            self.metrics["zero_shot"] = self.score(model, "zero-shot accuracy (before training)")
+            timings["zero_shot_s"] = self.metrics["zero_shot"]["seconds"]
+            outputs.write_metrics(self.output_dir, self.metrics)
+        set_seed(self.config.train.seed)  # the adapter's initialisation
+        peft_model = get_peft_model(model, self.peft_config)
+        trainable, total = peft_model.get_nb_trainable_parameters()
+        self.metrics.update(trainable_params=trainable, total_params=total)
+        self.log(f"method {self.config.method.name}: {trainable:,d} trainable parameters of {total:,d} "
+                 f"({100 * trainable / total:.3f}%); {self.steps} steps of {self.config.train.batch_size} x "
+                 f"{self.config.train.grad_accum} rows on {torch.get_num_threads()} CPU threads"
+                 if not torch.cuda.is_available() else f"method {self.config.method.name}: {trainable:,d} trainable")
+        status = self.train(peft_model, checkpoint)
+        if status == "completed":
+            peft_model.save_pretrained(self.output_dir / outputs.ADAPTER_DIR)
+            if accuracy:
+                self.metrics["final"] = self.score(peft_model, "accuracy after training")
+                timings["final_eval_s"] = self.metrics["final"]["seconds"]
+        timings["total_s"] = time.perf_counter() - started
+        self.finish(status)
+        return RunResult(self.output_dir, status, self.metrics, last_checkpoint(self.output_dir))
+
+    def score(self, model: Any, what: str) -> dict[str, Any]:
+        ev = self.config.eval
+        result = score_accuracy(model, self.tokenizer, self.prepared.eval, template=self.prepared.template,
+                                scoring=ev.scoring, max_examples=ev.max_examples, max_new_tokens=ev.max_new_tokens,
+                                progress=self.config.train.progress_bar)
+        self.log(f"{what}: {describe(result)} [{result['seconds']:.0f} s]")
+        return result
+
+    def build_trainer(self, peft_model: Any) -> tuple[AdapterTrainer, RunRecorder, GracefulInterrupt, StepBoundary]:
+        evaluation = self.prepared.eval
+        if evaluation is not None and self.config.eval.loss_examples is not None:
+            evaluation = evaluation.select(range(min(self.config.eval.loss_examples, len(evaluation))))
+        args = training_arguments(self.config, self.output_dir, self.steps, evaluation is not None)
+        recorder, interrupt, boundary = RunRecorder(), GracefulInterrupt(), StepBoundary()
+        callbacks = [recorder, interrupt, boundary]
+        if self.config.method.name == "adalora":
+            from deltatune.methods.adalora_alloc import AdaLoraCallback
+
+            callbacks.append(AdaLoraCallback())
+        trainer = AdapterTrainer(model=peft_model, args=args, train_dataset=self.prepared.train,
+                                 eval_dataset=evaluation, data_collator=self.prepared.collator, callbacks=callbacks)
+        for cb in trainer.callback_handler.callbacks:  # TensorBoard: a fixed folder, not runs/<date>_<host>
+            if type(cb).__name__ == "TensorBoardCallback":
+                cb.logging_dir = str(self.output_dir / outputs.TENSORBOARD_DIR)
+        return trainer, recorder, interrupt, boundary
+
+    def train(self, peft_model: Any, checkpoint: Path | None) -> str:
+        """Run the Trainer; returns ``completed`` or ``interrupted`` (a resumable checkpoint is on disk)."""
+        trainer, recorder, interrupt, boundary = self.build_trainer(peft_model)
+        status = "completed"
+        with interrupt:
+            try:
+                trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            except NonFiniteLossError as err:
+                self.record_training(trainer, recorder)
+                self.finish("stopped: non-finite loss")
+                raise self.non_finite(err) from None
+            except KeyboardInterrupt:
+                status = "interrupted"
+                self.save_on_interrupt(trainer, boundary)
+        if interrupt.stopped_at is not None and trainer.state.global_step < self.steps:
+            status = "interrupted"
+        self.record_training(trainer, recorder)
+        if status == "interrupted":
+            where = last_checkpoint(self.output_dir)
+            self.log(f"interrupted at step {trainer.state.global_step} of {self.steps}; "
+                     + (f"resumable checkpoint: {where}. Continue with: deltatune train --resume "
+                        f"output_dir={self.output_dir}" if where else "no checkpoint was written"))
+        return status
+
+    def save_on_interrupt(self, trainer: AdapterTrainer, boundary: StepBoundary) -> None:
+        """After a hard interrupt: checkpoint the last completed step, if the state is consistent."""
+        step = trainer.state.global_step
+        if step == 0 or not boundary.consistent or (self.output_dir / f"checkpoint-{step}").is_dir():
+            return
+        try:
+            trainer._save_checkpoint(trainer.model, trial=None)
+        except NonFiniteLossError as err:
+            self.log(f"no checkpoint written at the interruption: {err}")
+
+    def non_finite(self, err: NonFiniteLossError):
+        from deltatune.train.run import TrainingStopped
+
+        good = last_checkpoint(self.output_dir)
+        keep = (f"The last good checkpoint is {good} (resume with --resume after lowering train.lr or raising "
+                "train.warmup_ratio)." if good else "No checkpoint had been written yet.")
+        return TrainingStopped(f"Training stopped: {err}. Nothing from step {err.step} on was saved. {keep}")
+
+    def record_training(self, trainer: AdapterTrainer, recorder: RunRecorder) -> None:
+        recorder.finish(trainer.state)
+        seconds = recorder.train_seconds or 1e-9
+        self.metrics["train"] = {
+            "steps": trainer.state.global_step, "max_steps": self.steps,
+            "train_loss": recorder.train_loss, "eval_loss": recorder.eval_loss,
+            "final_train_loss": recorder.train_loss[-1][1] if recorder.train_loss else None,
+            "final_eval_loss": recorder.eval_loss[-1][1] if recorder.eval_loss else None,
+            "tokens": recorder.tokens, "seconds": recorder.train_seconds, "tokens_per_s": recorder.tokens / seconds,
+            "threads": torch.get_num_threads(),
+        }
+        self.metrics["timings"]["train_s"] = recorder.train_seconds
+
+    def finish(self, status: str) -> None:
+        """Write ``metrics.json`` and ``loss.png`` with the given status."""
+        self.metrics["status"] = status
+        self.metrics["peak_rss_mb"] = outputs.peak_rss_bytes() / 2**20
+        outputs.write_metrics(self.output_dir, self.metrics)
+        train = self.metrics.get("train") or {}
+        if self.config.train.plot:
+            outputs.plot_losses(self.output_dir, train.get("train_loss", []), train.get("eval_loss", []),
+                                title=f"{self.config.method.name} on {self.config.data.source}")
