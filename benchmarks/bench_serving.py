@@ -9,13 +9,13 @@ Adapters: LoRA r=16 on all seven projections (q, k, v, o, gate, up, down).
      ``adapter_names`` (a loop over sub-batches inside every layer);
    - single: one unmerged adapter for the whole batch (the training layers' forward), both libraries.
 2. Swap: time to replace the merged adapter by another one, and the largest weight error left
-   after 100 swaps against a fresh merge of the final adapter.
+   after --swaps swaps against a fresh merge of the final adapter.
 
 Every configuration lives in this one process and is timed interleaved (one call of each, round
 robin); the table shows the median over rounds of each round's ratio to the base model, in wall
 time and in process CPU time (all threads; steadier than wall time on a busy machine).
 
-    python benchmarks/bench_serving.py [--rounds 5] [--seq 128] [--skip-swap]
+    python benchmarks/bench_serving.py [--rounds 5] [--seq 128] [--swaps 20] [--skip-swap] [--skip-forward]
 """
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def _drift(model, reference) -> float:
     return worst
 
 
-def swap_table(rounds: int) -> None:
+def swap_table(swaps: int) -> None:
     from deltatune.serving import MergedAdapterSwitcher
     from deltatune.surgery.inject import adapted_layers
 
@@ -158,7 +158,7 @@ def swap_table(rounds: int) -> None:
         times = {k: [] for k in calls}
         for fn in calls.values():
             fn()
-        for _ in range(max(rounds, 100) // 2 * 2):  # an even count ends on the adapter we started from
+        for _ in range(swaps // 2 * 2):  # an even count: every variant ends on the same adapter
             for k, fn in calls.items():
                 times[k].append(timed(fn)[0])
         reference = copy.deepcopy(base)
@@ -171,7 +171,8 @@ def swap_table(rounds: int) -> None:
             list(calls)[2]: _drift(ours.base_model.model, reference),
             list(calls)[3]: _drift(theirs.base_model.model, reference),
         }
-    print(f"\n| swap ({len(times[list(calls)[0]])} swaps, 56 layers) | median ms | max weight error vs fresh merge |")
+    n = len(times[list(calls)[0]]) + 1
+    print(f"\n| swap (56 layers) | median ms | max weight error vs a fresh merge, after {n} swaps |")
     print("|---|---|---|")
     for k, v in times.items():
         print(f"| {k} | {1e3 * statistics.median(v):.1f} | {drift[k]:.2e} |")
@@ -181,6 +182,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--swaps", type=int, default=20)
     ap.add_argument("--skip-swap", action="store_true")
     ap.add_argument("--skip-forward", action="store_true")
     args = ap.parse_args()
@@ -188,7 +190,7 @@ def main() -> None:
     if not args.skip_forward:
         forward_tables(args.rounds, args.seq)
     if not args.skip_swap:
-        swap_table(args.rounds)
+        swap_table(args.swaps)
 
 
 if __name__ == "__main__":

@@ -130,3 +130,16 @@ def test_model_overrides_and_is_needed_when_the_adapters_disagree(setup, tmp_pat
 
 def test_adapter_names_are_distinct_and_never_default():
     assert adapter_names(["x/default", "y/a.b", "z/a.b", "a_b"]) == ["default_in", "a_b", "a_b_2", "a_b_3"]
+
+
+def test_a_failed_write_removes_the_temporary_folder(setup, tmp_path, monkeypatch, capsys):
+    _, a, b, _ = setup
+
+    def broken_save(self, folder, **_):
+        (folder / "adapter_config.json").write_text("{}")  # half-written
+        raise ValueError("disk full")
+
+    monkeypatch.setattr(dt.PeftModel, "save_pretrained", broken_save)
+    assert main(["merge", str(a), str(b), "--method", "cat", "--out", str(tmp_path / "merged")]) == 2
+    assert "disk full" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []

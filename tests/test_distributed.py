@@ -1,10 +1,16 @@
-"""DDP on CPU (gloo): 2 processes x batch b train the same LoRA adapter as 1 process x batch 2b.
+"""DDP on CPU (gloo): 2 processes x batch b train the same adapter as 1 process x batch 2b.
 
-The worker is a plain transformers ``Trainer`` run on a deltatune ``PeftModel``, launched by
-``python -m torch.distributed.run`` exactly as ``torchrun`` would. Same seed, dropout 0, same data
-order (Trainer's seeded random sampler is shared by all ranks; rank i takes the i-th slice of
-each global batch), SGD so a difference in gradients shows up linearly in the weights.
+Both runs use the same seed, dropout 0 and data order (Trainer's seeded random sampler is shared by
+all ranks, and rank i takes the i-th slice of each global batch), and SGD, so a difference in the
+gradients would show up linearly in the weights. The DDP side is launched with
+``python -m torch.distributed.run`` exactly as ``torchrun`` does; the single-process side runs
+in-process. Tolerance: the project's fp32 table widened 10x for 3 steps of a whole-model backward
+(measured differences are ~1e-8: the all-reduce only changes the order of a 2-term sum).
+
+This file is also the DDP worker: ``torchrun --nproc_per_node 2 tests/test_distributed.py OUT B STEPS``.
 """
+from __future__ import annotations
+
 import json
 import os
 import socket
@@ -14,41 +20,36 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tolerances import assert_close
+HERE = Path(__file__).resolve().parent
+STEPS = 3
 
-pytestmark = pytest.mark.slow
 
-WORKER = r'''
-import json, sys
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
-import datasets
-import deltatune as dt
+def train_tiny(out: str, batch: int, steps: int = STEPS) -> None:
+    """A deltatune LoRA on a tiny LLaMA in a plain transformers ``Trainer`` (the worker of the DDP test)."""
+    import datasets
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
-out, batch, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-torch.manual_seed(0)
-cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0)
-model = dt.get_peft_model(LlamaForCausalLM(cfg), dt.LoraConfig(
-    r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
-    task_type="CAUSAL_LM"))
-g = torch.Generator().manual_seed(1)
-ids = torch.randint(3, 96, (16, 12), generator=g).tolist()
-data = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
-args = TrainingArguments(
-    output_dir=out, per_device_train_batch_size=batch, max_steps=steps, learning_rate=0.5, optim="sgd",
-    lr_scheduler_type="constant", seed=0, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
-    ddp_find_unused_parameters=False, dataloader_num_workers=0, disable_tqdm=True,
-)
-trainer = Trainer(model=model, args=args, train_dataset=data)
-trainer.train()
-if trainer.is_world_process_zero():
-    model.save_pretrained(out)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    json.dump({"world_size": args.world_size, "losses": losses}, open(out + "/run.json", "w"))
-'''
+    import deltatune as dt
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0)
+    config = dt.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
+                           init_lora_weights=False, task_type="CAUSAL_LM")
+    model = dt.get_peft_model(LlamaForCausalLM(cfg), config)
+    ids = torch.randint(3, 96, (16, 12), generator=torch.Generator().manual_seed(1)).tolist()
+    args = TrainingArguments(
+        output_dir=out, per_device_train_batch_size=batch, max_steps=steps, learning_rate=0.5, optim="sgd",
+        lr_scheduler_type="constant", seed=0, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
+        ddp_find_unused_parameters=False, dataloader_num_workers=0, disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict({"input_ids": ids, "labels": ids}))
+    trainer.train()
+    if trainer.is_world_process_zero():
+        model.save_pretrained(out)
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        Path(out, "run.json").write_text(json.dumps({"world_size": args.world_size, "losses": losses}))
 
 
 def _free_port() -> int:
@@ -57,47 +58,84 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(cmd: list[str], cwd: Path) -> None:
+def torchrun(args: list[str], cwd: Path, nproc: int = 2) -> None:
+    """``torchrun --nproc_per_node nproc ARGS``, one CPU thread per process; fails the test with its output."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(_free_port()), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    worker = tmp_path / "worker.py"
-    worker.write_text(WORKER)
-    steps = 3
-    _run([sys.executable, str(worker), str(tmp_path / "single"), "4", str(steps)], tmp_path)
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-          str(worker), str(tmp_path / "ddp"), "2", str(steps)], tmp_path)
+def _adapter(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def _assert_same_adapter(ddp: dict, single: dict, initial: dict | None = None) -> None:
+    from tolerances import assert_close
+
+    assert ddp.keys() == single.keys() and ddp
+    if initial is not None:  # training really moved the adapter, so the comparison means something
+        assert max((single[k] - initial[k]).abs().max().item() for k in single) > 1e-2
+    for k in single:
+        assert_close(ddp[k], single[k], scale=10)
+
+
+def test_peft_model_in_trainer_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
+    import deltatune as dt
+
+    train_tiny(str(tmp_path / "single"), batch=4)
+    torchrun([str(HERE / "test_distributed.py"), str(tmp_path / "ddp"), "2"], tmp_path)
     single = json.loads((tmp_path / "single" / "run.json").read_text())
     ddp = json.loads((tmp_path / "ddp" / "run.json").read_text())
     assert (single["world_size"], ddp["world_size"]) == (1, 2)
-    # Logged losses are the mean over the global batch in both runs.
-    assert len(single["losses"]) == len(ddp["losses"]) == steps
-    assert_close(torch.tensor(ddp["losses"]), torch.tensor(single["losses"]), scale=10)
-    a = load_file(tmp_path / "single" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "ddp" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and len(a) == 12
-    start = load_file_initial()
-    moved = max((a[k] - start[k]).abs().max().item() for k in a)
-    assert moved > 1e-2  # training really changed the adapter
-    # fp32 gradients all-reduced in another order differ by rounding only: the project's fp32 tolerance,
-    # widened 10x for 3 steps of a whole-model backward.
-    for k in a:
-        assert_close(b[k], a[k], scale=10)
-
-
-def load_file_initial() -> dict[str, torch.Tensor]:
-    """The adapter before training (same seed as the worker), to check that training moved it."""
+    torch.testing.assert_close(torch.tensor(ddp["losses"]), torch.tensor(single["losses"]), atol=1e-5, rtol=1e-5)
+    torch.manual_seed(0)  # the worker's initial adapter, to check that training moved it
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import deltatune as dt
-
-    torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0)
-    model = dt.get_peft_model(LlamaForCausalLM(cfg), dt.LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
-    task_type="CAUSAL_LM"))
-    return {k: v.detach().clone() for k, v in model.get_adapter_state_dict("default").items()}
+    initial = dt.get_peft_model(LlamaForCausalLM(cfg), dt.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
+        task_type="CAUSAL_LM")).get_adapter_state_dict("default")
+    _assert_same_adapter(_adapter(tmp_path / "ddp"), _adapter(tmp_path / "single"), initial)
+
+
+CLI_CONFIG = """\
+model: {model}
+data: {{source: {data}, eval_size: 4, max_length: 64}}
+method: {{name: lora, r: 4, lora_alpha: 8, lora_dropout: 0.0, target_modules: [q_proj, v_proj]}}
+train: {{max_steps: 3, lr: 0.05, optim: sgd, scheduler: constant, warmup_ratio: 0.0, logging_steps: 1,
+        eval_steps: 0, save_steps: 0, tensorboard: false, plot: false, progress_bar: false, num_threads: 1}}
+eval: {{accuracy: false}}
+"""
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "deltatune train checks and writes output_dir on every rank, so rank 1 finds rank 0's config.yaml and stops "
+    "('already holds a run'); needs rank-0 guards in train/run.py and train/session.py (see docs/cli.md)"))
+def test_deltatune_train_under_torchrun_matches_one_process(tmp_path):
+    from deltatune.cli.main import main
+    from test_cli_generate_support import write_tiny_model
+    from test_data_support import chat_rows, write_jsonl
+
+    write_tiny_model(tmp_path / "tiny")
+    write_jsonl(tmp_path / "data.jsonl", chat_rows(24))
+    (tmp_path / "run.yaml").write_text(CLI_CONFIG.format(model=tmp_path / "tiny", data=tmp_path / "data.jsonl"))
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        assert main(["train", "run.yaml", "output_dir=single", "train.batch_size=4"]) == 0
+    finally:
+        os.chdir(cwd)
+    torchrun(["-m", "deltatune.cli.main", "train", "run.yaml", "output_dir=ddp", "train.batch_size=2"], tmp_path)
+    _assert_same_adapter(_adapter(tmp_path / "ddp" / "adapter"), _adapter(tmp_path / "single" / "adapter"))
+    single = json.loads((tmp_path / "single" / "metrics.json").read_text())["train"]["train_loss"]
+    ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())["train"]["train_loss"]
+    torch.testing.assert_close(torch.tensor(ddp), torch.tensor(single), atol=1e-5, rtol=1e-5)
+
+
+if __name__ == "__main__":  # the DDP worker
+    train_tiny(sys.argv[1], int(sys.argv[2]))

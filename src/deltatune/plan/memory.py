@@ -23,7 +23,7 @@ activations               bytes autograd saves for backward, traced on the meta 
 logits / loss             standard loss: the (tokens, vocab) logits, their fp32 log-softmax and
                           two gradients of that size; deltatune's fused loss: one chunk of
                           logits (64 MiB budget) and the (tokens, hidden) gradient
-overhead                  CPU: the process's allocator and autograd bookkeeping (~2% + 8 MiB);
+overhead                  CPU: the process's allocator and autograd bookkeeping (~2% + 16 MiB);
                           CUDA: the CUDA context (~500 MiB, outside the allocator's figure)
                           plus ~5% fragmentation
 ========================  ==================================================================
@@ -55,7 +55,7 @@ CUDA_CONTEXT_BYTES = 500 * MiB
 CUDA_FRAGMENTATION = 0.05
 """Share of the allocator's peak lost to block rounding and fragmentation on CUDA."""
 
-CPU_OVERHEAD_BYTES = 8 * MiB
+CPU_OVERHEAD_BYTES = 16 * MiB
 """Allocator metadata, autograd graph nodes and Python objects of one training step on CPU."""
 
 CPU_OVERHEAD_FRACTION = 0.02
@@ -217,13 +217,20 @@ def estimate_memory(model: Any, setup: TrainSetup, *, activation_scale: float = 
     trace = trace if trace is not None else trace_activations(meta, setup)
     loss = resolve_loss(setup, config)
     acts_full, acts_ckpt = trace.total, trace.checkpointed
-    acts = int((acts_ckpt if setup.grad_checkpointing else acts_full) * activation_scale)
+    if setup.grad_checkpointing:
+        # Layer inputs stay; one layer at a time is recomputed in backward, after the loss's working
+        # set is gone, so the recompute and the logits never coexist.
+        kept, recompute = acts_ckpt - max(trace.per_layer, default=0), max(trace.per_layer, default=0)
+    else:
+        kept, recompute = acts_full, 0
+    kept, recompute = int(kept * activation_scale), int(recompute * activation_scale)
+    acts = kept + recompute
     grads = trainable_w
     opt = _optimizer_bytes(setup, params.trainable)
     opt_tmp = _optimizer_temp_bytes(setup, meta)
     logits, logits_note = _logits_bytes(setup, config, loss)
     head_grad = _head_grad_in_forward(setup, meta, loss)
-    forward_phase = acts + logits + head_grad
+    forward_phase = kept + max(logits, recompute) + head_grad
     step_phase = grads + opt_tmp
     in_forward = forward_phase >= step_phase
     base = frozen + trainable_w + opt
@@ -243,8 +250,9 @@ def estimate_memory(model: Any, setup: TrainSetup, *, activation_scale: float = 
                         "fp32; freed before the next forward"),
         MemoryComponent("optimizer state", opt, opt, _OPT_NOTES[setup.optimizer]),
         MemoryComponent("optimizer temporaries", opt_tmp, 0 if in_forward else opt_tmp, "during the step only"),
-        MemoryComponent("activations", acts, acts if in_forward else 0, f"{ckpt} gradient checkpointing"),
-        MemoryComponent("logits / loss", logits, logits if in_forward else 0, logits_note),
+        MemoryComponent("activations", acts, (kept + (recompute if recompute > logits else 0)) if in_forward else 0,
+                        f"{ckpt} gradient checkpointing" + (" (incl. 1 layer recomputed)" if recompute else "")),
+        MemoryComponent("logits / loss", logits, logits if in_forward and logits >= recompute else 0, logits_note),
         MemoryComponent("overhead", overhead, overhead, overhead_note),
     )
     return MemoryEstimate(setup=setup, params=params, components=components,

@@ -100,6 +100,27 @@ def count_model(model: nn.Module) -> ParamCount:
     return ParamCount(trainable, total)
 
 
+def count_parameters(model: Any, setup: TrainSetup | str | None = None, **changes: Any) -> ParamCount:
+    """Exact trainable/total parameter counts of ``model`` with a method applied, from its config alone.
+
+    Args:
+        model: a registered name, a model folder, a config dict or a ``PretrainedConfig``.
+        setup: a :class:`TrainSetup`, or just a method name (``"lora"``, ``"ia3"``, ``"full"``...).
+            None counts the bare model (everything trainable).
+        **changes: :class:`TrainSetup` fields to set (``r=32``, ``targets="attention"``).
+
+    Returns:
+        The :class:`ParamCount`, identical to ``get_nb_trainable_parameters()`` of the real model.
+    """
+    if isinstance(setup, str):
+        setup = TrainSetup(method=setup, **changes)
+    elif setup is not None and changes:
+        setup = setup.replace(**changes)
+    elif setup is None:
+        setup = TrainSetup(method="full", **changes)
+    return count_model(build_meta_model(load_model_config(model), setup))
+
+
 def _quant_bytes(numel: int, blocksize: int, double_quant: bool) -> int:
     """Bytes of one NF4 weight as :class:`deltatune.quant.Linear4bit` stores it."""
     n_blocks = -(-numel // blocksize)
@@ -118,14 +139,7 @@ def weight_bytes(model: nn.Module, setup: TrainSetup) -> tuple[int, int]:
     Trainable parameters are fp32 (adapters are kept in fp32; full fine-tuning keeps fp32 master
     weights under mixed precision).
     """
-    quantized: set[int] = set()
-    if setup.method == "qlora":
-        from deltatune.quant import QuantConfig, plan_quantization
-
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        qc = QuantConfig(blocksize=setup.quant_blocksize, double_quant=setup.double_quant)
-        for name in _unwrapped_linear_names(base, plan_quantization, qc):
-            quantized.add(id(base.get_submodule(name).weight))
+    quantized = _quantized_weights(model, setup) if setup.method == "qlora" else set()
     frozen = trainable = 0
     frozen_dtype = 4 if setup.method == "qlora" else setup.dtype_bytes
     for p in model.parameters():
@@ -138,17 +152,31 @@ def weight_bytes(model: nn.Module, setup: TrainSetup) -> tuple[int, int]:
     return frozen, trainable
 
 
-def _unwrapped_linear_names(base: nn.Module, plan_quantization: Any, qc: Any) -> list[str]:
-    """Names of the Linear layers QLoRA quantizes, looking through adapter wrappers."""
+def _quantized_weights(model: nn.Module, setup: TrainSetup) -> set[int]:
+    """ids of the weights QLoRA stores in 4 bits: every ``nn.Linear`` (wrapped by an adapter or not)
+    that :class:`deltatune.quant.QuantConfig`'s ``skip_modules`` keeps in (e.g. not ``lm_head``),
+    unless tied to another parameter, as :func:`deltatune.quant.plan_quantization` decides."""
+    from deltatune.quant import QuantConfig
+    from deltatune.quant.model import tied_parameter_names
     from deltatune.surgery.layer import AdaptedLayer
 
-    names = []
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    qc = QuantConfig(blocksize=setup.quant_blocksize, double_quant=setup.double_quant)
+    tied = {id(base.get_parameter(n)) for n in tied_parameter_names(base) if _has_parameter(base, n)}
+    out: set[int] = set()
     for name, module in base.named_modules():
-        if isinstance(module, AdaptedLayer) and type(module.base_layer) is nn.Linear and not qc.skips(name):
-            names.append(name + ".base_layer")
-    if names:
-        return names
-    return plan_quantization(base, qc)
+        layer = module.base_layer if isinstance(module, AdaptedLayer) else module
+        if type(layer) is nn.Linear and not qc.skips(name) and id(layer.weight) not in tied:
+            out.add(id(layer.weight))
+    return out
+
+
+def _has_parameter(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_parameter(name)
+        return True
+    except AttributeError:
+        return False
 
 
 @dataclass
@@ -168,6 +196,11 @@ class ActivationTrace:
     def total(self) -> int:
         """Everything saved without gradient checkpointing."""
         return sum(self.per_layer) + self.outside
+
+    def scaled(self, factor: float) -> "ActivationTrace":
+        """The trace of a batch ``factor`` times larger (every saved tensor has a batch dimension)."""
+        return ActivationTrace([int(b * factor) for b in self.per_layer], int(self.outside * factor),
+                               int(self.layer_input * factor))
 
     @property
     def checkpointed(self) -> int:

@@ -19,10 +19,6 @@ from transformers import Trainer
 from deltatune.train.loss import causal_lm_loss
 from deltatune.train.trainer import FusedLossTrainer
 
-CHECKPOINT_FILES = ("adapter_config.json", "trainer_state.json", "optimizer.pt", "scheduler.pt")
-"""Files a complete resumable checkpoint folder holds (``trainer_state.json`` is written last)."""
-
-
 class NonFiniteLossError(RuntimeError):
     """The training loss (or, at a checkpoint, a trainable parameter) became NaN or infinite."""
 
@@ -109,21 +105,3 @@ class AdapterTrainer(FusedLossTrainer):
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
-
-
-def is_complete_checkpoint(folder: Path) -> bool:
-    """Whether ``folder`` holds everything a resume needs (a crash mid-save leaves it incomplete)."""
-    return folder.is_dir() and all((folder / f).is_file() for f in CHECKPOINT_FILES)
-
-
-def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The complete ``checkpoint-N`` folder with the highest N in ``output_dir``, or None."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return None
-    found = []
-    for child in root.glob("checkpoint-*"):
-        suffix = child.name.removeprefix("checkpoint-")
-        if suffix.isdigit() and is_complete_checkpoint(child):
-            found.append((int(suffix), child))
-    return max(found)[1] if found else None

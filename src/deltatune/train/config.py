@@ -298,10 +298,11 @@ def overrides_tree(overrides: Sequence[str]) -> list[dict[str, Any]]:
     layers = []
     for text in overrides:
         parts, value = parse_override(text)
-        layer: dict[str, Any] = {}
-        set_dotted(layer, parts, value, lambda s: s in SECTIONS)
-        if len(parts) == 1 and parts[0] not in TOP_LEVEL:
+        valid = SECTIONS if len(parts) > 1 else TOP_LEVEL
+        if parts[0] not in valid:
             raise unknown_key_error("", parts[0], [*TOP_LEVEL, *SECTIONS])
+        layer: dict[str, Any] = {}
+        set_dotted(layer, parts, value)
         layers.append(layer)
     return layers
 

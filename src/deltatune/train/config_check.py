@@ -17,7 +17,7 @@ import enum
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -209,16 +209,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def set_dotted(tree: dict, parts: list[str], value: Any, sections: Callable[[str], bool]) -> None:
-    """Set ``tree[a][b] = value`` for parts ``[a, b]``, creating sections that ``sections(a)`` allows."""
+def set_dotted(tree: dict, parts: list[str], value: Any) -> None:
+    """Set ``tree[a][b] = value`` for parts ``[a, b]``, creating the intermediate mappings."""
     node = tree
     for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            if i == 0 and not sections(part):
-                raise ConfigError(f"Config key {'.'.join(parts)!r}: {part!r} is not a config section.")
-            child = node[part] = {}
-        elif not isinstance(child, dict):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
             raise ConfigError(
                 f"Config key {'.'.join(parts)!r}: {'.'.join(parts[: i + 1])!r} is a value, not a section."
             )

@@ -25,6 +25,8 @@ METRICS_FILE = "metrics.json"
 PLOT_FILE = "loss.png"
 ADAPTER_DIR = "adapter"
 TENSORBOARD_DIR = "tensorboard"
+CHECKPOINT_FILES = ("adapter_config.json", "trainer_state.json", "optimizer.pt", "scheduler.pt")
+"""Files a complete resumable checkpoint folder holds (``trainer_state.json`` is written last)."""
 
 
 def write_config(output_dir: Path, config: Any) -> Path:
@@ -137,9 +139,30 @@ def default_output_dir(root: str | os.PathLike = "runs") -> str:
 
 
 def latest_run(root: str | os.PathLike = "runs") -> Path | None:
-    """The most recently modified folder under ``root`` that holds a ``config.yaml``, or None."""
+    """The most recently modified run folder (one holding ``config.yaml``) under ``root``, or None.
+
+    A folder's modification time changes whenever a checkpoint is added or rotated away, so this is
+    the run that last made progress."""
     root = Path(root)
     if not root.is_dir():
         return None
     runs = [p for p in root.iterdir() if (p / CONFIG_FILE).is_file()]
-    return max(runs, key=lambda p: (p / CONFIG_FILE).stat().st_mtime) if runs else None
+    return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
+
+
+def is_complete_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` holds everything a resume needs (a crash mid-save leaves it incomplete)."""
+    return folder.is_dir() and all((folder / f).is_file() for f in CHECKPOINT_FILES)
+
+
+def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The complete ``checkpoint-N`` folder with the highest N in ``output_dir``, or None."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    found = []
+    for child in root.glob("checkpoint-*"):
+        suffix = child.name.removeprefix("checkpoint-")
+        if suffix.isdigit() and is_complete_checkpoint(child):
+            found.append((int(suffix), child))
+    return max(found)[1] if found else None

@@ -20,7 +20,6 @@ from deltatune.data import prepare_datasets, validate_data
 from deltatune.data.pipeline import PreparedData, load_examples
 from deltatune.models import load_model_and_tokenizer
 from deltatune.train import outputs
-from deltatune.train.adapter_trainer import NonFiniteLossError, last_checkpoint
 from deltatune.train.config import TrainConfig
 from deltatune.train.metrics import describe, score_accuracy
 
@@ -114,7 +113,7 @@ def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> Path | 
         ValueError: a fresh run into a folder holding another run, or ``resume`` with no checkpoint.
     """
     if resume:
-        checkpoint = last_checkpoint(output_dir)
+        checkpoint = outputs.last_checkpoint(output_dir)
         if checkpoint is None:
             raise ValueError(f"--resume: {output_dir} holds no complete checkpoint-N folder to resume from. "
                              "Run without --resume to start afresh (add --overwrite if the folder has old files).")
@@ -188,5 +187,5 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
     return session.run(checkpoint, accuracy, started)
 
 
-__all__ = ["RunResult", "TrainingStopped", "NonFiniteLossError", "describe", "load_model", "load_tokenizer",
+__all__ = ["RunResult", "TrainingStopped", "describe", "load_model", "load_tokenizer",
            "prepare_data", "run_training", "score_accuracy", "total_steps"]

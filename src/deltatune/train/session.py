@@ -9,7 +9,7 @@ import torch
 
 from deltatune.data.pipeline import PreparedData
 from deltatune.train import outputs
-from deltatune.train.adapter_trainer import AdapterTrainer, NonFiniteLossError, last_checkpoint
+from deltatune.train.adapter_trainer import AdapterTrainer, NonFiniteLossError
 from deltatune.train.callbacks import GracefulInterrupt, RunRecorder, StepBoundary
 from deltatune.train.config import TrainConfig
 from deltatune.train.metrics import describe, score_accuracy
@@ -89,7 +89,7 @@ class TrainingSession:
                 timings["final_eval_s"] = self.metrics["final"]["seconds"]
         timings["total_s"] = time.perf_counter() - started
         self.finish(status)
-        return RunResult(self.output_dir, status, self.metrics, last_checkpoint(self.output_dir))
+        return RunResult(self.output_dir, status, self.metrics, outputs.last_checkpoint(self.output_dir))
 
     def score(self, model: Any, what: str) -> dict[str, Any]:
         ev = self.config.eval
@@ -135,7 +135,7 @@ class TrainingSession:
             status = "interrupted"
         self.record_training(trainer, recorder)
         if status == "interrupted":
-            where = last_checkpoint(self.output_dir)
+            where = outputs.last_checkpoint(self.output_dir)
             self.log(f"interrupted at step {trainer.state.global_step} of {self.steps}; "
                      + (f"resumable checkpoint: {where}. Continue with: deltatune train --resume "
                         f"output_dir={self.output_dir}" if where else "no checkpoint was written"))
@@ -154,7 +154,7 @@ class TrainingSession:
     def non_finite(self, err: NonFiniteLossError):
         from deltatune.train.run import TrainingStopped
 
-        good = last_checkpoint(self.output_dir)
+        good = outputs.last_checkpoint(self.output_dir)
         keep = (f"The last good checkpoint is {good} (resume with --resume after lowering train.lr or raising "
                 "train.warmup_ratio)." if good else "No checkpoint had been written yet.")
         return TrainingStopped(f"Training stopped: {err}. Nothing from step {err.step} on was saved. {keep}")

@@ -1,0 +1,134 @@
+"""TrainConfig: layering (defaults, YAML, dotted overrides), did-you-mean errors per section, type checks."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deltatune import IA3Config, LoraConfig
+from deltatune.train.config import TrainConfig, load_train_config
+from deltatune.train.config_check import ConfigError
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_defaults_are_the_default_job():
+    cfg = load_train_config(None, [])
+    assert cfg.model == "smollm2-135m-instruct" and cfg.output_dir is None
+    assert cfg.method.name == "lora" and cfg.method.options["r"] == 8
+    assert cfg.data.source == "bbc-news" and cfg.data.article_tokens == 64
+    assert cfg.train.bf16 == "auto" and cfg.eval.scoring == "auto"
+    peft = cfg.method.build(total_steps=10)
+    assert isinstance(peft, LoraConfig) and peft.task_type.value == "CAUSAL_LM"
+
+
+def test_yaml_then_overrides_with_numbers_lists_and_null(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method:\n  r: 4\ntrain:\n  lr: 2e-4\n  max_steps: 10\n")
+    cfg = load_train_config(path, ["method.r=16", "method.target_modules=[q_proj,v_proj]", "train.max_steps=null",
+                                   "data.max_length=512", "output_dir=runs/x"])
+    assert cfg.method.options["r"] == 16 and cfg.method.options["target_modules"] == ["q_proj", "v_proj"]
+    assert cfg.train.lr == pytest.approx(2e-4)  # YAML reads 2e-4 as a string; the float field parses it
+    assert cfg.train.max_steps is None and cfg.data.max_length == 512 and cfg.output_dir == "runs/x"
+
+
+@pytest.mark.parametrize("override, suggestion", [
+    ("train.lrr=1", "'lr'"), ("data.max_lenght=9", "'max_length'"), ("method.lora_alfa=4", "'lora_alpha'"),
+    ("eval.scorng=greedy", "'scoring'"), ("modle=x", "'model'"), ("trian.lr=1", "'train'"),
+    ("method.name=qlora quant.blocksiz=64", "'blocksize'"),
+])
+def test_unknown_keys_in_every_section_suggest_the_closest(override, suggestion):
+    with pytest.raises(ConfigError, match=f"Did you mean {suggestion}"):
+        load_train_config(None, override.split())
+
+
+def test_unknown_method_name_suggests_one():
+    with pytest.raises(ConfigError, match="Did you mean 'dora'"):
+        load_train_config(None, ["method.name=droa"])
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.lr=fast", "'train.lr' must be float"), ("train.batch_size=2.5", "'train.batch_size' must be int"),
+    ("method.r=[1]", "'method.r' must be int"), ("train.gradient_checkpointing=maybe", "must be bool"),
+    ("data.packing=3", "'data.packing' must be bool"), ("method.target_modules=5", "list of str"),
+])
+def test_wrong_types_name_the_key_and_the_expected_type(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_train_config(None, [override])
+
+
+def test_invalid_values_are_reported_with_their_section():
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_train_config(None, ["train.lr=-1"])
+    with pytest.raises(ConfigError, match="data"):
+        load_train_config(None, ["data.format=xml"])
+    with pytest.raises(ConfigError, match="method options for 'lora'"):
+        load_train_config(None, ["method.bias=some"])
+
+
+def test_switching_method_class_drops_lora_options_but_lora_variants_keep_them():
+    cfg = load_train_config(None, ["method.r=4", "method.name=ia3"])
+    assert cfg.method.options == {} and isinstance(cfg.method.build(5), IA3Config)
+    cfg = load_train_config(None, ["method.r=4", "method.name=dora"])
+    peft = cfg.method.build(5)
+    assert peft.r == 4 and peft.use_dora
+    with pytest.raises(ConfigError, match="contradicts method.name='dora'"):
+        load_train_config(None, ["method.name=dora", "method.use_dora=false"])
+
+
+def test_changing_the_data_source_drops_the_bbc_defaults(tmp_path):
+    cfg = load_train_config(None, [f"data.source={tmp_path / 'x.jsonl'}"])
+    assert cfg.data.max_length == 256 and cfg.data.eval_size == 200  # DataConfig's own defaults
+
+
+def test_quant_section_only_with_qlora_and_adalora_total_step_from_the_run():
+    with pytest.raises(ConfigError, match="qlora only"):
+        load_train_config(None, ["quant.blocksize=128"])
+    cfg = load_train_config(None, ["method.name=qlora", "quant.blocksize=128"])
+    assert cfg.quant.blocksize == 128 and cfg.method.spec.quantized
+    ada = load_train_config(None, ["method.name=adalora"]).method.build(total_steps=50)
+    assert ada.total_step == 50 and ada.init_r == 12
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = load_train_config(None, ["method.name=qlora", "train.lr=3e-4", "output_dir=o"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(cfg.to_yaml())
+    again = load_train_config(None, [], base=yaml.safe_load(path.read_text()))
+    assert again == cfg
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_train_config(tmp_path / "missing.yaml", [])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_train_config(bad, [])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_train_config(None, ["train.lr"])
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_example_config_is_valid(path):
+    cfg = load_train_config(path, [])
+    assert cfg.method.build(total_steps=cfg.train.max_steps or 100) is not None
+
+
+def test_there_is_an_example_for_every_method():
+    from deltatune.train.method_config import METHODS
+
+    names = {load_train_config(p, []).method.name for p in EXAMPLES.glob("*.yaml")}
+    assert set(METHODS) <= names
+
+
+def test_cli_print_config_loads_nothing(capsys, monkeypatch):
+    import deltatune.train.run as run
+    from deltatune.cli.main import main
+
+    monkeypatch.setattr(run, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
+    assert main(["train", "--print-config", "method.name=dora", "train.lr=5e-4"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["method"]["name"] == "dora" and printed["train"]["lr"] == pytest.approx(5e-4)
+    assert main(["train", "train.lrr=1"]) == 2
+    assert "Did you mean 'lr'" in capsys.readouterr().err

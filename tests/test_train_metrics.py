@@ -1,0 +1,88 @@
+"""score_accuracy: first-token and greedy scoring against fake models whose answers are known."""
+import pytest
+import torch
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutput
+
+from deltatune.train.metrics import describe, first_tokens_distinct, score_accuracy
+from test_data_support import tiny_tokenizer
+
+TOPICS = ["business", "sports", "tech"]
+
+
+def rows(golds, mention=None):
+    """Chat rows whose user message names ``mention[i]`` (default: the gold topic)."""
+    mention = mention or golds
+    return [{"messages": [{"role": "user", "content": f"an article on {m}"},
+                          {"role": "assistant", "content": g}], "label": g} for g, m in zip(golds, mention)]
+
+
+class FakeLM(nn.Module):
+    """Answers with the topic named in the prompt (or always ``fixed``): logits favour its first token."""
+
+    def __init__(self, tok, fixed=None, reply=None):
+        super().__init__()
+        self.tok, self.fixed, self.reply = tok, fixed, reply
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.calls = []
+
+    def topic(self, ids):
+        text = self.tok.decode(ids[0])
+        return self.fixed or next(t for t in TOPICS if f"on {t}" in text)
+
+    def forward(self, input_ids, logits_to_keep=0, use_cache=None):
+        self.calls.append(logits_to_keep)
+        logits = torch.zeros(1, input_ids.shape[1], len(self.tok))
+        first = self.tok(self.topic(input_ids), add_special_tokens=False)["input_ids"][0]
+        logits[0, -1, first] = 5.0
+        return CausalLMOutput(logits=logits)
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=8, do_sample=False, pad_token_id=None):
+        text = self.reply if self.reply is not None else f" {self.topic(input_ids).capitalize()}."
+        new = torch.tensor([self.tok(text, add_special_tokens=False)["input_ids"]])
+        return torch.cat([input_ids, new], dim=1)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def test_first_token_scoring_of_a_perfect_model(tok):
+    golds = ["business", "sports", "tech", "sports"]
+    model = FakeLM(tok).train()
+    result = score_accuracy(model, tok, rows(golds), scoring="first_token")
+    assert result["accuracy"] == 1.0 and result["correct"] == 4 and result["scoring"] == "first_token"
+    assert result["per_label"] == {"business": 1.0, "sports": 1.0, "tech": 1.0}
+    assert set(model.calls) == {1} and model.training  # last position only; training mode restored
+    assert describe(result).startswith("100.0% (4/4), first-token log-prob over 3 labels")
+
+
+def test_first_token_scoring_counts_mistakes_in_the_confusion_table(tok):
+    result = score_accuracy(FakeLM(tok, fixed="tech"), tok, rows(["business", "tech", "tech", "sports"]))
+    assert result["accuracy"] == 0.5 and result["confusion"]["business"] == {"tech": 1}
+    assert result["per_label"]["tech"] == 1.0 and result["per_label"]["sports"] == 0.0
+
+
+def test_greedy_scoring_normalises_case_and_punctuation(tok):
+    result = score_accuracy(FakeLM(tok), tok, rows(["sports", "tech"]), scoring="greedy")
+    assert result["accuracy"] == 1.0 and result["scoring"] == "greedy"
+    wrong = score_accuracy(FakeLM(tok, reply=" no idea"), tok, rows(["sports", "tech"]), scoring="greedy")
+    assert wrong["accuracy"] == 0.0 and wrong["confusion"]["sports"] == {"(other)": 1}
+
+
+def test_auto_falls_back_to_greedy_when_first_tokens_collide(tok):
+    labels = ["tech", "techno"]
+    assert not first_tokens_distinct(tok, labels)
+    data = rows(["tech", "tech"])
+    assert score_accuracy(FakeLM(tok), tok, data, labels=labels)["scoring"] == "greedy"
+    with pytest.raises(ValueError, match="distinct first tokens"):
+        score_accuracy(FakeLM(tok), tok, data, labels=labels, scoring="first_token")
+
+
+def test_max_examples_and_input_errors(tok):
+    assert score_accuracy(FakeLM(tok), tok, rows(TOPICS), max_examples=2)["total"] == 2
+    with pytest.raises(ValueError, match="label"):
+        score_accuracy(FakeLM(tok), tok, [{"messages": []}])
+    with pytest.raises(ValueError, match="scoring"):
+        score_accuracy(FakeLM(tok), tok, rows(TOPICS), scoring="vibes")
