@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import tempfile
 import time
 import warnings
 
@@ -114,18 +115,25 @@ def _drift(model, reference) -> float:
 
 
 def swap_table(swaps: int) -> None:
+    import peft
+
     from deltatune.serving import MergedAdapterSwitcher
     from deltatune.surgery.inject import adapted_layers
 
     base = build_base()
     ours = build_adapted("deltatune", base, 2)
-    theirs = build_adapted("peft", base, 2)
+    with tempfile.TemporaryDirectory() as tmp:  # peft gets the very same adapters
+        ours.save_pretrained(tmp)
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), f"{tmp}/a0", adapter_name="a0")
+        theirs.load_adapter(f"{tmp}/a1", adapter_name="a1")
+    theirs.eval()
     switchers = {}
     for exact in (True, False):
         model = copy.deepcopy(base)
         sw = MergedAdapterSwitcher(model, exact=exact)
         for name in ("a0", "a1"):
             sw.add(name, {p: copy.deepcopy(h.adapters[name]) for p, h in adapted_layers(ours.base_model.model)})
+        sw.switch("a0")  # every variant starts with a0 merged
         switchers[exact] = (model, sw)
     ours.merge_adapter(["a0"])
     theirs.set_adapter("a0")

@@ -51,9 +51,17 @@ def test_export_loads_in_transformers_with_adapter_logits(untied, tmp_path, conf
     assert AutoTokenizer.from_pretrained(tmp_path / "out").eos_token == "<|im_end|>"
 
 
-@pytest.mark.parametrize("targets", [["embed_tokens", "q_proj"], ["lm_head"]], ids=["embed_tokens", "lm_head"])
-def test_tied_embeddings_are_untied_when_the_adapter_changes_one(tied, tmp_path, targets):
-    adapter = write_adapter(tied, tmp_path / "adapter", dt.LoraConfig(r=4, target_modules=targets))
+@pytest.mark.parametrize(
+    "config",
+    [
+        dt.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]),
+        dt.LoraConfig(r=4, target_modules=["lm_head"]),
+        dt.PartialConfig(modules=["embed_tokens"]),  # a trained full copy of the embedding
+    ],
+    ids=["lora-embed_tokens", "lora-lm_head", "partial-embed_tokens"],
+)
+def test_tied_embeddings_are_untied_when_the_adapter_changes_one(tied, tmp_path, config):
+    adapter = write_adapter(tied, tmp_path / "adapter", config)
     assert _export(adapter, tmp_path / "out") == 0
     logits, model = _exported_logits(tmp_path / "out")
     assert model.config.tie_word_embeddings is False

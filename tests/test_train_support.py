@@ -16,20 +16,23 @@ from test_data_support import tiny_tokenizer, write_jsonl
 TOPICS = ("business", "sports", "tech")
 
 
-def save_tiny_model(folder: Path, chat_template: bool = True, seed: int = 0) -> Path:
-    """A 2-layer LLaMA (hidden 32) plus the tiny byte-level tokenizer, saved as a model folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def save_tiny_model(folder: Path, chat_template: bool = True, seed: int = 0, family: str = "llama") -> Path:
+    """A 2-layer LLaMA (hidden 32; or GPT-2, which has biases) plus the tiny tokenizer, saved as a model folder."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     from deltatune.models.tokenizer import CHATML_TEMPLATE
 
     tok = tiny_tokenizer(CHATML_TEMPLATE if chat_template else None)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(folder)
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=256, **ids))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, **ids,
+        ))
+    model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 
@@ -52,7 +55,8 @@ def topic_rows(n: int = 24) -> list[dict]:
 def tiny_run_files(tmp_path_factory):
     """``{"model": folder, "data": train.jsonl}`` shared by the tests of one session."""
     root = tmp_path_factory.mktemp("tiny_train")
-    return {"model": save_tiny_model(root / "model"), "data": write_jsonl(root / "train.jsonl", topic_rows())}
+    return {"model": save_tiny_model(root / "model"), "data": write_jsonl(root / "train.jsonl", topic_rows()),
+            "gpt2": save_tiny_model(root / "gpt2", family="gpt2")}
 
 
 def base_args(files: dict, out: Path, *extra: str) -> list[str]:

@@ -167,6 +167,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-examples {args.max_examples}: expected a positive number of rows")
     if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"no adapter_config.json in {args.adapter}; pass the folder save_pretrained wrote")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     config, from_run = resolve_config(args.args, args.adapter, args.data)
     tokenizer = load_tokenizer(config.model)
     dataset, template, stats = eval_dataset(config, tokenizer, whole_source=args.data is not None)

@@ -170,7 +170,7 @@ def _module_options(plan: CombinationPlan, requested: str, svd_rank, svd_clamp, 
                                    ("svd_clamp", svd_clamp, svd_kind)) if v is not None and not used]
     if unused:
         why = " (a single adapter is always combined as 'linear')" if kind != requested else ""
-        warnings.warn(f"{unused} have no effect with combination_type={kind!r}{why}; they are ignored.", stacklevel=3)
+        warnings.warn(f"{unused} have no effect with combination_type={kind!r}{why}; they are ignored.", stacklevel=4)
     return options
 
 

@@ -92,7 +92,14 @@ def dense_svd(delta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """
     if delta.dim() != 2:
         raise ValueError(f"dense_svd needs a 2-D (out, in) matrix, got shape {tuple(delta.shape)}.")
-    U, S, Vh = torch.linalg.svd(delta.to(_compute_dtype(delta)), full_matrices=False)
+    d = delta.to(_compute_dtype(delta))
+    if d.shape[0] < d.shape[1]:
+        # LAPACK is several times slower on wide matrices (measured 35 s vs 9.6 s on a 576 x 49152
+        # embedding delta); factor the tall transpose instead: Dᵀ = U' S V'ᵀ  =>  D = V' S U'ᵀ.
+        Ut, S, Vht = torch.linalg.svd(d.T, full_matrices=False)
+        U, Vh = Vht.T, Ut.T
+    else:
+        U, S, Vh = torch.linalg.svd(d, full_matrices=False)
     U, Vh = canonicalize_signs(U, Vh)
     return U, S, Vh
 

@@ -47,7 +47,7 @@ def render_yaml(tree: Mapping[str, Any], reasons: Mapping[str, str] | None = Non
     lines = [f"# {line}" for line in header.splitlines()]
     for key, value in tree.items():
         if not isinstance(value, Mapping):
-            lines.append(yaml.safe_dump({key: value}, default_flow_style=None, sort_keys=False).rstrip())
+            lines.append(yaml.safe_dump({key: value}, default_flow_style=False, sort_keys=False).rstrip())
             continue
         lines.append(f"{key}:")
         for sub, v in value.items():

@@ -192,7 +192,7 @@ def _head_grad_in_forward(setup: TrainSetup, model: Any, loss: str) -> int:
         return 0
     n = head.weight.numel()
     low = setup.dtype_bytes if setup.dtype != "float32" else 0
-    return 4 * n + 2 * low * n  # fp32 accumulator, plus the autocast copy of the weight and the cast gradient
+    return 4 * n + low * n  # fp32 accumulator, plus the gradient cast to the weight's dtype
 
 
 def estimate_memory(model: Any, setup: TrainSetup, *, activation_scale: float = 1.0,

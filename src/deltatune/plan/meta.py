@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from deltatune.plan.setup import TrainSetup, peft_config_for
 
@@ -272,7 +273,8 @@ def trace_activations(model: nn.Module, setup: TrainSetup) -> ActivationTrace:
     ids = torch.zeros(setup.batch_size, setup.seq_len, dtype=torch.long, device="meta")
     model.train()
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _meta_forward_patches():
+        autocast = _AutocastEmulation(dtype) if dtype != torch.float32 else contextlib.nullcontext()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _meta_forward_patches(), autocast:
             model(input_ids=ids, use_cache=False)
     finally:
         for h in handles:
@@ -304,6 +306,41 @@ def _fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
     return _FusedAttentionSaves.apply(query, key, value)
 
 
+
+class _AutocastEmulation(TorchFunctionMode):
+    """``torch.autocast`` for meta tensors, which real autocast ignores.
+
+    Matmul-like ops get their floating inputs cast to the compute dtype, as autocast's
+    lower-precision op list does; casts of leaf tensors that require grad (fp32 master weights,
+    fp32 adapters) are made once per forward and kept, like autocast's weight cache. The casted
+    copies are what those ops save for backward, so the trace sees autocast's real footprint.
+    """
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype, self.cache = dtype, {}
+        import torch.nn.functional as F
+
+        self.ops = {F.linear, torch.matmul, torch.mm, torch.bmm, torch.addmm, torch.baddbmm, torch.addmv,
+                    torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.mm, torch.Tensor.bmm}
+
+    def _cast(self, t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype == self.dtype:
+            return t
+        if t.is_leaf and t.requires_grad:
+            if id(t) not in self.cache:
+                self.cache[id(t)] = (t, t.to(self.dtype))
+            return self.cache[id(t)][1]
+        return t.to(self.dtype)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.ops:
+            args = tuple(self._cast(a) for a in args)
+            kwargs = {k: self._cast(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def _meta_forward_patches():
     """Make a transformers forward run on meta tensors as it would on real ones.
@@ -325,9 +362,8 @@ def _meta_forward_patches():
 
 
 def _cast_floating(model: nn.Module, dtype: torch.dtype, setup: TrainSetup) -> None:
-    """Meta-model dtypes as training would have them: frozen weights in the compute dtype, trainable
-    ones in fp32 for adapters. Full fine-tuning runs the forward in the compute dtype (autocast),
-    modelled by casting everything."""
+    """Meta-model dtypes as training has them: frozen weights in the compute dtype, trainable ones
+    (adapters, full fine-tuning's master weights) in fp32; the forward runs under autocast."""
     for p in model.parameters():
-        if not p.requires_grad or setup.method == "full":
+        if not p.requires_grad:
             p.data = p.data.to(dtype)

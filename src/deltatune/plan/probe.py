@@ -187,7 +187,7 @@ def measure(model_source: Any, setup: TrainSetup, steps: int = 2, seed: int = 0)
         _reset_peak()
     static = used()
     autocast = torch.autocast("cuda" if cuda else "cpu", dtype=getattr(torch, setup.dtype),
-                              enabled=setup.method == "full" and setup.dtype != "float32")
+                              enabled=setup.dtype != "float32")
     phases: dict[str, int] = {}
     start = time.perf_counter()
     for step in range(1, steps + 1):

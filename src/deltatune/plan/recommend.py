@@ -151,25 +151,29 @@ class _Fitter:
         meta, trace = self._cache[key]
         return estimate_memory(self.config, setup, meta_model=meta, trace=trace.scaled(setup.batch_size))
 
-    def fit(self, setup: TrainSetup, budget: int) -> tuple[TrainSetup, MemoryEstimate] | None:
+    def fit(self, setup: TrainSetup, budget: int) -> tuple[TrainSetup, MemoryEstimate, str] | None:
         """The largest micro-batch (<= the effective batch) that fits, without checkpointing if it
-        reaches 4, else with it; None if not even batch 1 with checkpointing fits."""
+        reaches 4, else with it; None if not even batch 1 with checkpointing fits.
+
+        Returns:
+            ``(setup, estimate, why checkpointing is on or off)`` or None.
+        """
         sizes = [b for b in (16, 8, 4, 2, 1) if b <= EFFECTIVE_BATCH]
-        best_plain = None
-        for b in sizes:
-            est = self.estimate(setup.replace(batch_size=b, grad_checkpointing=False))
-            if est.peak_bytes <= budget:
-                best_plain = (est.setup, est)
-                break
-        if best_plain is not None and best_plain[0].batch_size >= 4:
-            return best_plain
-        for b in sizes:
-            est = self.estimate(setup.replace(batch_size=b, grad_checkpointing=True))
-            if est.peak_bytes <= budget:
-                if best_plain is None or b > best_plain[0].batch_size:
-                    return est.setup, est
-                break
-        return best_plain
+        plain = next((e for b in sizes
+                      if (e := self.estimate(setup.replace(batch_size=b, grad_checkpointing=False))).peak_bytes <= budget),
+                     None)
+        if plain is not None and plain.setup.batch_size >= 4:
+            return plain.setup, plain, f"micro-batch {plain.setup.batch_size} fits without it"
+        ckpt = next((e for b in sizes
+                     if (e := self.estimate(setup.replace(batch_size=b, grad_checkpointing=True))).peak_bytes <= budget),
+                    None)
+        if ckpt is not None and (plain is None or ckpt.setup.batch_size > plain.setup.batch_size):
+            without = f"only micro-batch {plain.setup.batch_size}" if plain else "not even micro-batch 1"
+            return ckpt.setup, ckpt, (f"without it {without} fits, with it {ckpt.setup.batch_size} "
+                                      "(each layer is recomputed in backward, ~30% slower)")
+        if plain is not None:
+            return plain.setup, plain, f"micro-batch {plain.setup.batch_size} is the most that fits either way"
+        return None
 
 
 def recommend(model: Any, device_memory: int, dataset_size: int, task: str = "instruction",
@@ -216,9 +220,9 @@ def recommend(model: Any, device_memory: int, dataset_size: int, task: str = "in
     if fitted is None and method != "qlora":
         lora_at_1 = fitter.estimate(setup.replace(method="lora", batch_size=1, grad_checkpointing=True))
         weights = lora_at_1.component("frozen weights").bytes
-        method_reason = (f"QLoRA because {size_b:.1f}B {dtype} weights ({weights / 1e9:.1f} GB) + "
-                         f"{'LoRA' if method == 'lora' else method} states exceed "
-                         f"{budget / 1e9:.1f} GB ({HEADROOM:.0%} of {device_memory / 1e9:.1f} GB)")
+        method_reason = (f"QLoRA because {size_b:.1f}B {dtype} weights ({fmt_bytes(weights)}) + "
+                         f"{'LoRA' if method == 'lora' else method} training state exceed {fmt_bytes(budget)} "
+                         f"({HEADROOM:.0%} of {fmt_bytes(device_memory)}) even at micro-batch 1 with checkpointing")
         method, setup = "qlora", setup.replace(method="qlora", targets=preset)
         fitted = fitter.fit(setup, budget)
     if fitted is None:
@@ -227,7 +231,7 @@ def recommend(model: Any, device_memory: int, dataset_size: int, task: str = "in
                          f"gradient checkpointing and {seq_len}-token sequences needs ~{fmt_bytes(need)} "
                          f"(+{1 - HEADROOM:.0%} headroom). Use a smaller model, shorter sequences (--seq-len) or "
                          "a larger device.")
-    setup, est = fitted
+    setup, est, ckpt_reason = fitted
     reasons["method"] = method_reason
     reasons["r"] = (rank_reason if setup.is_lora_family else
                     f"{setup.num_virtual_tokens} virtual tokens (the common default)" if setup.is_prompt_learning
@@ -236,11 +240,10 @@ def recommend(model: Any, device_memory: int, dataset_size: int, task: str = "in
     reasons["targets"] = _targets_reason(task, quality, preset)
     lr, reasons["lr"] = _learning_rate(setup, task)
     accum = max(1, math.ceil(EFFECTIVE_BATCH / setup.batch_size))
-    reasons["batch_size"] = (f"largest of 16/8/4/2/1 that fits: {fmt_bytes(est.peak_bytes)} of "
+    reasons["batch_size"] = (f"the largest of 16/8/4/2/1 that fits: peak {fmt_bytes(est.peak_bytes)} of "
                              f"{fmt_bytes(budget)} usable")
     reasons["grad_accum"] = f"effective batch {setup.batch_size * accum} (target {EFFECTIVE_BATCH}, as 4 x 4)"
-    reasons["grad_checkpointing"] = ("needed to fit a micro-batch (recomputes each layer: ~30% slower)"
-                                     if setup.grad_checkpointing else "not needed: activations fit")
+    reasons["grad_checkpointing"] = ckpt_reason
     notes.extend(_full_ft_note(fitter, base, quality, task, budget, size_b))
     targets = resolve_target_names(build_meta_model(config), setup.targets) if setup.is_lora_family else None
     return Recommendation(model=model if isinstance(model, str) else getattr(config, "_name_or_path", "") or "",

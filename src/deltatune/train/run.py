@@ -40,6 +40,8 @@ class RunResult:
     """Everything written to ``metrics.json``."""
     checkpoint: Path | None = None
     """The newest resumable checkpoint (after an interruption: the one to resume from)."""
+    model: Any = field(default=None, repr=False)
+    """The trained ``PeftModel`` (in memory; ``output_dir/adapter`` holds its saved adapter)."""
 
 
 def load_tokenizer(name_or_path: str) -> Any:
@@ -131,15 +133,38 @@ def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> Path | 
     return None
 
 
+def check_quantized_support(config: TrainConfig) -> None:
+    """QLoRA needs deltatune.quant and a LoRA that wraps its 4-bit layers; check before loading anything.
+
+    Raises:
+        ValueError: either is missing, with what to do instead.
+    """
+    if not config.method.spec.quantized:
+        return
+    from deltatune.config import PeftType
+    from deltatune.methods.base import get_method
+
+    try:
+        from deltatune.quant import Linear4bit, Linear8bit
+    except ImportError as err:
+        raise ValueError(f"method.name=qlora needs deltatune.quant, which could not be imported ({err}); "
+                         "use method.name=lora.") from err
+    wanted = Linear4bit if config.quant.bits == 4 else Linear8bit
+    if not issubclass(wanted, get_method(PeftType.LORA).layer_types):
+        raise ValueError(
+            f"method.name=qlora: LoRA in this deltatune build cannot wrap {wanted.__name__} layers (its supported "
+            "layer types come from deltatune.quant.quantized_linear_types(), which this build lacks). Use "
+            "method.name=lora, or update deltatune."
+        )
+
+
 def load_model(config: TrainConfig, log: Callable[[str], None] = print) -> Any:
     """The base model, quantized to 4 bits for QLoRA and with gradient checkpointing if asked."""
     device = "cuda" if torch.cuda.is_available() else None
     model, _ = load_model_and_tokenizer(config.model, device=device)
     if config.method.spec.quantized:
-        try:
-            from deltatune.quant import prepare_model_for_kbit_training, quantize_model
-        except ImportError as err:
-            raise ValueError(f"method.name=qlora needs deltatune.quant, which could not be imported ({err}).") from err
+        from deltatune.quant import prepare_model_for_kbit_training, quantize_model
+
         quantize_model(model, config.quant)
         log(f"quantized the linear layers to {config.quant.bits}-bit {config.quant.quant_type} (QLoRA)")
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.train.gradient_checkpointing)
@@ -177,6 +202,7 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
     tokenizer, prepared = prepare_data(config, log)
     steps = total_steps(config, len(prepared.train))
     peft_config = config.method.build(total_steps=steps)
+    check_quantized_support(config)
     accuracy = wants_accuracy(config, prepared)
     checkpoint = check_output_dir(output_dir, resume, overwrite)
     if checkpoint is not None and config.method.name == "adalora":

@@ -89,7 +89,7 @@ class TrainingSession:
                 timings["final_eval_s"] = self.metrics["final"]["seconds"]
         timings["total_s"] = time.perf_counter() - started
         self.finish(status)
-        return RunResult(self.output_dir, status, self.metrics, outputs.last_checkpoint(self.output_dir))
+        return RunResult(self.output_dir, status, self.metrics, outputs.last_checkpoint(self.output_dir), peft_model)
 
     def score(self, model: Any, what: str) -> dict[str, Any]:
         ev = self.config.eval
