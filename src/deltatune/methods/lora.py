@@ -214,14 +214,9 @@ def make_lora_adapter(config: LoraConfig, base_layer: nn.Module, module_name: st
 def _supported_types() -> tuple[type, ...]:
     from transformers.pytorch_utils import Conv1D
 
-    types: list[type] = [nn.Linear, Conv1D, nn.Embedding]
-    try:
-        from deltatune.quant import quantized_linear_types
+    from deltatune.quant.linear import QuantLinear  # Linear4bit / Linear8bit: dense_weight() dequantizes
 
-        types.extend(quantized_linear_types())
-    except ImportError:
-        pass
-    return tuple(types)
+    return (nn.Linear, Conv1D, nn.Embedding, *(QuantLinear if isinstance(QuantLinear, tuple) else (QuantLinear,)))
 
 
 register_method(Method(PeftType.LORA, LoraConfig, make_lora_adapter, layer_types=_supported_types()))
