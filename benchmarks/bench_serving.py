@@ -15,7 +15,8 @@ Every configuration lives in this one process and is timed interleaved (one call
 robin); the table shows the median over rounds of each round's ratio to the base model, in wall
 time and in process CPU time (all threads; steadier than wall time on a busy machine).
 
-    python benchmarks/bench_serving.py [--rounds 5] [--seq 128] [--swaps 20] [--skip-swap] [--skip-forward]
+    python benchmarks/bench_serving.py [--rounds 5] [--seq 128] [--swaps 20] [--threads 2]
+        [--skip-swap] [--skip-forward]
 """
 from __future__ import annotations
 
@@ -193,8 +194,9 @@ def main() -> None:
     ap.add_argument("--swaps", type=int, default=20)
     ap.add_argument("--skip-swap", action="store_true")
     ap.add_argument("--skip-forward", action="store_true")
+    ap.add_argument("--threads", type=int, default=2, help="1 gives steadier numbers on a shared machine")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if not args.skip_forward:
         forward_tables(args.rounds, args.seq)
     if not args.skip_swap:

@@ -9,7 +9,11 @@ Time: all models live in one process and are timed interleaved (one step of each
 machine noise hits every config alike; we report the median. Memory: each config runs in its own
 process (peak RSS), and the bytes autograd saves for backward are counted with saved_tensors_hooks.
 
-    python benchmarks/bench_train_step.py [--reps 7] [--only lora,dora] [--seq 256]
+    python benchmarks/bench_train_step.py [--reps 7] [--only lora,dora] [--seq 256] [--threads 2] [--cpu-time]
+
+--cpu-time times each step by the process's CPU time instead of the wall clock. With --threads 1
+all work runs on the calling thread, so other processes competing for the cores barely move the
+number: use it on a shared, loaded machine, and say so when reporting.
 """
 from __future__ import annotations
 
@@ -115,10 +119,13 @@ def main() -> None:
     ap.add_argument("--only", default="lora,lora+dropout,dora")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--worker", nargs=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cpu-time", action="store_true")
     args = ap.parse_args()
     if args.worker:
         return worker(*args.worker, args.seq)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    clock = time.process_time if args.cpu_time else time.perf_counter
     configs = args.only.split(",")
     runs = [("floor", "floor")] + [(impl, c) for c in configs for impl in ("peft", "deltatune")]
     models = {r: build(*r) for r in runs}
@@ -126,10 +133,10 @@ def main() -> None:
     times: dict = {r: [] for r in runs}
     for rep in range(args.reps + 2):  # two warm-up rounds
         for r in runs:
-            t0 = time.perf_counter()
+            t0 = clock()
             step(*models[r], ids, r[1] == "floor")
             if rep >= 2:
-                times[r].append(time.perf_counter() - t0)
+                times[r].append(clock() - t0)
     med = {r: statistics.median(v) for r, v in times.items()}
     mem = {}
     if not args.no_memory:
@@ -138,7 +145,7 @@ def main() -> None:
                                  capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
             mem[r] = json.loads(out.stdout.strip().splitlines()[-1])
     floor = med[("floor", "floor")]
-    print(f"\nbatch 4x{args.seq}, fp32, {torch.get_num_threads()} threads, median of {args.reps} interleaved steps; "
+    print(f"\nbatch 4x{args.seq}, fp32, {torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time, median of {args.reps} interleaved steps; "
           f"floor step = {floor * 1000:.0f} ms\n")
     print("| config | peft / floor | deltatune / floor | deltatune / peft | peak RSS peft | peak RSS deltatune | saved act. peft | saved act. deltatune |")
     print("|---|---|---|---|---|---|---|---|")

@@ -113,3 +113,14 @@ def test_cli_dry_run_of_a_preset_and_a_misspelt_target(tmp_path, capsys):
     assert "transformer.h.1.attn.c_proj" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path / "gpt2"), "--targets", "c_atn"]) == 2
     assert "Did you mean 'c_attn'?" in capsys.readouterr().err
+
+
+def test_cli_dry_run_of_a_train_config_uses_its_model_and_method(tmp_path, capsys):
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    (tmp_path / "run.yaml").write_text(
+        f"model: {tmp_path / 'llama'}\nmethod: {{name: dora, r: 4, target_modules: [q_proj]}}\n")
+    assert main(["inspect", "--config", str(tmp_path / "run.yaml")]) == 0
+    out = capsys.readouterr().out
+    # DoRA on q_proj (32->32) in 2 blocks: r*(in+out) + a magnitude per output feature, per module.
+    assert "wraps 2 modules; trainable parameters 576 " in out
+    assert out.rstrip().endswith("model.layers.0.self_attn.q_proj\n  model.layers.1.self_attn.q_proj")

@@ -115,7 +115,7 @@ eval: {{accuracy: false}}
 
 @pytest.mark.xfail(strict=True, reason=(
     "deltatune train checks and writes output_dir on every rank, so rank 1 finds rank 0's config.yaml and stops "
-    "('already holds a run'); needs rank-0 guards in train/run.py and train/session.py (see docs/cli.md)"))
+    "('already holds a run'); needs rank-0 guards in train/run.py and train/session.py"))
 def test_deltatune_train_under_torchrun_matches_one_process(tmp_path):
     from deltatune.cli.main import main
     from test_cli_generate_support import write_tiny_model

@@ -150,3 +150,14 @@ def test_dropout_only_in_training():
     torch.manual_seed(1)
     b = pm(x).logits
     assert (a - b).abs().max() > 0
+
+
+def test_lora_and_dora_train_under_bf16_autocast():
+    for dora in (False, True):
+        pm = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=dora, init_lora_weights=False))
+        x = input_ids()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = pm(input_ids=x, labels=x).loss
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(p.grad is not None for p in pm.parameters() if p.requires_grad)

@@ -1,4 +1,6 @@
 """Linear4bit / Linear8bit: forward and backward equal dense math on the dequantized weight."""
+import multiprocessing
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +9,7 @@ from torch import nn
 
 from deltatune.quant import Linear4bit, Linear8bit, QuantConfig, cached_dequant, quantize_nf4
 from deltatune.quant.kernels import _dequant_tile, byte_levels
-from deltatune.quant.matmul import tile_rows
+from deltatune.quant.matmul import tile_rows, tiled_linear, tiled_linear_grad_input
 from deltatune.quant.nf4 import absmax_float, dequantize_range
 
 
@@ -59,6 +61,39 @@ def test_input_gradient_equals_dense_gradient_and_nothing_dense_is_saved():
     F.linear(x_ref, w, layer.bias).backward(grad_out)
     assert_close(x.grad, x_ref.grad)
     assert torch.Size([200, 96]) not in saved  # the dense weight is rebuilt in backward, not kept
+
+
+def test_worker_thread_tiles_equal_serial_tiles_and_work_in_inference_mode():
+    layer = Linear4bit.from_linear(_linear(512, 256))
+    layer.tile_rows = 32  # 8 tiles, split between the conftest's 2 torch threads
+    rows, x = layer._make_dequant_rows(), _x(3, 512)
+    serial = tiled_linear(x, rows, 256, 32, parallel=False)
+    assert torch.equal(tiled_linear(x, rows, 256, 32, parallel=True), serial)
+    with torch.inference_mode():
+        assert_close(layer(x), serial + layer.bias)
+    g = _x(3, 256, seed=3)
+    assert_close(tiled_linear_grad_input(g, rows, 512, 32, parallel=True),
+                 tiled_linear_grad_input(g, rows, 512, 32, parallel=False))
+
+
+def _forward_in_child(queue):
+    layer = Linear4bit.from_linear(_linear(512, 256))
+    layer.tile_rows = 32
+    queue.put(layer(_x(2, 512)).sum().item())
+
+
+def test_forked_child_gets_fresh_worker_threads():
+    parent = Linear4bit.from_linear(_linear(512, 256))
+    parent.tile_rows = 32
+    expected = parent(_x(2, 512)).sum().item()  # the parent's pool exists now
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_forward_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():  # a hang is the failure this test is about; do not leave it running
+        child.kill()
+    assert child.exitcode == 0 and queue.get(timeout=5) == pytest.approx(expected, rel=1e-6)
 
 
 def test_weight_is_frozen_and_bias_follows_the_source_layer():

@@ -76,6 +76,13 @@ def test_error_is_bounded_by_half_the_widest_level_gap():
     assert (per_block <= half_gap * s.absmax * (1 + 1e-6)).all()
 
 
+def test_absmax_of_a_block_range_equals_the_slice():
+    s = quantize_nf4(_weights((40, 1000)), blocksize=64, double_quant=True)  # 625 blocks, 3 nested
+    full = absmax_float(s)
+    for a, b in [(0, 625), (250, 260), (255, 513), (600, 625)]:
+        assert torch.equal(absmax_float(s, a, b), full[a:b])
+
+
 def test_bits_per_param_with_double_quant():
     s = quantize_nf4(_weights((512, 512)), blocksize=64, double_quant=True)
     assert s.bits_per_param() == pytest.approx(4 + 8 / 64 + 32 / (64 * 256) + 32 / s.numel)
@@ -134,6 +141,16 @@ def test_codes_and_constants_equal_bitsandbytes(quant_type, double_quant, shape,
         levels = codebooks.code_4bit(quant_type)[nibbles]
         scale = absmax_float(s).repeat_interleave(blocksize)[: w.numel()]
         assert torch.equal(dequantize(s), (levels * scale).view(shape))
+
+
+def test_large_tensor_constants_equal_bitsandbytes():
+    # 65536 blocks: torch reduces the absmax mean with several threads here, which changes its
+    # last bit, so the offset must be taken the way bitsandbytes takes it
+    w = _weights((2048, 2048))
+    ref, ref_state = bnb_f.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    s = quantize_nf4(w)
+    assert torch.equal(s.nested_offset, ref_state.offset) and torch.equal(s.absmax, ref_state.absmax)
+    assert torch.equal(s.packed, ref.view(-1)) and torch.equal(s.nested_absmax, ref_state.state2.absmax)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

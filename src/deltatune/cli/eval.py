@@ -90,9 +90,12 @@ def eval_dataset(config: Any, tokenizer: Any, whole_source: bool) -> tuple[Any, 
     Raises:
         ValueError: the config holds out no eval split.
     """
+    import dataclasses
+
     from deltatune.data import load_examples, resolve_template, tokenize_dataset
 
-    examples = load_examples(config.data, tokenizer)
+    data = dataclasses.replace(config.data, eval_size=0, max_train_examples=None) if whole_source else config.data
+    examples = load_examples(data, tokenizer)
     rows = examples.train if whole_source else examples.eval
     if rows is None:
         raise ValueError(

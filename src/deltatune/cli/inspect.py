@@ -33,18 +33,27 @@ def register(subparsers: Any) -> None:
     p.add_argument("--target-regex", default=None, help="dry run: a regex matched against full module paths")
     p.add_argument("--exclude", default=None, help="dry run: comma list of module names never to wrap")
     p.add_argument("--layers", default=None, help="dry run: comma list of block indices to wrap (layers_to_transform)")
-    p.add_argument("--config", default=None, help="dry run of a `deltatune train` config file's adapter settings")
+    p.add_argument("--config", default=None, metavar="CONFIG.yaml",
+                   help="dry run of a `deltatune train` config file's method on its model (or on MODEL)")
     p.add_argument("--adapter", default=None, metavar="DIR", help="check an adapter folder instead")
     p.set_defaults(func=run)
 
 
-def _dry_run_config(args: argparse.Namespace, model_type: str):
+def _train_config(args: argparse.Namespace):
+    """The ``deltatune train`` config named by ``--config``, or None."""
+    if args.config is None:
+        return None
+    from deltatune.train.config import load_train_config
+
+    return load_train_config(args.config, [])
+
+
+def _dry_run_config(args: argparse.Namespace, model_type: str, train_config=None):
     from deltatune.inspect.presets import expand_preset, targets_config
 
-    if args.config is not None:
-        from deltatune.train.config import load_train_config
-
-        return load_train_config(args.config, []).peft_config()
+    if train_config is not None:
+        # AdaLoRA's schedule needs a step count; any positive number gives the same layout.
+        return train_config.method.build(total_steps=train_config.train.max_steps or 1)
     fields: dict[str, Any] = {"r": args.r}
     if args.exclude:
         fields["exclude_modules"] = tuple(t.strip() for t in args.exclude.split(",") if t.strip())
@@ -67,7 +76,8 @@ def inspect_model(args: argparse.Namespace, out=print) -> int:
 
     if args.r < 1:
         raise ValueError(f"--r {args.r}: the LoRA rank must be a positive integer")
-    name = args.model or DEFAULT_MODEL
+    train_config = _train_config(args)
+    name = args.model or (train_config.model if train_config is not None else DEFAULT_MODEL)
     config = model_config(name)
     model = meta_model(config)
     arch = describe(config, model)
@@ -75,7 +85,7 @@ def inspect_model(args: argparse.Namespace, out=print) -> int:
     lines += format_layer_groups(layer_groups(model, get_method("LORA").layer_types)) + [""]
     lines += format_presets(preset_table(model, arch.model_type, args.r), args.r, arch.parameters)
     if args.targets or args.target_regex or args.config or args.exclude or args.layers:
-        peft_config = _dry_run_config(args, arch.model_type)
+        peft_config = _dry_run_config(args, arch.model_type, train_config)
         lines += [""] + format_dry_run(peft_config, dry_run(model, peft_config))
     out("\n".join(lines))
     return 0
@@ -111,7 +121,7 @@ def inspect_adapter(args: argparse.Namespace, out=print) -> int:
         lines += ["  " + line for p in problems for line in p.splitlines()]
     else:
         lines.append(f"Loads on {name}: yes (every key and shape matches; checked on the meta device, no weights read)")
-    matched, sentence = base_model_verdict(base, name)
+    _, sentence = base_model_verdict(base, name)
     lines.append(f"Base model: {sentence}")
     out("\n".join(lines))
     return 1 if problems else 0

@@ -99,6 +99,8 @@ class LoraLinear(Adapter):
             and not base.weight.requires_grad
             and x.dtype == base.weight.dtype == self.lora_A.dtype
             and not (self.use_dora and self._dropping())
+            # Under autocast the fused kernel would see mixed dtypes; the generic path lets autocast cast.
+            and not torch.is_autocast_enabled(x.device.type)
         )
 
     def forward(self, x: torch.Tensor, base_layer: nn.Module, base_out: torch.Tensor | None) -> torch.Tensor:

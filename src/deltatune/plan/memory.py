@@ -23,7 +23,7 @@ activations               bytes autograd saves for backward, traced on the meta 
 logits / loss             standard loss: the (tokens, vocab) logits, their fp32 log-softmax and
                           two gradients of that size; deltatune's fused loss: one chunk of
                           logits (64 MiB budget) and the (tokens, hidden) gradient
-overhead                  CPU: the process's allocator and autograd bookkeeping (~2% + 16 MiB);
+overhead                  CPU: the process's allocator and autograd bookkeeping (~2% + 12 MiB);
                           CUDA: the CUDA context (~500 MiB, outside the allocator's figure)
                           plus ~5% fragmentation
 ========================  ==================================================================
@@ -55,7 +55,7 @@ CUDA_CONTEXT_BYTES = 500 * MiB
 CUDA_FRAGMENTATION = 0.05
 """Share of the allocator's peak lost to block rounding and fragmentation on CUDA."""
 
-CPU_OVERHEAD_BYTES = 16 * MiB
+CPU_OVERHEAD_BYTES = 12 * MiB
 """Allocator metadata, autograd graph nodes and Python objects of one training step on CPU."""
 
 CPU_OVERHEAD_FRACTION = 0.02

@@ -199,7 +199,8 @@ class ActivationTrace:
         return sum(self.per_layer) + self.outside
 
     def scaled(self, factor: float) -> "ActivationTrace":
-        """The trace of a batch ``factor`` times larger (every saved tensor has a batch dimension)."""
+        """The trace of a batch ``factor`` times larger: every saved tensor but a few small shared
+        ones (RoPE's cos/sin tables) has a batch dimension, so this overcounts by well under 1%."""
         return ActivationTrace([int(b * factor) for b in self.per_layer], int(self.outside * factor),
                                int(self.layer_input * factor))
 
@@ -273,8 +274,10 @@ def trace_activations(model: nn.Module, setup: TrainSetup) -> ActivationTrace:
     ids = torch.zeros(setup.batch_size, setup.seq_len, dtype=torch.long, device="meta")
     model.train()
     try:
-        autocast = _AutocastEmulation(dtype) if dtype != torch.float32 else contextlib.nullcontext()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _meta_forward_patches(), autocast:
+        emulate = dtype != torch.float32
+        autocast = _AutocastEmulation(dtype) if emulate else contextlib.nullcontext()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                _meta_forward_patches(dtype if emulate else None), autocast:
             model(input_ids=ids, use_cache=False)
     finally:
         for h in handles:
@@ -342,23 +345,33 @@ class _AutocastEmulation(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def _meta_forward_patches():
+def _meta_forward_patches(autocast_dtype: torch.dtype | None):
     """Make a transformers forward run on meta tensors as it would on real ones.
 
     * transformers looks at position_ids for packed sequences, which reads values (impossible on
       meta tensors); for the unpacked batch a trace models it returns None, so it is skipped.
     * ``scaled_dot_product_attention`` is replaced by :class:`_FusedAttentionSaves` (see there).
+    * ``torch.is_autocast_enabled("meta")`` (an error in PyTorch) answers whether the trace
+      emulates autocast, so code that branches on autocast takes the branch training would.
     """
     import torch.nn.functional as F
     from transformers import masking_utils
 
-    originals = masking_utils.find_packed_sequence_indices, F.scaled_dot_product_attention
+    originals = masking_utils.find_packed_sequence_indices, F.scaled_dot_product_attention, torch.is_autocast_enabled
+    real_is_enabled = originals[2]
+
+    def is_autocast_enabled(device_type: Any = None) -> bool:
+        if device_type == "meta":
+            return autocast_dtype is not None
+        return real_is_enabled() if device_type is None else real_is_enabled(device_type)
+
     masking_utils.find_packed_sequence_indices = lambda position_ids: None
     F.scaled_dot_product_attention = _fused_sdpa
+    torch.is_autocast_enabled = is_autocast_enabled
     try:
         yield
     finally:
-        masking_utils.find_packed_sequence_indices, F.scaled_dot_product_attention = originals
+        masking_utils.find_packed_sequence_indices, F.scaled_dot_product_attention, torch.is_autocast_enabled = originals
 
 
 def _cast_floating(model: nn.Module, dtype: torch.dtype, setup: TrainSetup) -> None:

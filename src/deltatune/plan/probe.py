@@ -229,7 +229,8 @@ def _model_arg(model_source: Any) -> Any:
     return model_source
 
 
-def probe(model_source: Any, setup: TrainSetup, steps: int = 2, timeout: float = 1800) -> Measurement:
+def probe(model_source: Any, setup: TrainSetup, steps: int = 2, timeout: float = 1800,
+          fork: bool = False) -> Measurement:
     """Measure ``steps`` real training steps of ``setup`` in a fresh Python process.
 
     Args:
@@ -237,13 +238,18 @@ def probe(model_source: Any, setup: TrainSetup, steps: int = 2, timeout: float =
         setup: the configuration to run (``device="cpu"`` measures RSS, ``"cuda"`` the allocator).
         steps: training steps; the peak is over all of them.
         timeout: seconds before the child is killed.
+        fork: fork this process instead of starting a new interpreter (Linux, CPU only). The
+            child still has its own address space and allocator, and measures from its own
+            baseline; it just skips re-importing torch and transformers (what tests want).
 
     Returns:
         The :class:`Measurement`.
 
     Raises:
-        RuntimeError: the child process failed; its stderr is in the message.
+        RuntimeError: the child process failed; its error is in the message.
     """
+    if fork and setup.device == "cpu":
+        return _probe_forked(model_source, setup, steps, timeout)
     payload = json.dumps({"model": _model_arg(model_source), "setup": dataclasses.asdict(setup), "steps": steps})
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, "-m", "deltatune.plan.probe", payload], capture_output=True, text=True,
@@ -252,6 +258,38 @@ def probe(model_source: Any, setup: TrainSetup, steps: int = 2, timeout: float =
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"memory probe failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
     return Measurement(**json.loads(lines[-1]))
+
+
+def _forked_child(conn: Any, model_source: Any, setup: TrainSetup, steps: int) -> None:
+    try:
+        conn.send(("ok", dataclasses.asdict(measure(model_source, setup, steps=steps))))
+    except BaseException as err:  # report anything to the parent rather than dying silently
+        conn.send(("error", f"{type(err).__name__}: {err}"))
+    finally:
+        conn.close()
+
+
+def _probe_forked(model_source: Any, setup: TrainSetup, steps: int, timeout: float) -> Measurement:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_forked_child, args=(child, model_source, setup, steps), daemon=True)
+    proc.start()
+    child.close()
+    try:
+        if not parent.poll(timeout):
+            raise RuntimeError(f"memory probe did not finish within {timeout:.0f} s")
+        status, payload = parent.recv()
+    except EOFError:
+        raise RuntimeError(f"memory probe process died (exit code {proc.exitcode})") from None
+    finally:
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+    if status != "ok":
+        raise RuntimeError(f"memory probe failed: {payload}")
+    return Measurement(**payload)
 
 
 def _main(argv: list[str]) -> int:

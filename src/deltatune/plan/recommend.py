@@ -105,14 +105,14 @@ class Recommendation:
 
         return train_tree(self)
 
-    def write_config(self, path: Any) -> None:
+    def write_config(self, path: Any) -> Any:
         """Write a ready ``deltatune train`` YAML config, each choice commented with its reason.
 
         The file is checked with ``load_train_config`` before it replaces anything at ``path``.
         """
         from deltatune.plan.config_writer import write_train_config
 
-        write_train_config(self, path)
+        return write_train_config(self, path)
 
 
 def recommend_lora_rank(task: str, dataset_size: int, model_size_b: float) -> tuple[int, str]:

@@ -44,8 +44,10 @@ class QuantConfig:
     ends with ``"." + entry``. The default keeps output heads (``lm_head``...) dense."""
 
     compile: bool = False
-    """Run the dequantize kernel through ``torch.compile`` (needs a C++ compiler on CPU; the first
-    call per layer shape compiles, ~10 s). Faster forward at small batch; see bench_quant.py."""
+    """Run the 4-bit dequantize kernel through ``torch.compile`` (needs a C++ compiler on CPU; the
+    first call per tile shape compiles, ~10-20 s). Same values as the eager kernel. On CPU it was
+    not faster, and since compiled code is not thread-safe its tiles run on one thread
+    (see benchmarks/bench_quant.py); meant for experiments on other devices."""
 
     def __post_init__(self):
         if self.bits not in (4, 8):

@@ -18,7 +18,7 @@ import functools
 import torch
 
 from deltatune.quant.codebooks import byte_pairs_4bit
-from deltatune.quant.nf4 import dequantize_range
+from deltatune.quant.nf4 import QuantState, absmax_float, dequantize_range
 
 
 def _dequant_tile(packed: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -39,15 +39,11 @@ def byte_levels(quant_type: str, device: torch.device) -> torch.Tensor:
     return byte_pairs_4bit(quant_type).view(torch.float32).view(256, 2).to(device)
 
 
-def compiled_dequant_rows(packed: torch.Tensor, absmax: torch.Tensor, quant_type: str, blocksize: int,
-                          in_features: int, dtype: torch.dtype):
+def compiled_dequant_rows(state: QuantState, in_features: int, dtype: torch.dtype):
     """Tile function ``rows(start, stop) -> (stop - start, in_features)`` using the compiled kernel.
 
     Args:
-        packed: uint8 packed codes of the whole weight.
-        absmax: float32 per-block absmax of the whole weight.
-        quant_type: ``"nf4"`` or ``"fp4"``.
-        blocksize: values per block.
+        state: the quantized weight (out_features, in_features).
         in_features: columns of the weight.
         dtype: dtype of the returned tiles.
 
@@ -55,14 +51,15 @@ def compiled_dequant_rows(packed: torch.Tensor, absmax: torch.Tensor, quant_type
         The tile function. A tile that ends inside a block (only possible for the last tile when
         ``out * in`` is not a multiple of ``blocksize``) falls back to the eager kernel.
     """
-    kernel, pairs = _compiled(), byte_levels(quant_type, packed.device)
+    kernel, pairs, bs = _compiled(), byte_levels(state.quant_type, state.packed.device), state.blocksize
 
     def rows(start: int, stop: int) -> torch.Tensor:
         a, b = start * in_features, stop * in_features
-        if b % blocksize:
-            w = dequantize_range(packed, absmax, quant_type, blocksize, a, b)
+        absmax = absmax_float(state, a // bs, -(-b // bs))
+        if b % bs:
+            w = dequantize_range(state.packed, absmax, state.quant_type, bs, a, b)
         else:
-            w = kernel(packed[a // 2:b // 2], absmax[a // blocksize:b // blocksize], pairs, blocksize)
+            w = kernel(state.packed[a // 2:b // 2], absmax, pairs, bs)
         return w.view(stop - start, in_features).to(dtype)
 
     return rows

@@ -53,6 +53,7 @@ class _QuantLinear(nn.Module):
     """What Linear4bit and Linear8bit share: bias, compute dtype, forward, caching, device moves."""
 
     _QUANT_BUFFERS: tuple[str, ...] = ()
+    use_compile = False  # only Linear4bit has a compiled kernel
 
     def __init__(self, in_features: int, out_features: int, bias: bool, compute_dtype: torch.dtype,
                  device, bias_dtype: torch.dtype | None):
@@ -106,8 +107,9 @@ class _QuantLinear(nn.Module):
                 self._weight_cache = self.dequantize_weight(self.compute_dtype)
             y = F.linear(x2, self._weight_cache)
         else:
+            # torch.compile-d kernels are not safe to call from several threads at once
             y = quant_linear(x2, self._make_dequant_rows, self.out_features, self.tile_rows,
-                             self._out_scale())  # (N, out)
+                             self._out_scale(), parallel=not self.use_compile)  # (N, out)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*lead, self.out_features).to(x.dtype)
@@ -228,13 +230,14 @@ class Linear4bit(_QuantLinear):
         return self.in_features * self.out_features
 
     def _make_dequant_rows(self):
-        absmax = absmax_float(self.quant_state)  # (n_blocks,) float32, once per pass
-        n_in, dtype = self.in_features, self.compute_dtype
+        state, n_in, dtype = self.quant_state, self.in_features, self.compute_dtype
         if self.use_compile:
-            return compiled_dequant_rows(self.qweight, absmax, self.quant_type, self.blocksize, n_in, dtype)
+            return compiled_dequant_rows(state, n_in, dtype)
 
         def rows(start: int, stop: int) -> torch.Tensor:
-            w = dequantize_range(self.qweight, absmax, self.quant_type, self.blocksize, start * n_in, stop * n_in)
+            a, b = start * n_in, stop * n_in  # flat value range; a is block-aligned (tile_rows)
+            absmax = absmax_float(state, a // state.blocksize, -(-b // state.blocksize))
+            w = dequantize_range(state.packed, absmax, state.quant_type, state.blocksize, a, b)
             return w.view(stop - start, n_in).to(dtype)  # (rows, in)
 
         return rows

@@ -1,9 +1,10 @@
 """Tiled dequantize-and-multiply: ``x @ W.T`` without ever materialising the dense W.
 
 The weight is rebuilt a tile of output rows at a time (about 2 MB of float32), multiplied, and
-dropped, so a forward holds one tile instead of a full-precision copy of the layer. The tile
-stays in the CPU's cache between being written and being read by the matmul, which is what makes
-this faster than dequantizing the whole weight first (the approach of bitsandbytes on CPU).
+dropped, so a forward holds a tile or two instead of a full-precision copy of the layer. The
+tile stays in the CPU's cache between being written and being read by the matmul, which is what
+makes this faster than dequantizing the whole weight first (the approach of bitsandbytes on CPU).
+On CPU the tiles are shared out between single-threaded workers (:mod:`.tilepool`).
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import math
 from typing import Callable
 
 import torch
+
+from deltatune.quant.tilepool import run_split
 
 # Rows of W to rebuild at a time: about this many values (2 MB of float32).
 TILE_VALUES = 1 << 19
@@ -39,7 +42,12 @@ def tile_rows(in_features: int, out_features: int, blocksize: int, tile_values: 
     return min(rows, -(-out_features // align) * align)
 
 
-def tiled_linear(x: torch.Tensor, dequant_rows: DequantRows, out_features: int, rows: int) -> torch.Tensor:
+def _ranges(out_features: int, rows: int) -> list[tuple[int, int]]:
+    return [(start, min(start + rows, out_features)) for start in range(0, out_features, rows)]
+
+
+def tiled_linear(x: torch.Tensor, dequant_rows: DequantRows, out_features: int, rows: int,
+                 parallel: bool = True) -> torch.Tensor:
     """``x @ W.T`` with W rebuilt ``rows`` rows at a time.
 
     Args:
@@ -47,6 +55,7 @@ def tiled_linear(x: torch.Tensor, dequant_rows: DequantRows, out_features: int, 
         dequant_rows: returns rows ``[start, stop)`` of W.
         out_features: rows of W.
         rows: rows per tile.
+        parallel: may split the tiles across worker threads (see :mod:`.tilepool`).
 
     Returns:
         (N, out_features).
@@ -54,13 +63,17 @@ def tiled_linear(x: torch.Tensor, dequant_rows: DequantRows, out_features: int, 
     if rows >= out_features:
         return x @ dequant_rows(0, out_features).t()
     out = torch.empty(x.shape[0], out_features, dtype=x.dtype, device=x.device)  # (N, out)
-    for start in range(0, out_features, rows):
-        stop = min(start + rows, out_features)
-        torch.mm(x, dequant_rows(start, stop).t(), out=out[:, start:stop])  # (N, rows)
+
+    def run(ranges):
+        for start, stop in ranges:
+            torch.mm(x, dequant_rows(start, stop).t(), out=out[:, start:stop])  # (N, rows)
+
+    run_split(run, _ranges(out_features, rows), x.device, parallel)
     return out
 
 
-def tiled_linear_grad_input(grad: torch.Tensor, dequant_rows: DequantRows, in_features: int, rows: int) -> torch.Tensor:
+def tiled_linear_grad_input(grad: torch.Tensor, dequant_rows: DequantRows, in_features: int, rows: int,
+                            parallel: bool = True) -> torch.Tensor:
     """``grad @ W`` (the input gradient of ``x @ W.T``), W rebuilt ``rows`` rows at a time.
 
     Args:
@@ -68,6 +81,7 @@ def tiled_linear_grad_input(grad: torch.Tensor, dequant_rows: DequantRows, in_fe
         dequant_rows: returns rows ``[start, stop)`` of W.
         in_features: columns of W.
         rows: rows per tile.
+        parallel: may split the tiles across worker threads (see :mod:`.tilepool`).
 
     Returns:
         (N, in_features).
@@ -75,11 +89,15 @@ def tiled_linear_grad_input(grad: torch.Tensor, dequant_rows: DequantRows, in_fe
     out_features = grad.shape[1]
     if rows >= out_features:
         return grad @ dequant_rows(0, out_features)
-    dx = torch.zeros(grad.shape[0], in_features, dtype=grad.dtype, device=grad.device)  # (N, in)
-    for start in range(0, out_features, rows):
-        stop = min(start + rows, out_features)
-        dx.addmm_(grad[:, start:stop], dequant_rows(start, stop))  # (N, rows) @ (rows, in)
-    return dx
+
+    def run(ranges):
+        dx = torch.zeros(grad.shape[0], in_features, dtype=grad.dtype, device=grad.device)  # (N, in)
+        for start, stop in ranges:
+            dx.addmm_(grad[:, start:stop], dequant_rows(start, stop))  # (N, rows) @ (rows, in)
+        return dx
+
+    partial = run_split(run, _ranges(out_features, rows), grad.device, parallel)
+    return partial[0] if len(partial) == 1 else torch.stack(partial).sum(0)
 
 
 class QuantLinearFunction(torch.autograd.Function):
@@ -98,10 +116,10 @@ class QuantLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, make_dequant_rows, out_features, rows, out_scale):
+    def forward(ctx, x, make_dequant_rows, out_features, rows, out_scale, parallel):
         ctx.make_dequant_rows, ctx.rows, ctx.in_features = make_dequant_rows, rows, x.shape[1]
-        ctx.out_scale = out_scale
-        y = tiled_linear(x, make_dequant_rows(), out_features, rows)
+        ctx.out_scale, ctx.parallel = out_scale, parallel
+        y = tiled_linear(x, make_dequant_rows(), out_features, rows, parallel)
         return y if out_scale is None else y.mul_(out_scale)
 
     @staticmethod
@@ -109,12 +127,13 @@ class QuantLinearFunction(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             grad = grad if ctx.out_scale is None else grad * ctx.out_scale
-            dx = tiled_linear_grad_input(grad.contiguous(), ctx.make_dequant_rows(), ctx.in_features, ctx.rows)
-        return dx, None, None, None, None
+            dx = tiled_linear_grad_input(grad.contiguous(), ctx.make_dequant_rows(), ctx.in_features, ctx.rows,
+                                         ctx.parallel)
+        return dx, None, None, None, None, None
 
 
 def quant_linear(x: torch.Tensor, make_dequant_rows: Callable[[], DequantRows], out_features: int, rows: int,
-                 out_scale: torch.Tensor | None = None) -> torch.Tensor:
+                 out_scale: torch.Tensor | None = None, parallel: bool = True) -> torch.Tensor:
     """Differentiable (w.r.t. ``x``) ``(x @ W.T) * out_scale``; see :class:`QuantLinearFunction`.
 
     Args:
@@ -124,11 +143,12 @@ def quant_linear(x: torch.Tensor, make_dequant_rows: Callable[[], DequantRows], 
         out_features: rows of W.
         rows: rows per tile.
         out_scale: optional (out_features,) scale of the outputs, in the compute dtype.
+        parallel: may split the tiles across worker threads (see :mod:`.tilepool`).
 
     Returns:
         (N, out_features).
     """
     if torch.is_grad_enabled() and x.requires_grad:
-        return QuantLinearFunction.apply(x, make_dequant_rows, out_features, rows, out_scale)
-    y = tiled_linear(x, make_dequant_rows(), out_features, rows)
+        return QuantLinearFunction.apply(x, make_dequant_rows, out_features, rows, out_scale, parallel)
+    y = tiled_linear(x, make_dequant_rows(), out_features, rows, parallel)
     return y if out_scale is None else y.mul_(out_scale)

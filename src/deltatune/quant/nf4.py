@@ -22,13 +22,14 @@ import torch
 
 from deltatune.quant.codebooks import QUANT_TYPES, _bounds_4bit_cpu, byte_pairs_4bit
 from deltatune.quant.dynamic8 import dequantize_dynamic8, quantize_dynamic8
+from deltatune.quant.tilepool import run_single_threaded, run_split
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 # Rounding boundaries as Python floats (exact float32 values), so no device sync is needed.
 _MIDPOINTS = {q: _bounds_4bit_cpu(q)[0].tolist() for q in QUANT_TYPES}
 # Quantize this many values at a time so temporaries stay a few MB whatever the tensor size.
-_CHUNK = 1 << 20
+_CHUNK = 1 << 18
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -160,17 +161,31 @@ def quantize_4bit(
     flat = tensor.detach().reshape(-1)
     n = flat.numel()
     step = max(blocksize, _CHUNK - _CHUNK % blocksize)
-    packed, absmax = [], []
-    for start in range(0, n, step):
-        codes, am = _codes_4bit(flat[start:start + step].float(), blocksize, quant_type)
-        codes = codes[: min(step, n - start) + 1 & ~1]  # keep an even count; the pad codes a zero
-        packed.append((codes[0::2] << 4) | codes[1::2])
-        absmax.append(am)
-    absmax_t = torch.cat(absmax)
-    if not torch.isfinite(absmax_t).all():
-        raise ValueError("cannot quantize a tensor with NaN or infinite values; check the weights for overflow")
-    state = QuantState(torch.cat(packed), absmax_t, tensor.shape, tensor.dtype, quant_type, blocksize)
-    return _double_quantize(state) if double_quant else state
+
+    def run(starts):  # chunks are independent: several may run on worker threads (tilepool)
+        out = []
+        for start in starts:
+            codes, am = _codes_4bit(flat[start:start + step].float(), blocksize, quant_type)
+            codes = codes[: min(step, n - start) + 1 & ~1]  # keep an even count; the pad codes a zero
+            out.append(((codes[0::2] << 4) | codes[1::2], am))
+        return out
+
+    chunks = [c for group in run_split(run, range(0, n, step), flat.device) for c in group]
+
+    def assemble() -> QuantState:
+        absmax = torch.cat([c[1] for c in chunks])
+        if not torch.isfinite(absmax).all():
+            raise ValueError("cannot quantize a tensor with NaN or infinite values; check the weights for overflow")
+        return QuantState(torch.cat([c[0] for c in chunks]), absmax, tensor.shape, tensor.dtype, quant_type,
+                          blocksize)
+
+    state = run_single_threaded(assemble, flat.device)
+    if not double_quant:
+        return state
+    # The mean's float32 rounding depends on how many threads reduce it; take it in the caller's
+    # thread, as bitsandbytes does, so the offset (and every nested code) matches it bit for bit.
+    offset = state.absmax.mean()
+    return run_single_threaded(lambda: _double_quantize(state, offset), flat.device)
 
 
 def quantize_nf4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> QuantState:
@@ -183,17 +198,25 @@ def quantize_fp4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool =
     return quantize_4bit(tensor, "fp4", blocksize, double_quant)
 
 
-def _double_quantize(state: QuantState) -> QuantState:
-    offset = state.absmax.mean()  # 0-dim float32, as bitsandbytes
+def _double_quantize(state: QuantState, offset: torch.Tensor) -> QuantState:
+    """QLoRA double quantization of ``state.absmax`` around ``offset`` (their 0-dim float32 mean)."""
     codes, scales = quantize_dynamic8(state.absmax - offset, NESTED_BLOCKSIZE)
     return dataclasses.replace(state, absmax=codes, nested_absmax=scales, nested_offset=offset)
 
 
-def absmax_float(state: QuantState) -> torch.Tensor:
-    """Per-block float32 absmax of ``state``, undoing double quantization if used."""
+def absmax_float(state: QuantState, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Float32 absmax of blocks ``[start, stop)`` of ``state``, undoing double quantization if used.
+
+    Only the nested blocks of 256 that cover the range are dequantized, so a tile of a layer costs
+    work proportional to the tile, not the layer.
+    """
+    stop = state.absmax.numel() if stop is None else stop
     if not state.double_quant:
-        return state.absmax.float()
-    return dequantize_dynamic8(state.absmax, state.nested_absmax, NESTED_BLOCKSIZE) + state.nested_offset
+        return state.absmax[start:stop].float()
+    nb = NESTED_BLOCKSIZE
+    first, last = start // nb, -(-stop // nb)  # nested blocks covering [start, stop)
+    values = dequantize_dynamic8(state.absmax[first * nb:last * nb], state.nested_absmax[first:last], nb)
+    return (values + state.nested_offset)[start - first * nb:stop - first * nb]
 
 
 def dequantize_range(
@@ -205,7 +228,8 @@ def dequantize_range(
 
     Args:
         packed: uint8 packed codes of the whole tensor.
-        absmax: float32 per-block absmax of the whole tensor (see :func:`absmax_float`).
+        absmax: float32 absmax of the blocks the range covers, from block ``start // blocksize``
+            on (see :func:`absmax_float`).
         quant_type: ``"nf4"`` or ``"fp4"``.
         blocksize: values per block.
         start: first value; must be a multiple of ``blocksize``.
@@ -220,8 +244,8 @@ def dequantize_range(
     # one 8-byte gather per byte gives both levels; view(float32) splits them, high nibble first
     levels = pairs.index_select(0, packed[start // 2:(stop + 1) // 2].int()).view(torch.float32)
     n = stop - start
-    first, n_blocks = start // blocksize, -(-n // blocksize)
-    scale = absmax[first:first + n_blocks]
+    n_blocks = -(-n // blocksize)
+    scale = absmax[:n_blocks]
     if levels.numel() == n_blocks * blocksize:  # fast path: whole blocks, no padding copies
         return levels.view(n_blocks, blocksize).mul_(scale[:, None]).view(-1)[:n]
     levels = torch.nn.functional.pad(levels[:n], (0, n_blocks * blocksize - n))

@@ -70,6 +70,8 @@ class AdapterServer:
 
     @contextlib.contextmanager
     def _request(self, names: list[str]) -> Iterator[None]:
+        if self.model.training:
+            raise ValueError("AdapterServer is for inference; call model.eval() first (dropout would be on)")
         with self._lock, self.bank.request(names) as (ids, unique):
             with routed(self.bank, ids, unique, self.model.get_submodule):
                 yield
@@ -90,20 +92,40 @@ class AdapterServer:
 
 
 # ---- PeftModel(..., adapter_names=[...]) ------------------------------------------------------------
-def _peft_bank(peft_model: nn.Module) -> AdapterBank:
-    """The bank cached on a PeftModel: one slot per adapter, re-read when an adapter's tensors change."""
-    bank = vars(peft_model).get("_serving_bank")
-    if bank is None:
-        bank = AdapterBank(max(1, len(peft_model.peft_config)))
-        vars(peft_model)["_serving_bank"] = bank
-    bank.max_slots = max(bank.max_slots, len(peft_model.peft_config))
-    for name in list(bank.registered):
-        if name not in peft_model.peft_config:
-            bank.forget(name)  # deleted from the model
-    return bank
+class _PeftServing:
+    """What a PeftModel keeps between mixed requests: its bank and the walk over its wrapped layers."""
+
+    def __init__(self) -> None:
+        self.bank = AdapterBank(1)
+        self.key: tuple = ()
+        self.hosts: list[tuple[str, AdaptedLayer]] = []
+        self.wrappers: list[tuple[str, ModulesToSaveWrapper]] = []
+
+    def refresh(self, peft_model: nn.Module) -> None:
+        # Adapters are added and deleted through peft_config, so it tells when the layers must be found again.
+        key = tuple((n, id(c)) for n, c in peft_model.peft_config.items())
+        if key != self.key:
+            model = peft_model.base_model.model
+            self.hosts, self.wrappers = list(inject.adapted_layers(model)), list(inject.save_wrappers(model))
+            self.key = key
+        self.bank.max_slots = max(self.bank.max_slots, len(peft_model.peft_config))
+        for name in self.bank.registered:
+            if name not in peft_model.peft_config:
+                self.bank.forget(name)  # deleted from the model
+        for name in peft_model.peft_config:
+            if name not in self.bank.registered:
+                self.bank.register(name, PeftModelSource(lambda: self.hosts, name))
 
 
-def _check_peft(peft_model: nn.Module, names: list[str]) -> None:
+def _serving_state(peft_model: nn.Module) -> _PeftServing:
+    state = vars(peft_model).get("_serving_state")
+    if state is None:
+        state = vars(peft_model)["_serving_state"] = _PeftServing()
+    state.refresh(peft_model)
+    return state
+
+
+def _check_peft(peft_model: nn.Module, names: list[str], state: _PeftServing) -> None:
     if peft_model.training:
         raise ValueError("adapter_names is for inference; call model.eval() first (peft raises the same)")
     for n in set(names) - {BASE}:
@@ -114,15 +136,9 @@ def _check_peft(peft_model: nn.Module, names: list[str]) -> None:
                 f"adapter {n!r} is {peft_model.peft_config[n].peft_type.value}, which changes the model's inputs and "
                 "cannot be mixed per row; run it alone with set_adapter"
             )
-    model = peft_model.base_model.model
-    merged = sorted({a for _, h in inject.adapted_layers(model) for a in h.merged})
+    merged = sorted({a for _, h in state.hosts for a in h.merged})
     if merged:
         raise ValueError(f"adapters {merged} are merged into the base weights; call unmerge_adapter() before adapter_names")
-
-
-def _base_of(model: nn.Module, path: str) -> nn.Module:
-    module = model.get_submodule(path)
-    return module.base_layer if isinstance(module, AdaptedLayer) else module
 
 
 def _saved_copy_hook(names: list[str], wrapper: ModulesToSaveWrapper, args: tuple, out: Any):
@@ -137,26 +153,26 @@ def _saved_copy_hook(names: list[str], wrapper: ModulesToSaveWrapper, args: tupl
 
 @contextlib.contextmanager
 def _peft_request(peft_model: nn.Module, names: list[str]) -> Iterator[None]:
-    _check_peft(peft_model, names)
+    state = _serving_state(peft_model)
+    _check_peft(peft_model, names, state)
     model = peft_model.base_model.model
-    bank = _peft_bank(peft_model)
-    for n in set(names) - {BASE}:
-        if n not in bank.registered:
-            bank.register(n, PeftModelSource(peft_model, n))
-    hosts = list(inject.adapted_layers(model)) + list(inject.save_wrappers(model))
-    disabled = {id(m): m.disabled for _, m in hosts}
-    with bank.request(names) as (ids, unique), routed(bank, ids, unique, lambda p: _base_of(model, p)):
+    hosts = [m for _, m in state.hosts] + [w for _, w in state.wrappers]
+    disabled = [m.disabled for m in hosts]
+    bases = {path: host.base_layer for path, host in state.hosts}
+    module_for = lambda path: bases[path] if path in bases else model.get_submodule(path)  # noqa: E731
+    with state.bank.request(names) as (ids, unique), routed(state.bank, ids, unique, module_for):
         handles = [
             w.register_forward_hook(lambda m, a, o: _saved_copy_hook(names, m, a, o))
-            for _, w in inject.save_wrappers(model)
+            for _, w in state.wrappers
             if any(n in w.modules_to_save for n in names)
         ]
-        inject.set_disabled(model, True)  # the wrappers run their base layers; the hooks add each row's adapter
+        for m in hosts:
+            m.disabled = True  # the wrappers run their base layers; the hooks add each row's adapter
         try:
             yield
         finally:
-            for _, m in hosts:
-                m.disabled = disabled[id(m)]
+            for m, was in zip(hosts, disabled):
+                m.disabled = was
             for h in handles:
                 h.remove()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Hashable
+from typing import Callable, Hashable
 
 import torch
 from torch import nn
@@ -17,7 +17,6 @@ from deltatune.io import checkpoint as ckpt
 from deltatune.io.config_io import load_config
 from deltatune.methods.base import Adapter, get_method
 from deltatune.serving.slots import SlotWeights, slot_weights
-from deltatune.surgery.inject import adapted_layers
 from deltatune.surgery.layer import AdaptedLayer, ModulesToSaveWrapper
 from deltatune.surgery.targets import resolve_targets
 
@@ -116,21 +115,30 @@ class FolderSource:
 
 
 class PeftModelSource:
-    """Adapter ``name`` of a live PeftModel; re-read whenever its tensors (or the base weights) change."""
+    """Adapter ``name`` of a live PeftModel; re-read whenever its tensors (or the base weights) change.
 
-    def __init__(self, peft_model: nn.Module, name: str) -> None:
-        self.peft_model, self.name = peft_model, name
+    Args:
+        hosts: returns the model's wrapped layers as (path, AdaptedLayer); the caller caches this walk
+            over the model, which costs more than everything else a request does.
+        name: the adapter.
+    """
 
-    def _hosts(self) -> list[tuple[str, AdaptedLayer]]:
-        return [(p, h) for p, h in adapted_layers(self.peft_model.base_model.model) if self.name in h.adapters]
+    def __init__(self, hosts: Callable[[], list[tuple[str, AdaptedLayer]]], name: str) -> None:
+        self.hosts, self.name = hosts, name
+        self._watched: tuple[list | None, list[torch.Tensor]] = (None, [])
+
+    def _mine(self) -> list[tuple[str, AdaptedLayer]]:
+        return [(p, h) for p, h in self.hosts() if self.name in h.adapters]
 
     def read(self) -> dict[str, SlotWeights]:
-        return {p: slot_weights(h.adapters[self.name], h.base_layer, p) for p, h in self._hosts()}
+        return {p: slot_weights(h.adapters[self.name], h.base_layer, p) for p, h in self._mine()}
 
     def signature(self) -> Hashable:
-        parts = []
-        for _, host in self._hosts():
-            for p in host.adapters[self.name].parameters():
-                parts.append((p.data_ptr(), p._version))
-            parts.append(_weight_versions(host.base_layer))  # DoRA's norm reads the base weight
-        return (id(self.peft_model.peft_config.get(self.name)), tuple(parts))
+        hosts = self.hosts()
+        if self._watched[0] is not hosts:  # the layers were found again: collect the tensors to watch
+            tensors: list[torch.Tensor] = []
+            for _, host in self._mine():
+                tensors += host.adapters[self.name].parameters()
+                tensors += host.base_layer.parameters(recurse=False)  # DoRA's norm reads the base weight
+            self._watched = (hosts, tensors)
+        return tuple((t.data_ptr(), t._version) for t in self._watched[1])

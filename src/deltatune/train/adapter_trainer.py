@@ -39,6 +39,12 @@ def _method_hook(model: nn.Module, name: str) -> Any:
     return getattr(get_method(configs[active].peft_type), name, None)
 
 
+def _is_prompt_learning(model: nn.Module) -> bool:
+    configs = getattr(model, "peft_config", None) or {}
+    config = configs.get(getattr(model, "active_adapter", None))
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
 def nonfinite_parameters(model: nn.Module, limit: int = 3) -> list[str]:
     """Names of up to ``limit`` trainable parameters holding NaN or inf."""
     bad = []
@@ -57,7 +63,7 @@ class AdapterTrainer(FusedLossTrainer):
     (so the weights and the last checkpoint stay good); the eval loss uses the fused loss too
     (only supervised positions are projected onto the vocabulary); methods with their own
     forward (prompt and prefix tuning insert virtual tokens, AdaLoRA adds its orthogonality
-    penalty to the loss) train and evaluate through the model's forward.
+    penalty to the loss) train through the model's forward; prompt methods also evaluate through it.
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -75,7 +81,9 @@ class AdapterTrainer(FusedLossTrainer):
         return loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        if not prediction_loss_only or "labels" not in inputs or _method_hook(model, "forward") is not None:
+        if not prediction_loss_only or "labels" not in inputs or _is_prompt_learning(model):
+            # Virtual tokens exist only in the model's forward. (AdaLoRA's forward adds a training penalty,
+            # which the eval loss should leave out: the fused loss is the plain language-model loss.)
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():

@@ -152,8 +152,7 @@ def check_quantized_support(config: TrainConfig) -> None:
     wanted = Linear4bit if config.quant.bits == 4 else Linear8bit
     if not issubclass(wanted, get_method(PeftType.LORA).layer_types):
         raise ValueError(
-            f"method.name=qlora: LoRA in this deltatune build cannot wrap {wanted.__name__} layers (its supported "
-            "layer types come from deltatune.quant.quantized_linear_types(), which this build lacks). Use "
+            f"method.name=qlora: LoRA in this deltatune build cannot wrap {wanted.__name__} layers. Use "
             "method.name=lora, or update deltatune."
         )
 

@@ -87,7 +87,11 @@ def plot_history(study: Any, path: Path) -> Path | None:
         xs.append(t.number)
         ys.append(best)
     if xs:
-        ax.step(xs, ys, where="post", color="tab:green", label="best so far")
+        last = max(t.number for t in trials)
+        ax.step(xs + [last], ys + [ys[-1]], where="post", color="tab:green", label="best so far")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trial")
     ax.set_ylabel("eval loss")
     ax.set_title(f"optimisation history: {study.study_name}")

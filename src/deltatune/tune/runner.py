@@ -49,6 +49,7 @@ def run_trial(config_tree: Mapping[str, Any], report: Report) -> float:
     from deltatune.train.run import check_output_dir, prepare_data, total_steps, wants_accuracy
     from deltatune.train.session import TrainingSession
 
+    _quiet()
     config = TrainConfig.from_dict(config_tree)
     if config.train.eval_steps == 0:
         raise ValueError("tuning needs evaluations during training: set train.eval_steps > 0 (or leave it unset "
@@ -70,8 +71,11 @@ def run_trial(config_tree: Mapping[str, Any], report: Report) -> float:
 
     class TrialSession(TrainingSession):
         def build_trainer(self, peft_model):
+            from transformers.trainer_callback import PrinterCallback
+
             trainer, *rest = super().build_trainer(peft_model)
             trainer.add_callback(callback)
+            trainer.remove_callback(PrinterCallback)  # the study prints one line per trial instead
             return (trainer, *rest)
 
     session = TrialSession(config, output_dir, tokenizer, prepared, peft_config, steps, log=lambda _msg: None)
@@ -82,6 +86,15 @@ def run_trial(config_tree: Mapping[str, Any], report: Report) -> float:
     if final is None or not math.isfinite(final):
         raise ValueError(f"the trial ended without a finite eval loss (status {result.status!r}).")
     return float(final)
+
+
+def _quiet() -> None:
+    """No per-trial progress bars from datasets and transformers: the study logs one line per trial."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def load_runner(spec: str | None) -> Runner:

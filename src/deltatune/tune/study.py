@@ -185,6 +185,8 @@ def make_objective(job: TuneJob, output_dir: Path, runner: Runner, log: Callable
         tree = merge_layer(job.base, to_layer(params, job.base, resolve))
         trial_dir = output_dir / "trials" / f"trial-{trial.number:04d}"
         tree["output_dir"] = str(trial_dir)
+        # One trial never resumes: a checkpoint at the end is enough (no mid-run saves).
+        tree.setdefault("train", {}).setdefault("save_steps", 0)
         trial.set_user_attr("output_dir", str(trial_dir))
         started = time.perf_counter()
 
@@ -318,6 +320,11 @@ def best_tree(study: Any, job: TuneJob) -> dict[str, Any] | None:
     tree = merge_layer(job.base, to_layer(study.best_trial.params, job.base, _target_resolver(job.base)))
     tree = copy.deepcopy(tree)
     tree.pop("output_dir", None)
+    for section in tree.values():  # sampled floats to 6 significant digits: readable, same training
+        if isinstance(section, dict):
+            for k, v in section.items():
+                if isinstance(v, float):
+                    section[k] = float(f"{v:.6g}")
     return tree
 
 

@@ -1,0 +1,123 @@
+"""QLoRA against fp32 LoRA: training-step time on the small LLaMA benchmark model, and peak memory of
+loading SmolLM2-135M-Instruct into 4 bits plus one training step on it.
+
+Every measurement runs in its own process (peak RSS is per process); step times are the median of
+interleaved repetitions: the fp32-LoRA and QLoRA workers alternate, so machine noise hits both alike.
+
+    python benchmarks/bench_qlora.py [--reps 5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def small_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                                        num_attention_heads=8, num_key_value_heads=8))
+
+
+def peft_model(model, quantized: bool):
+    import deltatune as dt
+    from deltatune.quant import QuantConfig, quantize_model
+
+    if quantized:
+        model = quantize_model(model, QuantConfig(bits=4, quant_type="nf4", double_quant=True))
+    return dt.get_peft_model(model, dt.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS)).train()
+
+
+def train_steps(model, ids, n: int) -> list[float]:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def worker_step(kind: str, reps: int) -> dict:
+    model = peft_model(small_llama(), quantized=kind == "qlora")
+    ids = torch.randint(0, 32000, (4, 256), generator=torch.Generator().manual_seed(0))
+    times = train_steps(model, ids, reps + 1)[1:]  # first step warms up
+    return {"median_s": statistics.median(times)}
+
+
+def worker_smollm(kind: str) -> dict:
+    from deltatune.models import load_model_and_tokenizer, resolve_model_path
+
+    path = resolve_model_path("smollm2-135m-instruct")
+    base_rss = rss()
+    t0 = time.perf_counter()
+    if kind == "qlora":
+        from deltatune.quant import QuantConfig, load_quantized
+
+        model = load_quantized(str(path), QuantConfig(bits=4, quant_type="nf4", double_quant=True))
+    else:
+        model, _ = load_model_and_tokenizer(str(path))
+    load_s = time.perf_counter() - t0
+    load_peak = rss() - base_rss
+    model = peft_model(model, quantized=False)  # already quantized when kind == "qlora"
+    ids = torch.randint(0, 49152, (4, 256), generator=torch.Generator().manual_seed(0))
+    train_steps(model, ids, 1)
+    return {"load_s": load_s, "load_peak": load_peak, "step_peak": rss() - base_rss}
+
+
+def run_worker(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=2, help="alternating worker rounds per kind")
+    ap.add_argument("--worker", nargs="+")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    if args.worker:
+        kind, what = args.worker[0], args.worker[1]
+        res = worker_step(kind, args.reps) if what == "step" else worker_smollm(kind)
+        print(json.dumps(res))
+        return
+    steps: dict[str, list[float]] = {"lora": [], "qlora": []}
+    for _ in range(args.rounds):
+        for kind in ("lora", "qlora"):
+            steps[kind].append(run_worker([kind, "step", "--reps", str(args.reps)])["median_s"])
+    mem = {kind: run_worker([kind, "smollm"]) for kind in ("lora", "qlora")}
+    lora, qlora = statistics.median(steps["lora"]), statistics.median(steps["qlora"])
+    print("\n| measurement | fp32 LoRA | QLoRA (NF4 + double quant) | QLoRA / LoRA |")
+    print("|---|---|---|---|")
+    print(f"| training step, LLaMA h512 x 8 layers, batch 4x256, r=16 all 7 proj. | {lora:.2f} s | {qlora:.2f} s | {qlora / lora:.2f}x |")
+    ml, mq = mem["lora"], mem["qlora"]
+    print(f"| SmolLM2-135M: load, peak RSS above baseline | {ml['load_peak'] / 2**20:.0f} MB | {mq['load_peak'] / 2**20:.0f} MB | {mq['load_peak'] / ml['load_peak']:.2f}x |")
+    print(f"| SmolLM2-135M: load + one training step (4x256), peak RSS | {ml['step_peak'] / 2**20:.0f} MB | {mq['step_peak'] / 2**20:.0f} MB | {mq['step_peak'] / ml['step_peak']:.2f}x |")
+    print(f"| SmolLM2-135M: load time | {ml['load_s']:.1f} s | {mq['load_s']:.1f} s | {mq['load_s'] / ml['load_s']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
