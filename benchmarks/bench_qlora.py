@@ -61,7 +61,7 @@ def worker_step(kind: str, reps: int) -> dict:
     model = peft_model(small_llama(), quantized=kind == "qlora")
     ids = torch.randint(0, 32000, (4, 256), generator=torch.Generator().manual_seed(0))
     times = train_steps(model, ids, reps + 1)[1:]  # first step warms up
-    return {"median_s": statistics.median(times)}
+    return {"median_s": statistics.median(times), "peak": rss()}
 
 
 def worker_smollm(kind: str) -> dict:

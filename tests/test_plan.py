@@ -10,7 +10,8 @@ from transformers import LlamaConfig
 
 from deltatune import BottleneckConfig, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from deltatune.plan import TrainSetup, count_parameters, estimate_memory, parse_bytes, recommend
-from deltatune.plan.meta import build_meta_model, trace_activations
+from deltatune.plan.meta import build_meta_model
+from deltatune.plan.trace import trace_activations
 from tiny import tiny_llama
 
 LLAMA_8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,

@@ -138,6 +138,7 @@ def _probe(model: str, estimates: list) -> None:
     import torch
 
     from deltatune.plan.calibrate import calibrate
+    from deltatune.plan.memory import estimate_memory
     from deltatune.plan.report import fmt_bytes, table
 
     rows, notes = [], []
@@ -150,22 +151,17 @@ def _probe(model: str, estimates: list) -> None:
             setup = setup.replace(optimizer="adamw")
             notes.append(f"{setup.method}: the probe runs torch AdamW (fp32 moments) instead of 8-bit AdamW")
         cal = calibrate(model, setup)
-        rows.append((setup.method, setup.device, fmt_bytes(cal.estimate.peak_bytes), fmt_bytes(cal.measured.peak_bytes),
-                     f"{cal.error:+.1%}", f"{cal.activation_scale:.2f}", f"{cal.measured.seconds:.1f} s"))
+        rows.append((setup.method, setup.device, fmt_bytes(cal.estimate.peak_bytes),
+                     fmt_bytes(cal.measured.peak_bytes), f"{cal.error:+.1%}", f"{cal.activation_scale:.2f}",
+                     f"{cal.measured.seconds:.1f} s"))
         if setup != est.setup:
-            calibrated = estimate_with_scale(model, est.setup, cal.activation_scale)
+            calibrated = estimate_memory(model, est.setup, activation_scale=cal.activation_scale)
             notes.append(f"{est.setup.method} on {est.setup.device} with activations calibrated: "
                          f"{fmt_bytes(calibrated.peak_bytes)} (was {fmt_bytes(est.peak_bytes)})")
     print("\nprobe: 2 real training steps per plan, each in its own process")
     print(table(("method", "device", "estimate", "measured", "error", "activation scale", "steps"), rows))
     for n in notes:
         print("note: " + n)
-
-
-def estimate_with_scale(model: str, setup, scale: float):
-    from deltatune.plan.memory import estimate_memory
-
-    return estimate_memory(model, setup, activation_scale=scale)
 
 
 def _as_json(e, memory: int | None) -> dict:

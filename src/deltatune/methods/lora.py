@@ -100,7 +100,7 @@ class LoraLinear(Adapter):
             and x.dtype == base.weight.dtype == self.lora_A.dtype
             and not (self.use_dora and self._dropping())
             # Under autocast the fused kernel would see mixed dtypes; the generic path lets autocast cast.
-            and not torch.is_autocast_enabled(x.device.type)
+            and not (x.device.type in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(x.device.type))
         )
 
     def forward(self, x: torch.Tensor, base_layer: nn.Module, base_out: torch.Tensor | None) -> torch.Tensor:
@@ -216,9 +216,9 @@ def make_lora_adapter(config: LoraConfig, base_layer: nn.Module, module_name: st
 def _supported_types() -> tuple[type, ...]:
     from transformers.pytorch_utils import Conv1D
 
-    from deltatune.quant.linear import QuantLinear  # Linear4bit / Linear8bit: dense_weight() dequantizes
+    from deltatune.quant import quantized_linear_types  # Linear4bit / Linear8bit: dense_weight() dequantizes
 
-    return (nn.Linear, Conv1D, nn.Embedding, *(QuantLinear if isinstance(QuantLinear, tuple) else (QuantLinear,)))
+    return (nn.Linear, Conv1D, nn.Embedding, *quantized_linear_types())
 
 
 register_method(Method(PeftType.LORA, LoraConfig, make_lora_adapter, layer_types=_supported_types()))

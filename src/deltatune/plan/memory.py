@@ -42,8 +42,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from deltatune.plan.meta import ActivationTrace, ParamCount, build_meta_model, count_model, load_model_config
-from deltatune.plan.meta import trace_activations, weight_bytes
+from deltatune.plan.meta import ParamCount, build_meta_model, count_model, load_model_config, weight_bytes
+from deltatune.plan.trace import ActivationTrace, trace_activations
 from deltatune.plan.setup import TrainSetup
 
 MiB = 2**20

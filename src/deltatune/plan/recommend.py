@@ -29,8 +29,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from deltatune.plan.memory import GiB, MemoryEstimate, estimate_memory
-from deltatune.plan.meta import build_meta_model, count_model, load_model_config, trace_activations
+from deltatune.plan.memory import MemoryEstimate, estimate_memory
+from deltatune.plan.meta import build_meta_model, count_model, load_model_config
+from deltatune.plan.trace import trace_activations
 from deltatune.plan.report import fmt_bytes, table
 from deltatune.plan.setup import TrainSetup, resolve_target_names
 

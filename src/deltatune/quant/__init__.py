@@ -17,3 +17,9 @@ __all__ = [
     "plan_quantization", "prepare_model_for_kbit_training", "quantize_4bit", "quantize_fp4", "quantize_int8",
     "quantize_model", "quantize_nf4", "quantized_layers", "save_quantized",
 ]
+
+
+def quantized_linear_types() -> tuple[type, ...]:
+    """The layer types adapter methods may wrap as quantized linears (they implement
+    ``dequantize_weight`` / ``requantize_``, see :mod:`deltatune.methods.base`)."""
+    return tuple(QuantLinear)
