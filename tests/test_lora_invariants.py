@@ -161,3 +161,26 @@ def test_lora_and_dora_train_under_bf16_autocast():
         loss.backward()
         assert torch.isfinite(loss)
         assert all(p.grad is not None for p in pm.parameters() if p.requires_grad)
+
+
+def test_dropout_mask_is_shared_by_modules_reading_the_same_input():
+    from deltatune.methods import lora
+
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "k_proj"], lora_dropout=0.3)).train()
+    seen = []
+    real = lora._shared_dropout_mask
+
+    def spy(x, p):
+        mask = real(x, p)
+        seen.append((x, mask))
+        return mask
+
+    lora._shared_dropout_mask = spy
+    try:
+        pm(input_ids())
+    finally:
+        lora._shared_dropout_mask = real
+    (xq, mq), (xk, mk) = seen[0], seen[1]  # layer 0: q_proj then k_proj read the same hidden state
+    assert xq is xk and mq is mk
+    keep = torch.cat([m.flatten().float() for _, m in seen]).mean()
+    assert 0.6 < keep < 0.8  # p = 0.3

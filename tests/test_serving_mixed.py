@@ -1,4 +1,5 @@
 """Mixed-adapter batches on a PeftModel: each row equals that adapter alone, and peft's adapter_names path."""
+import copy
 import warnings
 
 import peft
@@ -185,7 +186,19 @@ def test_bank_follows_weight_changes_and_deletions():
     model.delete_adapter("b")
     with pytest.raises(ValueError, match="no adapter named 'b'"):
         model(input_ids=x, adapter_names=names)
-    assert_close(model(input_ids=x, adapter_names=["a", "__base__"]).logits, _alone(model, ["a", "__base__"], input_ids=x))
+    names = ["a", "__base__"]
+    assert_close(model(input_ids=x, adapter_names=names).logits, _alone(model, names, input_ids=x))
+
+
+@torch.no_grad()
+def test_a_deep_copy_serves_its_own_weights():
+    model = _build(tiny_llama, {"a": dt.LoraConfig(r=2, target_modules=["q_proj"])})
+    x, names = input_ids(batch=2, seq=4), ["a", "__base__"]
+    model(input_ids=x, adapter_names=names)  # the bank is cached on the model now
+    twin = copy.deepcopy(model)
+    _perturb(twin, seed=3)
+    assert_close(twin(input_ids=x, adapter_names=names).logits, _alone(twin, names, input_ids=x))
+    assert_close(model(input_ids=x, adapter_names=names).logits, _alone(model, names, input_ids=x))
 
 
 def test_prompt_learning_adapters_are_refused():

@@ -92,7 +92,8 @@ def test_generate_per_row(saved):
 def test_serves_an_adapter_saved_by_peft(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["k_proj", "up_proj"], init_lora_weights=False))
+        cfg = peft.LoraConfig(r=4, target_modules=["k_proj", "up_proj"], init_lora_weights=False)
+        theirs = peft.get_peft_model(tiny_llama(), cfg)
         theirs.save_pretrained(tmp_path)
     server = AdapterServer(tiny_llama())
     server.load("p", tmp_path)

@@ -10,6 +10,7 @@ The variants are independent choices on one adapter class, not subclasses.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,26 @@ def dora_weight_norm(
     lora_sq = ((B32 @ (A32 @ A32.T)) * B32).sum(dim=1)  # (out,)
     # Cancellation can push a true zero slightly negative in floating point.
     return (w_sq + 2 * scaling * cross + scaling**2 * lora_sq).clamp_min(0).sqrt()
+
+
+_LAST_MASK: dict = {}
+
+
+def _shared_dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A keep-mask (bool, 1 byte per element) for dropout on ``x``, shared by every adapter that reads
+    the very same input tensor in this forward (q/k/v read one hidden state, gate/up another).
+
+    Drawing random numbers dominates dropout's cost on CPU, so sharing cuts 7 draws per LLaMA
+    block to 4. Each module still drops with probability p; the masks of q, k and v are the same
+    draw (peft draws them independently), which changes no expectation. The input is held by a
+    weak reference, so the cache never keeps an activation alive.
+    """
+    ref = _LAST_MASK.get("x")
+    if ref is not None and ref() is x and _LAST_MASK["p"] == p and _LAST_MASK["version"] == x._version:
+        return _LAST_MASK["mask"]
+    mask = torch.rand(x.shape, device=x.device) >= p  # True = keep
+    _LAST_MASK.update(x=weakref.ref(x), p=p, version=x._version, mask=mask)
+    return mask
 
 
 # ---- modules ---------------------------------------------------------------------------------------
@@ -114,9 +135,7 @@ class LoraLinear(Adapter):
         if self.use_dora:
             scale = self.lora_magnitude_vector / self._norm(base.weight).to(x.dtype)  # (out,), norm detached
             return dora_linear(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, scale, self.lora_magnitude_vector)
-        mask = None
-        if self._dropping():
-            mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - self.dropout_p)
+        mask = _shared_dropout_mask(x, self.dropout_p) if self._dropping() else None
         return lora_linear(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, mask, 1 / (1 - self.dropout_p))
 
     def _generic(self, x: torch.Tensor, base: nn.Module, base_out: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scaling, mask, keep):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        xd = x2 if mask is None else x2 * mask.reshape(x2.shape) * keep
+        xd = x2 if mask is None else torch.where(mask.reshape(x2.shape), x2, 0.0).mul_(keep)
         xa = xd @ A.T  # (N, r)
         y = F.linear(x2, weight, bias)  # (N, out)
         y.addmm_(xa, B.T, alpha=scaling)
@@ -45,14 +45,14 @@ class _LoraLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             grad_b = (g.T @ xa).mul_(s)  # (out, r)
         if ctx.needs_input_grad[3]:
-            xd = x2 if mask is None else x2 * mask.reshape(x2.shape) * keep
+            xd = x2 if mask is None else torch.where(mask.reshape(x2.shape), x2, 0.0).mul_(keep)
             grad_a = u.T @ xd  # (r, in)
         if ctx.needs_input_grad[0]:
             grad_x = g @ weight  # (N, in)
             if mask is None:
                 grad_x.addmm_(u, A)
             else:
-                grad_x.add_((u @ A).mul_(mask.reshape(grad_x.shape)), alpha=keep)
+                grad_x.add_(torch.where(mask.reshape(grad_x.shape), u @ A, 0.0), alpha=keep)
             grad_x = grad_x.view(x.shape)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)

@@ -230,11 +230,12 @@ class AdapterBank:
     def _load(self, name: str, slot: int, signature: Hashable) -> None:
         weights = self._sources[name].read()  # read and check everything before touching the bank
         for path, w in weights.items():
-            if path in self.layers and not self.layers[path].fits(w):
-                have = self.layers[path]
+            have = self.layers.get(path)
+            if have is not None and not have.fits(w):
                 raise ValueError(
-                    f"adapter {name!r} at {path}: layer shape (out={w.out_features}, in={w.in_features}) does not match "
-                    f"the bank's (out={have.out_features}, in={have.in_features}); was it trained on another model?"
+                    f"adapter {name!r} at {path}: layer shape (out={w.out_features}, in={w.in_features}) does not "
+                    f"match the bank's (out={have.out_features}, in={have.in_features}); "
+                    "was it trained on another model?"
                 )
         for path in self._slot_layers.pop(slot, ()):
             self.layers[path].clear(slot)

@@ -12,22 +12,27 @@ arXiv:2402.09353), IA³ on outputs (A = B = 0, o = l) or on inputs (g = l; Liu e
 arXiv:2205.05638), and the base model (slot 0: everything zero or one).
 
 Why gather + ``torch.bmm`` rather than one matmul per distinct adapter (peft's loop over
-sub-batches): measured on this machine's CPU (1 thread, CPU time, best of 15; x (b, 128, in), r = 16,
-hidden 512 / intermediate 1408), the low-rank part over a layer's base matmul costs
+sub-batches): measured on this project's CPU (1 thread, CPU time, best of 9-51 runs, r = 16; the
+machine was shared, so single figures move by a few points), the low-rank part costs, on top of the
+layer's base matmul:
 
-    rows × distinct   layer         gather+bmm   segment (index_select, 2 matmuls, index_add_)
-    8 × 8             512 → 512     +12%         +23%
-    8 × 8             512 → 1408    +9%          +21%
-    32 × 32           512 → 1408    +10%         +13%
-    32 × 32           1408 → 512    +8–18%       +13%
-    32 × 8            1408 → 512    +12%         +16%
+    prefill, x (b, 128, in)         gathered bmm   segment by id (index_select, 2 mm, index_add_)
+    8 rows × 8 adapters, 512→512    +26%           +31%
+    8 × 8, 512→1408 / 1408→512      +16% / +7%     +14% / +11%
+    32 × 8, 512→1408 / 1408→512     +9% / +12%     +10% / +14%
+    32 × 32, 512→1408 / 1408→512    +12% / +12%    +13% / +11%
 
-The segment path copies every row's activations twice (select in, add back: T·(in + out) floats per
-row) and pays two Python-level matmuls per adapter; the gather copies only each row's factors
-(r·(in + out) floats, T/r = 8 times fewer) and is a single batched matmul whatever the number of
-adapters, and the gather itself is under 0.5% of the layer. The factors are gathered once per
-request (see :class:`deltatune.serving.bank.RowPlan`), so generation's decode steps never gather.
-A single adapter for the whole batch takes plain 2-D matmuls.
+    decode, x (b, 1, 512), 512→1408  base 271 µs (8 rows), 628 µs (32), 769 µs (32 × 32 adapters)
+    8 × 8                            +58 µs         +263 µs
+    32 × 8                           +446 µs        +694 µs
+    32 × 32                          +373 µs        +1860 µs
+
+In prefill the two are within noise of each other (the segment path copies every row's activations
+twice, T·(in + out) floats per row; the gather copies only each row's factors, r·(in + out) floats,
+and costs under 0.5% of the layer). In decode, the segment path pays two Python-level matmuls per
+distinct adapter per layer per token, which is 2-5x the gathered path, so we gather. The factors
+are gathered once per request (:meth:`deltatune.serving.bank.LayerBank.plan`), so decode steps
+never gather. A single adapter for the whole batch takes plain 2-D matmuls.
 
 A Triton kernel (one launch doing the gather inside the matmul, as in Punica's SGMV) would help on
 GPUs; it is not included: this project has no GPU to test it on, and the pure-torch path runs on
@@ -39,7 +44,7 @@ import torch
 
 
 def gather_rows(bank: torch.Tensor, ids: torch.Tensor, rank: int) -> torch.Tensor:
-    """Each row's factor, cut to ``rank``: A (S, r, in) -> (b, rank, in); B is passed as (S, r, out)."""
+    """Each row's A, cut to ``rank``: (S, r, in) -> (b, rank, in)."""
     return bank[:, :rank].index_select(0, ids)  # a contiguous copy of only the used ranks
 
 

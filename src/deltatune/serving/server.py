@@ -114,7 +114,11 @@ class _PeftServing:
                 self.bank.forget(name)  # deleted from the model
         for name in peft_model.peft_config:
             if name not in self.bank.registered:
-                self.bank.register(name, PeftModelSource(lambda: self.hosts, name))
+                self.bank.register(name, PeftModelSource(self.current_hosts, name))
+
+    def current_hosts(self) -> list[tuple[str, AdaptedLayer]]:
+        # A bound method, not a lambda: deepcopy of the PeftModel then rebinds it to the copy's state.
+        return self.hosts
 
 
 def _serving_state(peft_model: nn.Module) -> _PeftServing:
@@ -138,7 +142,9 @@ def _check_peft(peft_model: nn.Module, names: list[str], state: _PeftServing) ->
             )
     merged = sorted({a for _, h in state.hosts for a in h.merged})
     if merged:
-        raise ValueError(f"adapters {merged} are merged into the base weights; call unmerge_adapter() before adapter_names")
+        raise ValueError(
+            f"adapters {merged} are merged into the base weights; call unmerge_adapter() before using adapter_names"
+        )
 
 
 def _saved_copy_hook(names: list[str], wrapper: ModulesToSaveWrapper, args: tuple, out: Any):

@@ -90,7 +90,8 @@ def _fill(adapters: dict[str, Adapter], state_dict: dict[str, torch.Tensor], fol
     ]
     if problems:
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise ValueError(f"{folder} does not fit this model; nothing was loaded:\n  " + "\n  ".join(problems[:20]) + more)
+        listing = "\n  ".join(problems[:20])
+        raise ValueError(f"{folder} does not fit this model; nothing was loaded:\n  {listing}{more}")
     for k, tensor in expected.items():
         tensor.copy_(state_dict[k].to(tensor.dtype))
 

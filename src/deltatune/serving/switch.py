@@ -96,7 +96,8 @@ class MergedAdapterSwitcher:
         bias = getattr(layer, "bias", None)
         bias = bias if isinstance(bias, torch.Tensor) else None
         if path not in self._pristine:
-            self._pristine[path] = (dense_weight(layer).detach().clone(), None if bias is None else bias.detach().clone())
+            saved_bias = None if bias is None else bias.detach().clone()
+            self._pristine[path] = (dense_weight(layer).detach().clone(), saved_bias)
             return
         weight, b = self._pristine[path]
         set_dense_weight(layer, weight)
