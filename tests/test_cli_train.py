@@ -167,3 +167,23 @@ def test_data_errors_are_reported_before_the_model_is_loaded(case, tiny_run_file
         args.append("data.eval_size=0")
     assert main(args) == 2
     assert expected in capsys.readouterr().err.lower()
+
+
+def test_resume_without_output_dir_picks_the_newest_run(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from deltatune.cli.train import resolve_config, split_args
+    from deltatune.train.config import load_train_config
+
+    monkeypatch.chdir(tmp_path)
+    for i, name in enumerate(["old", "new"]):
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(load_train_config(None, [f"train.lr={i + 1}e-4"]).to_yaml())
+        os.utime(run, (time.time() - 100 + 50 * i,) * 2)
+    config = resolve_config(None, ["train.max_steps=7"], resume=True)
+    assert config.output_dir == "runs/new" and config.train.lr == pytest.approx(2e-4) and config.train.max_steps == 7
+    assert split_args(["a.yaml", "train.lr=1"]) == ("a.yaml", ["train.lr=1"])
+    with pytest.raises(ValueError, match="at most one config file"):
+        split_args(["a.yaml", "b.yaml"])
