@@ -68,7 +68,7 @@ def test_each_row_equals_its_adapter_alone(llama):
 @torch.no_grad()
 def test_rows_in_any_order_and_one_adapter_for_all(llama):
     x = input_ids(batch=4, seq=5, seed=3)
-    for names in (["ia3", "dora2", "dora2", "lora4"], ["rslora8"] * 4, ["__base__"] * 4):
+    for names in (["ia3", "dora2", "dora2", "lora4"], ["rslora8"] * 4, ["emb3"] * 4, ["dora2"] * 4, ["__base__"] * 4):
         assert_close(llama(input_ids=x, adapter_names=names).logits, _alone(llama, names, input_ids=x))
 
 

@@ -39,7 +39,9 @@ class LayerPlan:
 
     rows: int
     ids: torch.Tensor  # (b,) slot per row
-    A: torch.Tensor | None = None  # (b, r, in) per row, or (r, in) when one slot serves every row
+    # (b, r, in) per row, or (r, in) when one slot serves every row; for an embedding with several
+    # slots, the whole bank's A (S, r, vocab), looked up by ``ids``
+    A: torch.Tensor | None = None
     Bt: torch.Tensor | None = None  # (b, r, out) scaled Bᵀ per row, or (r, out)
     in_scale: torch.Tensor | None = None  # (b, in) or (1, in)
     out_scale: torch.Tensor | None = None  # (b, out) or (1, out)
@@ -133,9 +135,13 @@ class LayerBank:
         lora = unique & self.uses["lora"]
         if lora:
             r = max(self.rank[s] for s in lora)  # rows with smaller ranks read zero padding
-            A = gather_rows(self.A, index, r)  # (b, r, in)
-            Bt = (self.B[:, :, :r].index_select(0, index) * self.scaling.index_select(0, index)[:, None, None])
-            plan.A, plan.Bt = (A[0], Bt[0].T) if single else (A, Bt.transpose(1, 2))
+            Bt = self.B[:, :, :r].index_select(0, index) * self.scaling.index_select(0, index)[:, None, None]
+            plan.Bt = Bt[0].T if single else Bt.transpose(1, 2)  # (r, out) or (b, r, out)
+            if self.embedding and not single:
+                plan.A = self.A[:, :r]  # looked up per token: gathering would copy r x vocab per row
+            else:
+                A = gather_rows(self.A, index, r)  # (b, r, in)
+                plan.A = A[0] if single else A
         for key in _VECTORS:
             if unique & self.uses[key]:
                 setattr(plan, key, self.vectors[key].index_select(0, index))  # (b, n) or (1, n)

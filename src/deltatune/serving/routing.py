@@ -43,7 +43,7 @@ def _post_hook(path: str, layer: LayerBank, plan: LayerPlan, module: nn.Module, 
         if layer.embedding and plan.single:
             y3 = y3 + (F.embedding(x.reshape(b, -1), plan.A.T) @ plan.Bt).to(y3.dtype)  # (b, L, out)
         elif layer.embedding:
-            y3 = mixed_embedding_lora(y3, x, plan.ids, layer.A[:, : plan.A.shape[-2]], plan.Bt)
+            y3 = mixed_embedding_lora(y3, x, plan.ids, plan.A, plan.Bt)
         elif plan.single:
             y3 = single_lora_(y3, x, plan.A, plan.Bt)
         else:

@@ -9,6 +9,7 @@ checkpoint, a NaN/inf loss stops with the step named and the last good checkpoin
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,9 +158,15 @@ def check_quantized_support(config: TrainConfig) -> None:
         )
 
 
+def is_main_process() -> bool:
+    """True on rank 0 of a ``torchrun`` / ``accelerate launch`` job, and in a plain single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def load_model(config: TrainConfig, log: Callable[[str], None] = print) -> Any:
     """The base model, quantized to 4 bits for QLoRA and with gradient checkpointing if asked."""
-    device = "cuda" if torch.cuda.is_available() else None
+    # Under torchrun each rank loads onto its own GPU (LOCAL_RANK), not all onto cuda:0.
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else None
     model, _ = load_model_and_tokenizer(config.model, device=device)
     if config.method.spec.quantized:
         from deltatune.quant import prepare_model_for_kbit_training, quantize_model
@@ -203,11 +210,17 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
     peft_config = config.method.build(total_steps=steps)
     check_quantized_support(config)
     accuracy = wants_accuracy(config, prepared)
-    checkpoint = check_output_dir(output_dir, resume, overwrite)
+    # Every rank of a torchrun job runs this; only rank 0 checks, clears and writes the output folder
+    # (otherwise rank 1 finds rank 0's config.yaml and refuses to overwrite "another run").
+    if is_main_process():
+        checkpoint = check_output_dir(output_dir, resume, overwrite)
+    else:
+        checkpoint = outputs.last_checkpoint(output_dir) if resume else None
     if checkpoint is not None and config.method.name == "adalora":
         raise ValueError("--resume is not supported for AdaLoRA: its rank allocator's importance scores are not "
                          "checkpointed and saved adapters hold only the kept ranks. Start the run again.")
-    outputs.write_config(output_dir, config)
+    if is_main_process():
+        outputs.write_config(output_dir, config)
     session = TrainingSession(config, output_dir, tokenizer, prepared, peft_config, steps, log)
     return session.run(checkpoint, accuracy, started)
 

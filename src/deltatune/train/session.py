@@ -40,6 +40,9 @@ def training_arguments(config: TrainConfig, output_dir: Path, steps: int, has_ev
         disable_tqdm=not t.progress_bar, use_cpu=not cuda, remove_unused_columns=False, label_names=["labels"],
         include_num_input_tokens_seen="all" if config.data.packing else "non_padding",
         logging_nan_inf_filter=False, dataloader_num_workers=0,
+        # Every trainable adapter parameter takes part in each forward, so DDP need not search the
+        # autograd graph for unused ones each step (and that search breaks with checkpointing).
+        ddp_find_unused_parameters=False,
     )
 
 
@@ -58,7 +61,7 @@ class TrainingSession:
         from transformers import set_seed
 
         from deltatune.model import get_peft_model
-        from deltatune.train.run import RunResult, load_model
+        from deltatune.train.run import RunResult, is_main_process, load_model
 
         timings = self.metrics["timings"]
         timings["data_s"] = time.perf_counter() - started
@@ -72,7 +75,8 @@ class TrainingSession:
         elif accuracy and self.config.eval.zero_shot:
             self.metrics["zero_shot"] = self.score(model, "zero-shot accuracy (before training)")
             timings["zero_shot_s"] = self.metrics["zero_shot"]["seconds"]
-            outputs.write_metrics(self.output_dir, self.metrics)
+            if is_main_process():
+                outputs.write_metrics(self.output_dir, self.metrics)
         set_seed(self.config.train.seed)  # the adapter's initialisation
         peft_model = get_peft_model(model, self.peft_config)
         trainable, total = peft_model.get_nb_trainable_parameters()
@@ -82,7 +86,7 @@ class TrainingSession:
                  f"{self.config.train.grad_accum} rows on {torch.get_num_threads()} CPU threads"
                  if not torch.cuda.is_available() else f"method {self.config.method.name}: {trainable:,d} trainable")
         status = self.train(peft_model, checkpoint)
-        if status == "completed":
+        if status == "completed" and is_main_process():
             peft_model.save_pretrained(self.output_dir / outputs.ADAPTER_DIR)
             if accuracy:
                 self.metrics["final"] = self.score(peft_model, "accuracy after training")
@@ -175,6 +179,10 @@ class TrainingSession:
     def finish(self, status: str) -> None:
         """Write ``metrics.json`` and ``loss.png`` with the given status."""
         self.metrics["status"] = status
+        from deltatune.train.run import is_main_process
+
+        if not is_main_process():  # under torchrun only rank 0 writes metrics.json and loss.png
+            return
         self.metrics["peak_rss_mb"] = outputs.peak_rss_bytes() / 2**20
         outputs.write_metrics(self.output_dir, self.metrics)
         train = self.metrics.get("train") or {}
