@@ -1,6 +1,6 @@
 """The memory model against measured peaks: within 15% for full fine-tuning, LoRA, QLoRA and prompt tuning.
 
-Each configuration is measured in its own (forked) process, as defined in deltatune.plan.probe: the
+Each configuration is measured in its own (fresh) process, as defined in deltatune.plan.probe: the
 resident-set high-water mark over two training steps, minus the resident set before the model
 was built, with glibc set to return freed blocks (so RSS follows live memory). The model is a
 tiny LLaMA sized so that activations and logits dominate (like real training) while two steps
@@ -26,7 +26,9 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="me
 @pytest.mark.parametrize("method", ["full", "lora", "qlora", "prompt"])
 def test_estimate_within_15_percent_of_the_measured_peak(method):
     setup = TrainSetup(method=method, r=8, batch_size=16, seq_len=512, device="cpu", dtype="float32", lora_dropout=0.0)
-    measured = probe(TINY, setup, fork=True)
+    # A fresh interpreter, not a fork: a fork inherits the allocator state of a pytest process that has
+    # already run hundreds of tests, which moved the measured peak by ~20% in the full suite.
+    measured = probe(TINY, setup, fork=False)
     est = estimate_memory(TINY, setup)
     error = est.peak_bytes / measured.peak_bytes - 1
     assert abs(error) <= TOLERANCE, (
