@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.config import PeftConfig, PeftType, _check
-from deltatune.methods.base import Adapter, Method, dense_weight, register_method
+from deltatune.methods.base import linear_layer_types, Adapter, Method, dense_weight, register_method
 
 RANKNUM_EPS = 1e-5  # peft divides by (ranknum + 1e-5); kept so merged weights match peft's bit for bit
 E_KEY = ".lora_E"  # rank_pattern keys are "<module path>.lora_E", as peft writes them
@@ -402,16 +402,7 @@ def _forward(peft_model, adapter_name: str, *args: Any, **kwargs: Any):
 
 
 def _supported_types() -> tuple[type, ...]:
-    from transformers.pytorch_utils import Conv1D
-
-    types: list[type] = [nn.Linear, Conv1D]
-    try:
-        from deltatune.quant import quantized_linear_types
-
-        types.extend(quantized_linear_types())
-    except ImportError:
-        pass
-    return tuple(types)
+    return linear_layer_types()
 
 
 register_method(Method(

@@ -80,6 +80,16 @@ def set_dense_weight(layer: nn.Module, w: torch.Tensor) -> None:
     target.data.copy_((w.T if _stores_transposed(layer) else w).to(target.dtype))
 
 
+def linear_layer_types() -> tuple[type, ...]:
+    """Layers with an (out, in) weight that adapter methods wrap: nn.Linear, transformers' Conv1D and
+    our quantized linears (their ``dense_weight`` dequantizes)."""
+    from transformers.pytorch_utils import Conv1D
+
+    from deltatune.quant import quantized_linear_types
+
+    return (nn.Linear, Conv1D, *quantized_linear_types())
+
+
 @dataclass(frozen=True)
 class Method:
     """A registered adapter method: which config it reads and how it builds one layer's adapter."""

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.config import PeftConfig, PeftType
-from deltatune.methods.base import Adapter, Method, dense_weight, register_method
+from deltatune.methods.base import linear_layer_types, Adapter, Method, dense_weight, register_method
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh,
@@ -205,16 +205,7 @@ def make_bottleneck_adapter(config: BottleneckConfig, base_layer: nn.Module, mod
 
 
 def _supported_types() -> tuple[type, ...]:
-    from transformers.pytorch_utils import Conv1D
-
-    types: list[type] = [nn.Linear, Conv1D]
-    try:
-        from deltatune.quant import quantized_linear_types
-
-        types.extend(quantized_linear_types())
-    except ImportError:
-        pass
-    return tuple(types)
+    return linear_layer_types()
 
 
 register_method(

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from deltatune.config import PeftConfig, PeftType
-from deltatune.methods.base import Adapter, Method, dense_weight, register_method, set_dense_weight
+from deltatune.methods.base import linear_layer_types, Adapter, Method, dense_weight, register_method, set_dense_weight
 
 # peft's per-family defaults: (target_modules, feedforward_modules) when target_modules is None.
 IA3_DEFAULTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -242,16 +242,7 @@ def make_ia3_adapter(config: IA3Config, base_layer: nn.Module, module_name: str)
 
 
 def _supported_types() -> tuple[type, ...]:
-    from transformers.pytorch_utils import Conv1D
-
-    types: list[type] = [nn.Linear, Conv1D]
-    try:
-        from deltatune.quant import quantized_linear_types
-
-        types.extend(quantized_linear_types())
-    except ImportError:
-        pass
-    return tuple(types)
+    return linear_layer_types()
 
 
 register_method(
