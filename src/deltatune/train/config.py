@@ -45,16 +45,16 @@ def _fail(section: str, key: str, got: Any, expected: str) -> None:
 class TrainSection:
     """The ``train:`` section: the optimisation and the Trainer's schedule of logs, evals and saves."""
 
-    max_steps: int | None = 60
-    """Optimizer steps to run. None: run :attr:`epochs` epochs instead. The default job's 60 steps of 8
-    articles (480 of the 2,025 training articles) reach ~97% on the held-out set (measured)."""
+    max_steps: int | None = 80
+    """Optimizer steps to run. None: run :attr:`epochs` epochs instead. The default job's 80 steps of 8
+    articles (640 of the 2,025 training articles) took SmolLM2 from 36% to 93.5% on the held-out set."""
     epochs: float = 1.0
     """Passes over the training set when :attr:`max_steps` is None."""
     batch_size: int = 8
     """Rows per micro-batch."""
     grad_accum: int = 1
     """Micro-batches per optimizer step (effective batch = batch_size x grad_accum)."""
-    lr: float = 1e-3
+    lr: float = 2e-3
     """Peak learning rate."""
     scheduler: str = "cosine"
     """Learning-rate schedule after warm-up: cosine, linear, constant, ... (transformers' names)."""
