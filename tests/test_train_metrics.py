@@ -26,15 +26,16 @@ class FakeLM(nn.Module):
         self.weight = nn.Parameter(torch.zeros(1))
         self.calls = []
 
-    def topic(self, ids):
-        text = self.tok.decode(ids[0])
+    def topic(self, ids, row=0):
+        text = self.tok.decode(ids[row])
         return self.fixed or next(t for t in TOPICS if f"on {t}" in text)
 
-    def forward(self, input_ids, logits_to_keep=0, use_cache=None):
+    def forward(self, input_ids, logits_to_keep=0, use_cache=None, attention_mask=None, position_ids=None):
         self.calls.append(logits_to_keep)
-        logits = torch.zeros(1, input_ids.shape[1], len(self.tok))
-        first = self.tok(self.topic(input_ids), add_special_tokens=False)["input_ids"][0]
-        logits[0, -1, first] = 5.0
+        logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], len(self.tok))
+        for row in range(input_ids.shape[0]):
+            first = self.tok(self.topic(input_ids, row), add_special_tokens=False)["input_ids"][0]
+            logits[row, -1, first] = 5.0
         return CausalLMOutput(logits=logits)
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens=8, do_sample=False, pad_token_id=None):
@@ -86,3 +87,24 @@ def test_max_examples_and_input_errors(tok):
         score_accuracy(FakeLM(tok), tok, [{"messages": []}])
     with pytest.raises(ValueError, match="scoring"):
         score_accuracy(FakeLM(tok), tok, rows(TOPICS), scoring="vibes")
+
+
+def test_padded_batches_score_like_one_prompt_at_a_time(tok):
+    """Left padding with real-token position ids: each row's last logits equal its unpadded forward."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from deltatune.train.metrics import _forward_last_logits, _left_pad
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
+    prompts = [[5, 9, 3], [7, 2, 8, 4, 6, 1, 11], [12]]
+    with torch.no_grad():
+        batched = _forward_last_logits(model, *_left_pad(prompts, 0, "cpu"))
+        alone = torch.cat([_forward_last_logits(model, torch.tensor([p])) for p in prompts])
+    assert batched.shape == (3, len(tok))
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+    # Many more rows than one batch: every row is scored once, in its own place in the confusion table.
+    golds = [TOPICS[i % 3] for i in range(19)]
+    result = score_accuracy(FakeLM(tok), tok, rows(golds))
+    assert result["total"] == 19 and result["accuracy"] == 1.0

@@ -2,7 +2,8 @@
 
 Two ways to read the model's answer:
 
-- ``first_token``: one forward pass over the prompt (ending with the assistant header); the
+- ``first_token``: one forward pass over the prompt (ending with the assistant header; prompts are
+  left-padded into batches of 8 of similar length); the
   prediction is the label whose first answer token has the highest log-probability among the
   candidate labels' first tokens. Needs the labels' first tokens to be distinct (the five BBC
   topics' are). Cheap and deterministic, and it scores a model that would answer with extra words.
@@ -41,25 +42,48 @@ def _normalize(text: str) -> str:
     return text.strip().strip(string.punctuation + string.whitespace).lower()
 
 
-def _forward_last_logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
-    """Logits of the last position, (V,), computing only that position's projection when supported."""
+def _forward_last_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of each row's last position, (b, V), computing only that position's projection when supported.
+
+    Rows are left-padded, so the last position is every row's last real token; position ids count
+    real tokens only, so a padded row sees the positions it would see alone.
+    """
+    kwargs: dict[str, Any] = {"input_ids": ids, "use_cache": False}
+    if mask is not None:
+        kwargs.update(attention_mask=mask, position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0))
     try:
-        out = model(input_ids=ids, logits_to_keep=1, use_cache=False)
+        out = model(**kwargs, logits_to_keep=1)
     except TypeError:  # a model whose forward predates logits_to_keep
-        out = model(input_ids=ids, use_cache=False)
-    return out.logits[0, -1]
+        out = model(**kwargs)
+    return out.logits[:, -1]
 
 
 def _model_device(model: Any) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
-def _predict_first_token(model, tokenizer, prompt: str, labels: Sequence[str], device) -> str:
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    firsts = [_answer_first_token(tokenizer, prompt_ids, prompt, lab) for lab in labels]
-    logits = _forward_last_logits(model, torch.tensor([prompt_ids], device=device))  # (V,)
-    scores = logits.float().log_softmax(-1)[torch.tensor(firsts, device=logits.device)]  # (L,)
-    return labels[int(scores.argmax())]
+def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _predict_first_token_batch(model, tokenizer, prompts: list[str], labels: Sequence[str], device) -> list[str]:
+    """First-token predictions for several prompts in one padded forward pass."""
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    firsts = torch.tensor([[_answer_first_token(tokenizer, ids, p, lab) for lab in labels]
+                           for ids, p in zip(prompt_ids, prompts)])  # (b, L)
+    if len(prompts) == 1:
+        logits = _forward_last_logits(model, torch.tensor(prompt_ids, device=device))
+    else:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        logits = _forward_last_logits(model, *_left_pad(prompt_ids, pad, device))  # (b, V)
+    scores = logits.float().log_softmax(-1).gather(1, firsts.to(logits.device))  # (b, L)
+    return [labels[int(k)] for k in scores.argmax(-1)]
 
 
 def _predict_greedy(model, tokenizer, prompt: str, labels: Sequence[str], device, max_new_tokens: int) -> tuple[str, str]:
@@ -142,26 +166,33 @@ def _messages(ds: Any, i: int) -> list[dict]:
     return ds[i]["messages"]
 
 
-def _score(model, tokenizer, ds, n, gold_all, labels, template, scoring, max_new_tokens, progress) -> dict[str, Any]:
+def _score(model, tokenizer, ds, n, gold_all, labels, template, scoring, max_new_tokens, progress,
+           batch_size: int = 8) -> dict[str, Any]:
     start = time.perf_counter()
     device = _model_device(model)
     was_training = model.training
     model.eval()
     confusion: dict[str, Counter] = {lab: Counter() for lab in labels}
-    indices = range(n)
+    prompts = [generation_prompt(_messages(ds, i), tokenizer, template) for i in range(n)]
+    if scoring == "first_token":
+        # Batches of similar length waste little on padding: sort by prompt length.
+        order = sorted(range(n), key=lambda i: len(prompts[i]))
+        groups = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    else:
+        groups = [[i] for i in range(n)]
     if progress:
         from tqdm.auto import tqdm
 
-        indices = tqdm(indices, desc=f"accuracy ({scoring})", leave=False)
+        groups = tqdm(groups, desc=f"accuracy ({scoring})", leave=False)
     try:
         with torch.no_grad():
-            for i in indices:
-                prompt = generation_prompt(_messages(ds, i), tokenizer, template)
+            for group in groups:
                 if scoring == "first_token":
-                    pred = _predict_first_token(model, tokenizer, prompt, labels, device)
+                    preds = _predict_first_token_batch(model, tokenizer, [prompts[i] for i in group], labels, device)
                 else:
-                    pred, _ = _predict_greedy(model, tokenizer, prompt, labels, device, max_new_tokens)
-                confusion.setdefault(gold_all[i], Counter())[pred] += 1
+                    preds = [_predict_greedy(model, tokenizer, prompts[group[0]], labels, device, max_new_tokens)[0]]
+                for i, pred in zip(group, preds):
+                    confusion.setdefault(gold_all[i], Counter())[pred] += 1
     finally:
         model.train(was_training)
     correct = sum(c[g] for g, c in confusion.items())
