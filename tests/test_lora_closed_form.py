@@ -105,3 +105,30 @@ def test_fused_dora_gradients_match_autograd():
     want = torch.autograd.grad(reference(), [x, A, B, m], grad)
     for a, e in zip(got, want):
         assert_close(a, e)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_inference_on_many_tokens_uses_the_merged_weight_with_the_same_result(use_dora):
+    """No autograd and enough tokens: the layer forms W + sBA (DoRA: times m/‖·‖) instead of two skinny
+    matmuls. Same output as the low-rank path; the stored weight is untouched; small batches do not."""
+    torch.manual_seed(0)
+    pm = get_peft_model(nn.Sequential(nn.Linear(16, 24)),
+                        LoraConfig(r=4, lora_alpha=8, target_modules=["0"], use_dora=use_dora, init_lora_weights=False))
+    pm.eval()
+    layer = pm.base_model.model[0]
+    adapter, W0 = layer.adapters["default"], layer.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        adapter.lora_B.normal_()
+    x = torch.randn(5, 40, 16)  # 200 tokens: 200 * (16 + 2 * 24) floats of traffic > 2 * 16 * 24
+    with torch.no_grad():
+        assert adapter._merges_on_the_fly(x, layer.base_layer.weight)
+        assert not adapter._merges_on_the_fly(x[:1, :2], layer.base_layer.weight)  # 2 tokens
+        fast = pm(x)
+    slow = pm(x)  # grad mode on: the low-rank kernels
+    assert not adapter._merges_on_the_fly(x, layer.base_layer.weight)
+    W = W0 + adapter.scaling * adapter.lora_B.detach() @ adapter.lora_A.detach()
+    if use_dora:
+        W = (adapter.lora_magnitude_vector.detach() / W.norm(dim=1))[:, None] * W
+    assert_close(fast, x @ W.T + layer.base_layer.bias.detach())
+    assert_close(fast, slow.detach())
+    assert torch.equal(layer.base_layer.weight, W0)
