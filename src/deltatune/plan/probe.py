@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from deltatune.models.checkpointing import enable_activation_checkpointing
 from deltatune.plan.setup import TrainSetup
 
 
@@ -128,7 +129,7 @@ def build_training_model(model_source: Any, setup: TrainSetup) -> tuple[Any, lis
                                           compute_dtype=setup.dtype))
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=setup.grad_checkpointing)
     elif setup.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         if setup.method != "full":
             model.enable_input_require_grads()
     peft_config = peft_config_for(setup, model)

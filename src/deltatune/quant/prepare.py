@@ -6,6 +6,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltatune.models.checkpointing import enable_activation_checkpointing
+
 
 def prepare_model_for_kbit_training(
     model: nn.Module,
@@ -48,10 +50,5 @@ def prepare_model_for_kbit_training(
         raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; "
                          "call prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)")
     model.enable_input_require_grads()
-    # transformers >= 5 renamed the method; the old name still works there but warns
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    enable_activation_checkpointing(model, kwargs)
     return model

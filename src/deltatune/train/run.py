@@ -20,6 +20,7 @@ import torch
 from deltatune.data import prepare_datasets, validate_data
 from deltatune.data.pipeline import PreparedData, load_examples
 from deltatune.models import load_model_and_tokenizer
+from deltatune.models.checkpointing import enable_activation_checkpointing
 from deltatune.train import outputs
 from deltatune.train.config import TrainConfig
 from deltatune.train.metrics import describe, score_accuracy
@@ -176,7 +177,7 @@ def load_model(config: TrainConfig, log: Callable[[str], None] = print) -> Any:
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.train.gradient_checkpointing)
     elif config.train.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input grad
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return model
 
 
