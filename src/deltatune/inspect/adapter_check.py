@@ -7,7 +7,6 @@ copy is a no-op, so what it reports is exactly what a real load would refuse.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 
 from deltatune.config import PeftConfig, PeftType
 from deltatune.io.checkpoint import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, set_peft_model_state_dict
-from deltatune.io.config_io import CONFIG_NAME, config_from_dict
+from deltatune.io.config_io import CONFIG_NAME, config_from_dict, read_config_json
 from deltatune.inspect.architecture import meta_model
 
 _SAFETENSORS_DTYPES = {
@@ -75,16 +74,10 @@ def read_adapter(folder: str | os.PathLike) -> AdapterFiles:
         ValueError: the config is not valid JSON or has no ``peft_type``.
     """
     folder = Path(folder)
-    config_file = folder / CONFIG_NAME
-    if not config_file.is_file():
-        raise FileNotFoundError(
-            f"no {CONFIG_NAME} in {folder}; pass the folder that save_pretrained wrote (a non-default "
-            "adapter lives in a subfolder named after it)"
-        )
-    try:
-        raw = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file} is not valid JSON: {e}") from None
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}: it is not a folder; pass the adapter folder "
+                                "that save_pretrained wrote")
+    config_file, raw = read_config_json(folder)
     if not isinstance(raw, dict) or "peft_type" not in raw:
         raise ValueError(f"{config_file} has no 'peft_type' key; it is not an adapter config written by peft or deltatune")
     for name in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from deltatune.config import TaskType
-from deltatune.surgery.targets import iter_layers
+from deltatune.surgery.targets import iter_layers, output_head
 
 _TASK_AUTO_CLASSES = {
     TaskType.SEQ_CLS: "AutoModelForSequenceClassification",
@@ -159,21 +159,13 @@ class LayerGroup:
     """True for the LM head, which ``all-linear`` leaves out."""
 
 
-def _output_head(model: nn.Module) -> nn.Module | None:
-    get = getattr(model, "get_output_embeddings", None)
-    try:
-        return get() if callable(get) else None
-    except (AttributeError, NotImplementedError):
-        return None
-
-
 def layer_groups(model: nn.Module, layer_types: tuple[type, ...]) -> list[LayerGroup]:
     """Group the layers of ``model`` that ``layer_types`` can wrap, in model order.
 
     A path component that is a number (a block index) becomes ``*``, so a 30-block model shows
     one line per projection instead of thirty.
     """
-    head = _output_head(model)
+    head = output_head(model)
     groups: dict[tuple, list[Any]] = {}
     for name, module in iter_layers(model):
         if not isinstance(module, layer_types):

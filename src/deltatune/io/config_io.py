@@ -68,18 +68,28 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> PeftConfig
     return cls(**kwargs)
 
 
-def load_config(path: str | os.PathLike, subfolder: str | None = None) -> PeftConfig:
+def read_config_json(path: str | os.PathLike, subfolder: str | None = None) -> tuple[Path, dict]:
+    """``(file, parsed JSON)`` of an adapter folder's config (or of a config file given directly).
+
+    Raises:
+        FileNotFoundError: there is no config file there.
+        ValueError: the file is not valid JSON.
+    """
     folder = Path(path) / subfolder if subfolder else Path(path)
     file = folder / CONFIG_NAME if folder.is_dir() else folder
-    if not file.exists():
+    if not file.is_file():
         raise FileNotFoundError(
             f"no {CONFIG_NAME} at {folder}; pass the folder that save_pretrained wrote "
             "(a non-default adapter lives in a subfolder named after it)"
         )
     try:
-        data = json.loads(file.read_text())
+        return file, json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from None
+
+
+def load_config(path: str | os.PathLike, subfolder: str | None = None) -> PeftConfig:
+    file, data = read_config_json(path, subfolder)
     return config_from_dict(data, source=str(file))
 
 

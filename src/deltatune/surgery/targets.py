@@ -70,7 +70,8 @@ def layer_index(name: str, layers_pattern: Sequence[str] | str | None) -> int | 
     return None
 
 
-def _output_head(model: nn.Module) -> nn.Module | None:
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The model's LM head (``get_output_embeddings``), or None; ``all-linear`` leaves it out."""
     get = getattr(model, "get_output_embeddings", None)
     try:
         return get() if callable(get) else None
@@ -119,7 +120,7 @@ def resolve_targets(model: nn.Module, config: Any) -> list[str]:
 
     layer_types = get_method(config.peft_type).layer_types
     spec = config.target_modules if config.target_modules is not None else _default_targets(model, layer_types)
-    head = _output_head(model)
+    head = output_head(model)
     layers = list(iter_layers(model))
     if spec == "all-linear":
         linear = tuple(t for t in layer_types if t is not nn.Embedding)
