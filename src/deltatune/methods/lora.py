@@ -134,7 +134,7 @@ class LoraLinear(Adapter):
 
     def _merges_on_the_fly(self, x: torch.Tensor, W: torch.Tensor) -> bool:
         # Inference on many tokens. The low-rank path re-reads x and re-writes y, N·(in + 2·out)
-        # floats, in two skinny matmuls that are memory-bound on CPUs (+10-15% of the base matmul at
+        # floats, in two skinny matmuls that are memory-bound on CPUs (+8-15% of the base matmul at
         # r=16, measured); forming W' = W + s·B·A moves 2·in·out floats whatever N is. Take the
         # smaller. Training (autograd) and decode steps (small N) keep the low-rank path.
         if torch.is_grad_enabled() or self._dropping():
