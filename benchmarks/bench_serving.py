@@ -16,7 +16,11 @@ robin); the table shows the median over rounds of each round's ratio to the base
 time and in process CPU time (all threads; steadier than wall time on a busy machine).
 
     python benchmarks/bench_serving.py [--rounds 5] [--seq 128] [--swaps 20] [--threads 2]
-        [--skip-swap] [--skip-forward]
+        [--skip-swap] [--skip-forward] [--device cuda] [--dtype bfloat16]
+
+On CUDA (``--device cuda``) each call is followed by a synchronize, deltatune's mixed path runs its
+Triton kernels when Triton is installed, and ``--compare-torch`` adds a row for its pure-torch path
+(``DELTATUNE_TRITON=0`` in a second timing of the same models).
 """
 from __future__ import annotations
 
@@ -53,9 +57,16 @@ def build_adapted(lib_name: str, base, n_adapters: int):
     return model.eval()
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn) -> tuple[float, float]:
+    _sync()
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
+    _sync()
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -71,15 +82,20 @@ def run_rounds(calls: dict, rounds: int) -> dict[str, tuple[float, float, float]
     return {k: tuple(statistics.median(v[i] for v in vals) for i in range(3)) for k, vals in ratios.items()}
 
 
-def forward_tables(rounds: int, seq: int) -> None:
+def forward_tables(rounds: int, seq: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                   compare_torch: bool = False) -> None:
+    from deltatune.serving import triton_lora
+
     base = build_base()
-    ours = build_adapted("deltatune", base, 32)
-    theirs = build_adapted("peft", base, 32)
+    ours = build_adapted("deltatune", base, 32).to(device, dtype)
+    theirs = build_adapted("peft", base, 32).to(device, dtype)
+    base = base.to(device, dtype)
+    print(f"device {device}, {dtype}; Triton path {'on' if device == 'cuda' and triton_lora.AVAILABLE else 'off'}")
     print("| batch | distinct adapters | deltatune mixed / base | peft mixed / base | base (s) |")
     print("|---|---|---|---|---|")
     singles = {}
     for rows, distinct in CASES:
-        ids = torch.randint(0, 32000, (rows, seq), generator=torch.Generator().manual_seed(rows))
+        ids = torch.randint(0, 32000, (rows, seq), generator=torch.Generator().manual_seed(rows)).to(device)
         names = [f"a{i % distinct}" for i in range(rows)]
         ours.set_adapter("a0")
         theirs.set_adapter("a0")
@@ -88,13 +104,16 @@ def forward_tables(rounds: int, seq: int) -> None:
             "ours": lambda: ours(input_ids=ids, adapter_names=names),
             "peft": lambda: theirs(input_ids=ids, adapter_names=names),
         }
+        if compare_torch:
+            calls["ours torch"] = lambda: _without_triton(lambda: ours(input_ids=ids, adapter_names=names))
         if distinct == CASES[0][1]:  # single unmerged adapter, same batch
             calls["ours single"] = lambda: ours(input_ids=ids)
             calls["peft single"] = lambda: theirs(input_ids=ids)
         with torch.no_grad():
             res = run_rounds(calls, rounds)
-        print(f"| {rows}x{seq} | {distinct} | {res['ours'][0]:.3f} (cpu {res['ours'][1]:.3f}) "
-              f"| {res['peft'][0]:.3f} (cpu {res['peft'][1]:.3f}) | {res['base'][2]:.2f} |", flush=True)
+        torch_row = f"; torch path {res['ours torch'][0]:.3f}" if compare_torch else ""
+        print(f"| {rows}x{seq} | {distinct} | {res['ours'][0]:.3f} (cpu {res['ours'][1]:.3f}{torch_row}) "
+              f"| {res['peft'][0]:.3f} (cpu {res['peft'][1]:.3f}) | {res['base'][2]:.4f} |", flush=True)
         if "ours single" in res:
             singles[f"{rows}x{seq}"] = res
     print("\n| batch | deltatune single unmerged / base | peft single unmerged / base |")
@@ -102,6 +121,16 @@ def forward_tables(rounds: int, seq: int) -> None:
     for batch, res in singles.items():
         print(f"| {batch} | {res['ours single'][0]:.3f} (cpu {res['ours single'][1]:.3f}) "
               f"| {res['peft single'][0]:.3f} (cpu {res['peft single'][1]:.3f}) |")
+
+
+def _without_triton(fn):
+    from deltatune.serving import triton_lora
+
+    was, triton_lora.AVAILABLE = triton_lora.AVAILABLE, False
+    try:
+        return fn()
+    finally:
+        triton_lora.AVAILABLE = was
 
 
 def _drift(model, reference) -> float:
@@ -195,10 +224,13 @@ def main() -> None:
     ap.add_argument("--skip-swap", action="store_true")
     ap.add_argument("--skip-forward", action="store_true")
     ap.add_argument("--threads", type=int, default=2, help="1 gives steadier numbers on a shared machine")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--compare-torch", action="store_true", help="also time the pure-torch mixed path (CUDA)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not args.skip_forward:
-        forward_tables(args.rounds, args.seq)
+        forward_tables(args.rounds, args.seq, args.device, getattr(torch, args.dtype), args.compare_torch)
     if not args.skip_swap:
         swap_table(args.swaps)
 

@@ -124,10 +124,11 @@ def test_config_errors(kwargs, match):
         BottleneckConfig(**kwargs)
 
 
-def test_bf16_base_keeps_dtype():
-    pm = get_peft_model(tiny_llama().to(torch.bfloat16), BottleneckConfig(init_weights=False))
+@pytest.mark.parametrize("autocast", [True, False])
+def test_bf16_base_keeps_its_dtype_and_the_adapter_trains_in_fp32(autocast):
+    pm = get_peft_model(tiny_llama().to(torch.bfloat16), BottleneckConfig(init_weights=False), autocast_adapter_dtype=autocast)
     adapter = next(iter(_adapters(pm).values()))
-    assert adapter.up_weight.dtype == torch.bfloat16
+    assert adapter.up_weight.dtype == (torch.float32 if autocast else torch.bfloat16)  # peft's autocast_adapter_dtype
     assert pm(input_ids()).logits.dtype == torch.bfloat16
 
 

@@ -85,3 +85,32 @@ def test_named_adapter_subfolder_round_trip(tmp_path):
     theirs.set_adapter("second")
     x = input_ids()
     assert_close(ours(x).logits, theirs.eval()(x).logits)
+
+
+BF16_CASES = {
+    "lora": (dt.LoraConfig, peft.LoraConfig, dict(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"], init_lora_weights=False)),
+    "dora": (dt.LoraConfig, peft.LoraConfig, dict(r=4, target_modules=["q_proj", "gate_proj"], use_dora=True, init_lora_weights=False)),
+    "ia3": (dt.IA3Config, peft.IA3Config, dict(init_ia3_weights=False)),
+}
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+@pytest.mark.parametrize("case", BF16_CASES)
+def test_bf16_base_adapter_dtype_and_logits_match_peft(case, autocast, tmp_path):
+    """autocast_adapter_dtype (default True): adapters on a bf16 base are stored in fp32, as peft stores them."""
+    ours_cls, theirs_cls, kw = BF16_CASES[case]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(tiny_llama().to(torch.bfloat16), theirs_cls(**kw), autocast_adapter_dtype=autocast)
+        _perturb(theirs)
+        theirs.eval().save_pretrained(tmp_path)
+    ours = dt.PeftModel.from_pretrained(tiny_llama().to(torch.bfloat16), tmp_path, autocast_adapter_dtype=autocast)
+    fresh = dt.get_peft_model(tiny_llama().to(torch.bfloat16), ours_cls(**kw), autocast_adapter_dtype=autocast)
+
+    def dtypes(model):
+        return sorted((n.split(".")[-1], p.dtype) for n, p in model.named_parameters() if "lora_" in n or "ia3_" in n)
+
+    assert [d for _, d in dtypes(ours)] == [d for _, d in dtypes(theirs)] == [d for _, d in dtypes(fresh)]
+    assert {d for _, d in dtypes(ours)} == {torch.float32 if autocast else torch.bfloat16}
+    x = input_ids()
+    assert_close(ours(x).logits.float(), theirs(x).logits.float(), dtype=torch.bfloat16)

@@ -74,6 +74,26 @@ def test_per_row_formula_closed_form():
 
 
 @torch.no_grad()
+def test_consecutive_slots_are_served_from_views_of_the_bank():
+    torch.manual_seed(0)
+    layer = nn.Linear(IN, OUT)
+    bank = AdapterBank(max_slots=3)
+    for i in range(3):
+        bank.register(f"a{i}", _Source(_weights("lora", i)))
+    bank.ensure(["a0", "a1", "a2"])  # slots 1, 2, 3
+    x = torch.randn(3, 2, IN)
+    for names in (["a0", "a1", "a2"], ["a2", "a0", "a1"]):
+        with bank.request(names) as (ids, unique):
+            plan = bank.layers["lin"].plan(ids, unique)
+            with routed(bank, ids, unique, lambda path: layer):
+                y = layer(x)
+        shares = plan.A.untyped_storage().data_ptr() == bank.layers["lin"].A.untyped_storage().data_ptr()
+        assert shares == (names == ["a0", "a1", "a2"])  # slots 1, 2, 3 in order: no copy; otherwise gathered
+        for i, name in enumerate(names):
+            assert_close(y[i], _by_hand(layer, x[i], _weights("lora", int(name[1]))))
+
+
+@torch.no_grad()
 def test_growing_rank_and_slots_keeps_what_is_there():
     layer = LayerBank(OUT, IN, embedding=False, dtype=torch.float32, device="cpu")
     small, big = _weights("lora", 1), _weights("dora", 2)

@@ -43,12 +43,14 @@ class AdapterModel(nn.Module):
 class PeftModel(nn.Module):
     """A model with one or more adapters. Build with :func:`get_peft_model` or :meth:`from_pretrained`."""
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+    def __init__(
+        self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", autocast_adapter_dtype: bool = True
+    ) -> None:
         super().__init__()
         self.base_model = AdapterModel(model)
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: tuple[str, ...] = ()
-        self.add_adapter(adapter_name, peft_config)
+        self.add_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
         self.set_adapter(adapter_name)
 
     # ---- attribute passthrough (peft forwards unknown attributes to the base model) ----------------
@@ -122,8 +124,15 @@ class PeftModel(nn.Module):
         prepare = get_method(config.peft_type).prepare_config
         return prepare(config, base) if prepare is not None else config
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
-        """Attach a new adapter. It is not made active: call :meth:`set_adapter` for that."""
+    def add_adapter(
+        self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False, autocast_adapter_dtype: bool = True
+    ) -> None:
+        """Attach a new adapter. It is not made active: call :meth:`set_adapter` for that.
+
+        ``autocast_adapter_dtype`` (peft's default, True): on a bf16/fp16 base, the injected adapter's
+        weights are kept in fp32, so small optimizer updates are not rounded away; its products are
+        computed in fp32 and cast back to the layer's dtype.
+        """
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists; delete_adapter it first or pick another name")
         if adapter_name == "__base__":
@@ -132,6 +141,8 @@ class PeftModel(nn.Module):
         if self.peft_config and config.peft_type != next(iter(self.peft_config.values())).peft_type:
             _check_mixable(next(iter(self.peft_config.values())), config)
         self._inject(config, adapter_name)
+        if autocast_adapter_dtype:
+            inject.upcast_adapter(self.base_model.model, adapter_name)
         self.peft_config[adapter_name] = config
         self._refresh()
 
@@ -284,23 +295,27 @@ class PeftModel(nn.Module):
     @classmethod
     def from_pretrained(
         cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
-        is_trainable: bool = False, config: PeftConfig | None = None, subfolder: str | None = None, **_: Any,
+        is_trainable: bool = False, config: PeftConfig | None = None, subfolder: str | None = None,
+        autocast_adapter_dtype: bool = True, **_: Any,
     ) -> "PeftModel":
         """Wrap ``model`` and load the adapter saved at ``model_id`` (a folder written by peft or deltatune)."""
         folder = Path(model_id) / subfolder if subfolder else Path(model_id)
         config = config or load_config(folder)
         config = config.replace(inference_mode=not is_trainable)
         ckpt.check_base_model(config, model)
-        peft_model = _model_class(config)(model, config, adapter_name)
+        peft_model = _model_class(config)(model, config, adapter_name, autocast_adapter_dtype)
         peft_model._load_weights(folder, adapter_name)
         if not is_trainable:
             peft_model.eval()
         return peft_model
 
-    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **_: Any) -> None:
+    def load_adapter(
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+        autocast_adapter_dtype: bool = True, **_: Any,
+    ) -> None:
         """Add the adapter saved at ``model_id`` under ``adapter_name`` (not made active)."""
         config = load_config(model_id).replace(inference_mode=not is_trainable)
-        self.add_adapter(adapter_name, config)
+        self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
             self._load_weights(Path(model_id), adapter_name)
         except Exception:
@@ -366,13 +381,16 @@ def _check_mixable(first: PeftConfig, new: PeftConfig) -> None:
         )
 
 
-def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **_: Any) -> PeftModel:
-    """Wrap ``model`` with a new trainable adapter (peft's entry point)."""
+def get_peft_model(
+    model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", autocast_adapter_dtype: bool = True, **_: Any
+) -> PeftModel:
+    """Wrap ``model`` with a new trainable adapter (peft's entry point; see :meth:`PeftModel.add_adapter`
+    for ``autocast_adapter_dtype``)."""
     if isinstance(model, PeftModel):
         raise ValueError("model is already a PeftModel; use model.add_adapter(name, config) to add another adapter")
     if any(isinstance(m, AdaptedLayer) for m in model.modules()):
         raise ValueError("model already has adapters injected (inject_adapter_in_model); wrap the original model instead")
-    return _model_class(peft_config)(model, peft_config, adapter_name)
+    return _model_class(peft_config)(model, peft_config, adapter_name, autocast_adapter_dtype)
 
 
 def count_trainable(module: nn.Module) -> int:

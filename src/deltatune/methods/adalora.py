@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.config import PeftConfig, PeftType, _check
-from deltatune.methods.base import linear_layer_types, Adapter, Method, dense_weight, register_method
+from deltatune.methods.base import linear_layer_types, Adapter, Method, dense_weight, register_method, adapter_dtype
 
 RANKNUM_EPS = 1e-5  # peft divides by (ranknum + 1e-5); kept so merged weights match peft's bit for bit
 E_KEY = ".lora_E"  # rank_pattern keys are "<module path>.lora_E", as peft writes them
@@ -184,8 +184,7 @@ class SVDAdapter(Adapter):
     def __init__(self, base_layer: nn.Module, init_r: int, lora_alpha: float, dropout: float, init_weights: bool) -> None:
         super().__init__()
         out_f, in_f = _shape(base_layer)
-        w = getattr(base_layer, "weight", None)
-        dtype = w.dtype if w is not None and w.is_floating_point() else getattr(base_layer, "compute_dtype", torch.float32)
+        dtype = adapter_dtype(base_layer)
         self.init_r, self.dropout_p = init_r, dropout
         self.scaling = svd_scaling(lora_alpha, init_r)
         self.positions: tuple[int, ...] = tuple(range(init_r))

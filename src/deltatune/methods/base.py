@@ -71,6 +71,15 @@ def dense_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> torch.Te
 
 
 @torch.no_grad()
+def adapter_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype a new adapter on ``layer`` is created in: the layer's float weight dtype, or a quantized
+    layer's compute dtype. (PeftModel then stores half-precision adapters in fp32: autocast_adapter_dtype.)"""
+    w = getattr(layer, "weight", None)
+    if w is not None and w.is_floating_point():
+        return w.dtype
+    return getattr(layer, "compute_dtype", torch.float32)
+
+
 def set_dense_weight(layer: nn.Module, w: torch.Tensor) -> None:
     """Write an (out, in) matrix back into the layer's own storage layout (requantizing if needed)."""
     if hasattr(layer, "requantize_"):

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.config import PeftConfig, PeftType
-from deltatune.methods.base import linear_layer_types, Adapter, Method, dense_weight, register_method
+from deltatune.methods.base import linear_layer_types, Adapter, Method, dense_weight, register_method, adapter_dtype
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh,
@@ -189,18 +189,11 @@ def _out_features(layer: nn.Module) -> int:
     return dense_weight(layer).shape[0]
 
 
-def _float_dtype(layer: nn.Module) -> torch.dtype:
-    w = getattr(layer, "weight", None)
-    if w is not None and w.is_floating_point():
-        return w.dtype
-    return getattr(layer, "compute_dtype", torch.float32)
-
-
 def make_bottleneck_adapter(config: BottleneckConfig, base_layer: nn.Module, module_name: str) -> BottleneckAdapter:
     """Build one adapter on ``base_layer``'s output (width from ``reduction_factor``/``bottleneck_size``)."""
     d = _out_features(base_layer)
     return BottleneckAdapter(
-        d, config.width(d), config.non_linearity, config.scaling, _float_dtype(base_layer), config.init_weights
+        d, config.width(d), config.non_linearity, config.scaling, adapter_dtype(base_layer), config.init_weights
     )
 
 

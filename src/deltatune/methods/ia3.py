@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from deltatune.config import PeftConfig, PeftType
-from deltatune.methods.base import linear_layer_types, Adapter, Method, dense_weight, register_method, set_dense_weight
+from deltatune.methods.base import linear_layer_types, Adapter, Method, dense_weight, register_method, set_dense_weight, adapter_dtype
 
 # peft's per-family defaults: (target_modules, feedforward_modules) when target_modules is None.
 IA3_DEFAULTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -160,17 +160,20 @@ def ia3_merged_weight(W: torch.Tensor, l: torch.Tensor, feedforward: bool) -> to
 class IA3Scale(Adapter):
     """One IA³ vector on one layer: scales the output, or the input when ``feedforward`` is True.
 
-    The vector is kept in float32 whatever the base dtype: it starts at 1, and in bfloat16 an update
-    smaller than 2⁻⁸ to a value near 1 rounds away, so the vector could not learn.
+    The vector is created in the base layer's dtype and, by default (``autocast_adapter_dtype``), stored
+    in float32 on a half-precision base: it starts at 1, and in bfloat16 an update smaller than 2⁻⁸ to a
+    value near 1 rounds away, so the vector could not learn.
     """
 
     peft_keys = {"ia3_l": "ia3_l"}
 
-    def __init__(self, in_features: int, out_features: int, feedforward: bool, init_ones: bool = True) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, feedforward: bool, init_ones: bool = True, dtype: torch.dtype = torch.float32
+    ) -> None:
         super().__init__()
         self.feedforward = feedforward
         shape = (1, in_features) if feedforward else (out_features, 1)  # peft's on-disk shapes
-        self.ia3_l = nn.Parameter(torch.ones(shape) if init_ones else 1 + 0.5 * torch.randn(shape))
+        self.ia3_l = nn.Parameter((torch.ones(shape) if init_ones else 1 + 0.5 * torch.randn(shape)).to(dtype))
         # Original weight rows/columns (and bias entries) where l == 0, which division cannot restore.
         self._zeroed: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
@@ -238,7 +241,8 @@ def make_ia3_adapter(config: IA3Config, base_layer: nn.Module, module_name: str)
     """Build one IA³ vector for ``base_layer``; input scaling if ``module_name`` is a feed-forward module."""
     in_f, out_f = _features(base_layer)
     ff = is_feedforward(config.feedforward_modules, module_name)
-    return IA3Scale(in_f, out_f, ff, init_ones=config.init_ia3_weights)
+    dtype = adapter_dtype(base_layer)
+    return IA3Scale(in_f, out_f, ff, init_ones=config.init_ia3_weights, dtype=dtype)
 
 
 def _supported_types() -> tuple[type, ...]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.config import LoraConfig, PeftType
-from deltatune.methods.base import Adapter, Method, dense_weight, register_method, set_dense_weight
+from deltatune.methods.base import Adapter, Method, dense_weight, register_method, set_dense_weight, adapter_dtype
 from deltatune.methods.lora_init import init_factors
 from deltatune.methods.lora_kernels import dora_linear, lora_linear
 from deltatune.surgery.targets import pattern_value
@@ -82,7 +82,7 @@ class LoraLinear(Adapter):
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool) -> None:
         super().__init__()
         out_f, in_f = _shape(base_layer)
-        dtype = _float_dtype(base_layer)
+        dtype = adapter_dtype(base_layer)
         self.r, self.lora_alpha, self.use_dora = r, alpha, use_dora
         self.scaling = lora_scaling(alpha, r, use_rslora)
         self.dropout_p = dropout
@@ -224,13 +224,6 @@ def _shape(layer: nn.Module) -> tuple[int, int]:
         return layer.out_features, layer.in_features
     w = dense_weight(layer)
     return w.shape[0], w.shape[1]
-
-
-def _float_dtype(layer: nn.Module) -> torch.dtype:
-    w = getattr(layer, "weight", None)
-    if w is not None and w.is_floating_point():
-        return w.dtype
-    return getattr(layer, "compute_dtype", torch.float32)
 
 
 def make_lora_adapter(config: LoraConfig, base_layer: nn.Module, module_name: str) -> Adapter:

@@ -1,6 +1,7 @@
 """Stacked adapter banks: every served adapter in a slot of one tensor per layer, with LRU eviction.
 
-A :class:`LayerBank` holds one layer's slots (A (S, r, in), B (S, out, r), scaling (S,), and, only
+A :class:`LayerBank` holds one layer's slots (A (S, r, in), B (S, out, r) already multiplied by the
+slot's scaling, scaling (S,), and, only
 once an adapter needs them, input scale (S, in), output scale (S, out), output shift (S, out)),
 zero-padded to the largest rank seen. Slot 0 is the base model ("__base__"): zero factors, unit
 scales. An :class:`AdapterBank` maps adapter names to slots across layers, loads adapters from their
@@ -57,7 +58,7 @@ class LayerBank:
         self.dtype, self.device = dtype, device
         self.capacity, self.r = 1, 0
         self.A = torch.zeros(1, 0, in_features, dtype=dtype, device=device)  # (S, r, in)
-        self.B = torch.zeros(1, out_features, 0, dtype=dtype, device=device)  # (S, out, r)
+        self.B = torch.zeros(1, out_features, 0, dtype=dtype, device=device)  # (S, out, r), times scaling
         self.scaling = torch.zeros(1, dtype=dtype, device=device)  # (S,)
         self.vectors: dict[str, torch.Tensor] = {}  # in_scale (S, in), out_scale / out_shift (S, out)
         self.rank: dict[int, int] = {}  # slot -> its LoRA rank
@@ -99,7 +100,7 @@ class LayerBank:
         self._grow(slot, w.rank, limit)
         if w.A is not None:
             self.A[slot, : w.rank] = w.A.to(self.dtype)
-            self.B[slot, :, : w.rank] = w.B.to(self.dtype)
+            self.B[slot, :, : w.rank] = (w.B * w.scaling).to(self.dtype)  # scaled once here, not per request
             self.scaling[slot] = w.scaling
             self.rank[slot] = w.rank
             self.uses["lora"].add(slot)
@@ -135,12 +136,12 @@ class LayerBank:
         lora = unique & self.uses["lora"]
         if lora:
             r = max(self.rank[s] for s in lora)  # rows with smaller ranks read zero padding
-            Bt = self.B[:, :, :r].index_select(0, index) * self.scaling.index_select(0, index)[:, None, None]
+            Bt = gather_rows(self.B[:, :, :r], index)  # (b, out, r)
             plan.Bt = Bt[0].T if single else Bt.transpose(1, 2)  # (r, out) or (b, r, out)
             if self.embedding and not single:
                 plan.A = self.A[:, :r]  # looked up per token: gathering would copy r x vocab per row
             else:
-                A = gather_rows(self.A, index, r)  # (b, r, in)
+                A = gather_rows(self.A[:, :r], index)  # (b, r, in)
                 plan.A = A[0] if single else A
         for key in _VECTORS:
             if unique & self.uses[key]:

@@ -34,18 +34,25 @@ distinct adapter per layer per token, which is 2-5x the gathered path, so we gat
 are gathered once per request (:meth:`deltatune.serving.bank.LayerBank.plan`), so decode steps
 never gather. A single adapter for the whole batch takes plain 2-D matmuls.
 
-A Triton kernel (one launch doing the gather inside the matmul, as in Punica's SGMV) would help on
-GPUs; it is not included: this project has no GPU to test it on, and the pure-torch path runs on
-CUDA as it is.
+On CUDA, inference calls go to a Triton shrink/expand pair (:mod:`deltatune.serving.triton_lora`)
+when Triton is installed; everywhere else, and under autograd, this module's torch path runs.
 """
 from __future__ import annotations
 
 import torch
 
 
-def gather_rows(bank: torch.Tensor, ids: torch.Tensor, rank: int) -> torch.Tensor:
-    """Each row's A, cut to ``rank``: (S, r, in) -> (b, rank, in)."""
-    return bank[:, :rank].index_select(0, ids)  # a contiguous copy of only the used ranks
+def gather_rows(bank: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Each row's slot of ``bank`` (S, ...) -> (b, ...), in the bank's layout.
+
+    Rows that name consecutive slots (k, k+1, ..., as a server that fills slots in arrival order
+    gives a batch of distinct adapters) get a view of the bank: no copy at all. Otherwise a copy
+    (of only what ``bank`` shows: pass it cut to the used rank).
+    """
+    first = int(ids[0]) if ids.numel() else 0
+    if ids.device.type == "cpu" and torch.equal(ids, torch.arange(first, first + ids.numel())):
+        return bank[first : first + ids.numel()]
+    return bank.index_select(0, ids)
 
 
 def mixed_lora_(y: torch.Tensor, x: torch.Tensor, A_rows: torch.Tensor, Bt_rows: torch.Tensor) -> torch.Tensor:
@@ -60,7 +67,14 @@ def mixed_lora_(y: torch.Tensor, x: torch.Tensor, A_rows: torch.Tensor, Bt_rows:
     Returns:
         y with the low-rank terms added (the same tensor when updated in place).
     """
-    xa = torch.bmm(x.to(A_rows.dtype), A_rows.transpose(1, 2))  # (b, L, r)
+    if y.is_cuda:
+        from deltatune.serving import triton_lora  # imported on first CUDA use: Triton is optional
+
+        if triton_lora.usable(y, x, A_rows, Bt_rows):
+            return triton_lora.mixed_lora_triton_(y, x, A_rows, Bt_rows)
+    # A xᵀ rather than x Aᵀ: the same product, but MKL runs the (r × in)·(in × L) shape ~25% faster
+    # than (L × in)·(in × r) on this project's CPU (0.70 vs 0.92 ms for b=32, L=128, 512 -> 16).
+    xa = torch.bmm(A_rows, x.to(A_rows.dtype).transpose(1, 2)).transpose(1, 2)  # (b, L, r), a view
     if xa.dtype == y.dtype and _can_write(y):
         return y.baddbmm_(xa, Bt_rows)  # (b, L, out)
     return y + torch.bmm(xa, Bt_rows).to(y.dtype)

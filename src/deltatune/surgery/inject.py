@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import torch
 from torch import nn
 
 from deltatune.config import PeftConfig
@@ -67,6 +68,16 @@ def add_modules_to_save(model: nn.Module, keys, adapter_name: str) -> list[str]:
 
 def adapted_layers(model: nn.Module) -> Iterable[tuple[str, AdaptedLayer]]:
     return ((n, m) for n, m in model.named_modules() if isinstance(m, AdaptedLayer))
+
+
+def upcast_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Store ``adapter_name``'s bf16/fp16 weights in fp32 in every wrapped layer (peft's
+    ``autocast_adapter_dtype``); the same Parameter objects, so nothing holding them goes stale."""
+    for _, host in adapted_layers(model):
+        adapter = host.adapters[adapter_name] if adapter_name in host.adapters else None
+        for p in adapter.parameters() if adapter is not None else ():
+            if p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
 
 
 def save_wrappers(model: nn.Module) -> Iterable[tuple[str, ModulesToSaveWrapper]]:
