@@ -18,9 +18,8 @@ time and in process CPU time (all threads; steadier than wall time on a busy mac
     python benchmarks/bench_serving.py [--rounds 5] [--seq 128] [--swaps 20] [--threads 2]
         [--skip-swap] [--skip-forward] [--device cuda] [--dtype bfloat16]
 
-On CUDA (``--device cuda``) each call is followed by a synchronize, deltatune's mixed path runs its
-Triton kernels when Triton is installed, and ``--compare-torch`` adds a row for its pure-torch path
-(``DELTATUNE_TRITON=0`` in a second timing of the same models).
+On CUDA (``--device cuda``) each call is followed by a synchronize, and ``--compare-triton`` adds
+deltatune's opt-in Triton path (``DELTATUNE_TRITON=1``) as a second timing of the same models.
 """
 from __future__ import annotations
 
@@ -83,14 +82,14 @@ def run_rounds(calls: dict, rounds: int) -> dict[str, tuple[float, float, float]
 
 
 def forward_tables(rounds: int, seq: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                   compare_torch: bool = False) -> None:
+                   compare_triton: bool = False) -> None:
     from deltatune.serving import triton_lora
 
     base = build_base()
     ours = build_adapted("deltatune", base, 32).to(device, dtype)
     theirs = build_adapted("peft", base, 32).to(device, dtype)
     base = base.to(device, dtype)
-    print(f"device {device}, {dtype}; Triton path {'on' if device == 'cuda' and triton_lora.AVAILABLE else 'off'}")
+    print(f"device {device}, {dtype}; Triton installed: {triton_lora.AVAILABLE}")
     print("| batch | distinct adapters | deltatune mixed / base | peft mixed / base | base (s) |")
     print("|---|---|---|---|---|")
     singles = {}
@@ -104,14 +103,14 @@ def forward_tables(rounds: int, seq: int, device: str = "cpu", dtype: torch.dtyp
             "ours": lambda: ours(input_ids=ids, adapter_names=names),
             "peft": lambda: theirs(input_ids=ids, adapter_names=names),
         }
-        if compare_torch:
-            calls["ours torch"] = lambda: _without_triton(lambda: ours(input_ids=ids, adapter_names=names))
+        if compare_triton:
+            calls["ours triton"] = lambda: _with_triton(lambda: ours(input_ids=ids, adapter_names=names))
         if distinct == CASES[0][1]:  # single unmerged adapter, same batch
             calls["ours single"] = lambda: ours(input_ids=ids)
             calls["peft single"] = lambda: theirs(input_ids=ids)
         with torch.no_grad():
             res = run_rounds(calls, rounds)
-        torch_row = f"; torch path {res['ours torch'][0]:.3f}" if compare_torch else ""
+        torch_row = f"; Triton path {res['ours triton'][0]:.3f}" if compare_triton else ""
         print(f"| {rows}x{seq} | {distinct} | {res['ours'][0]:.3f} (cpu {res['ours'][1]:.3f}{torch_row}) "
               f"| {res['peft'][0]:.3f} (cpu {res['peft'][1]:.3f}) | {res['base'][2]:.4f} |", flush=True)
         if "ours single" in res:
@@ -123,14 +122,14 @@ def forward_tables(rounds: int, seq: int, device: str = "cpu", dtype: torch.dtyp
               f"| {res['peft single'][0]:.3f} (cpu {res['peft single'][1]:.3f}) |")
 
 
-def _without_triton(fn):
+def _with_triton(fn):
     from deltatune.serving import triton_lora
 
-    was, triton_lora.AVAILABLE = triton_lora.AVAILABLE, False
+    was, triton_lora.ENABLED = triton_lora.ENABLED, triton_lora.AVAILABLE
     try:
         return fn()
     finally:
-        triton_lora.AVAILABLE = was
+        triton_lora.ENABLED = was
 
 
 def _drift(model, reference) -> float:
@@ -226,11 +225,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="1 gives steadier numbers on a shared machine")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--compare-torch", action="store_true", help="also time the pure-torch mixed path (CUDA)")
+    ap.add_argument("--compare-triton", action="store_true", help="also time the opt-in Triton mixed path (CUDA)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not args.skip_forward:
-        forward_tables(args.rounds, args.seq, args.device, getattr(torch, args.dtype), args.compare_torch)
+        forward_tables(args.rounds, args.seq, args.device, getattr(torch, args.dtype), args.compare_triton)
     if not args.skip_swap:
         swap_table(args.swaps)
 

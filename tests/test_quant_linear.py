@@ -186,8 +186,17 @@ def test_cuda_layer_equals_cpu_layer(config):
     lin = _linear(512, 300)
     cpu = (Linear4bit if config.bits == 4 else Linear8bit).from_linear(lin, config)
     gpu = (Linear4bit if config.bits == 4 else Linear8bit).from_linear(_linear(512, 300).cuda(), config)
-    for name, t in cpu.state_dict().items():  # quantized on the GPU: same codes
-        assert torch.equal(gpu.state_dict()[name].cpu(), t), name
+    # Quantized on the GPU: the same state, except that CUDA reduces the double-quant offset (the
+    # mean of all absmax) in another order: on an H100 it differed by one ulp (8.6e-8 relative), the
+    # nested scales max|absmax - offset| by up to 1.6e-6 relative, every code was equal, and the
+    # dequantized weights agreed to 2.4e-7. A code on a rounding boundary may flip.
+    for name, t in cpu.state_dict().items():
+        g = gpu.state_dict()[name].cpu()
+        if t.is_floating_point():
+            torch.testing.assert_close(g, t, atol=0, rtol=1e-5, msg=name)
+        else:
+            assert (g != t).float().mean() <= 1e-3, name
+    assert_close(gpu.dequantize_weight().cpu(), cpu.dequantize_weight())
     x = _x(6, 512)
     expected = F.linear(x, cpu.dequantize_weight(), lin.bias)
     moved = cpu.to("cuda")

@@ -23,18 +23,19 @@ def _inputs(rows, length, n_in, n_out, rank, dtype, seed=0):
 
 
 def _torch_path(y, x, A, Bt):
-    was, triton_lora.AVAILABLE = triton_lora.AVAILABLE, False
+    was, triton_lora.ENABLED = triton_lora.ENABLED, False
     try:
         return kernels.mixed_lora_(y, x, A, Bt)
     finally:
-        triton_lora.AVAILABLE = was
+        triton_lora.ENABLED = was
 
 
 @pytest.fixture(autouse=True)
-def _needs_triton():
+def _needs_triton(monkeypatch):
     pytest.importorskip("triton")
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    monkeypatch.setattr(triton_lora, "ENABLED", True)  # opt-in (DELTATUNE_TRITON=1) for these tests
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference must be true fp32
     yield
@@ -70,7 +71,7 @@ def test_strided_inputs():
     torch.testing.assert_close(triton_lora.mixed_lora_triton_(y.clone(), wide, A, Bt), expected, atol=2e-5, rtol=1e-5)
 
 
-def test_dispatch_is_triton_on_cuda_and_torch_under_autograd(monkeypatch):
+def test_dispatch_is_triton_when_enabled_and_torch_under_autograd_or_when_off(monkeypatch):
     calls = []
     real = triton_lora.mixed_lora_triton_
     monkeypatch.setattr(triton_lora, "mixed_lora_triton_", lambda *a: calls.append(1) or real(*a))
@@ -80,3 +81,6 @@ def test_dispatch_is_triton_on_cuda_and_torch_under_autograd(monkeypatch):
     x.requires_grad_(True)
     out = kernels.mixed_lora_(y.clone(), x, A, Bt)
     assert calls == [1] and out.requires_grad  # autograd keeps the differentiable torch path
+    monkeypatch.setattr(triton_lora, "ENABLED", False)
+    kernels.mixed_lora_(y.clone(), x.detach(), A, Bt)
+    assert calls == [1]  # the default: off

@@ -98,7 +98,8 @@ class LoraLinear(Adapter):
         """DoRA starts with m = ‖W + s B A‖_row, so the wrapped layer initially equals the base."""
         if self.use_dora:
             with torch.no_grad():
-                norm = dora_weight_norm(dense_weight(base_layer), self.lora_A, self.lora_B, self.scaling)
+                W = dense_weight(base_layer)  # on the base's device; the factors may still be on the CPU
+                norm = dora_weight_norm(W, self.lora_A.to(W.device), self.lora_B.to(W.device), self.scaling)
                 self.lora_magnitude_vector.copy_(norm.to(self.lora_magnitude_vector.dtype))
 
     def _weight_sq(self, W: torch.Tensor) -> torch.Tensor:

@@ -125,27 +125,34 @@ class LayerBank:
             used.discard(slot)
 
     # ---- reading -------------------------------------------------------------------------------
-    def plan(self, ids: torch.Tensor, unique: frozenset[int]) -> LayerPlan | None:
-        """Gather each row's factors for one request; None when no row's adapter touches this layer."""
+    def plan(self, ids: torch.Tensor, unique: frozenset[int], slots: Sequence[int] | None = None) -> LayerPlan | None:
+        """Gather each row's factors for one request; None when no row's adapter touches this layer.
+
+        ``slots`` is ``ids`` as a list, when the caller has it: deciding what to gather on the host
+        keeps a CUDA request free of per-layer synchronisations and small kernels.
+        """
         if not unique & self.occupied:
             return None
         single = len(unique) == 1
-        ids = ids.masked_fill(ids >= self.capacity, 0)  # slots this layer never held are the identity here
-        plan = LayerPlan(rows=ids.shape[0], ids=ids, single=single)
-        index = torch.tensor(sorted(unique), device=ids.device)[:1] if single else ids  # (1,) or (b,)
+        slots = ids.tolist() if slots is None else list(slots)
+        if max(slots) >= self.capacity:  # slots this layer never held are the identity here
+            slots = [s if s < self.capacity else 0 for s in slots]
+            ids = torch.tensor(slots, dtype=ids.dtype, device=ids.device)
+        plan = LayerPlan(rows=len(slots), ids=ids, single=single)
+        pick = [min(unique)] if single else slots  # (1,) or (b,)
         lora = unique & self.uses["lora"]
         if lora:
             r = max(self.rank[s] for s in lora)  # rows with smaller ranks read zero padding
-            Bt = gather_rows(self.B[:, :, :r], index)  # (b, out, r)
+            Bt = gather_rows(self.B[:, :, :r], pick)  # (b, out, r)
             plan.Bt = Bt[0].T if single else Bt.transpose(1, 2)  # (r, out) or (b, r, out)
             if self.embedding and not single:
                 plan.A = self.A[:, :r]  # looked up per token: gathering would copy r x vocab per row
             else:
-                A = gather_rows(self.A[:, :r], index)  # (b, r, in)
+                A = gather_rows(self.A[:, :r], pick)  # (b, r, in)
                 plan.A = A[0] if single else A
         for key in _VECTORS:
             if unique & self.uses[key]:
-                setattr(plan, key, self.vectors[key].index_select(0, index))  # (b, n) or (1, n)
+                setattr(plan, key, gather_rows(self.vectors[key], pick))  # (b, n) or (1, n)
         return plan
 
 

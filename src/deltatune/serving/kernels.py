@@ -34,25 +34,25 @@ distinct adapter per layer per token, which is 2-5x the gathered path, so we gat
 are gathered once per request (:meth:`deltatune.serving.bank.LayerBank.plan`), so decode steps
 never gather. A single adapter for the whole batch takes plain 2-D matmuls.
 
-On CUDA, inference calls go to a Triton shrink/expand pair (:mod:`deltatune.serving.triton_lora`)
-when Triton is installed; everywhere else, and under autograd, this module's torch path runs.
+On CUDA, inference calls can go to a Triton shrink/expand pair instead (opt-in, ``DELTATUNE_TRITON=1``:
+:mod:`deltatune.serving.triton_lora` says why it is off by default); everywhere else, and under
+autograd, this module's torch path runs.
 """
 from __future__ import annotations
 
 import torch
 
 
-def gather_rows(bank: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def gather_rows(bank: torch.Tensor, slots: list[int]) -> torch.Tensor:
     """Each row's slot of ``bank`` (S, ...) -> (b, ...), in the bank's layout.
 
     Rows that name consecutive slots (k, k+1, ..., as a server that fills slots in arrival order
-    gives a batch of distinct adapters) get a view of the bank: no copy at all. Otherwise a copy
-    (of only what ``bank`` shows: pass it cut to the used rank).
+    gives a batch of distinct adapters, or one adapter for the whole batch) get a view of the bank:
+    no copy at all. Otherwise a copy (of only what ``bank`` shows: pass it cut to the used rank).
     """
-    first = int(ids[0]) if ids.numel() else 0
-    if ids.device.type == "cpu" and torch.equal(ids, torch.arange(first, first + ids.numel())):
-        return bank[first : first + ids.numel()]
-    return bank.index_select(0, ids)
+    if slots == list(range(slots[0], slots[0] + len(slots))):
+        return bank[slots[0] : slots[0] + len(slots)]
+    return bank.index_select(0, torch.tensor(slots, device=bank.device))
 
 
 def mixed_lora_(y: torch.Tensor, x: torch.Tensor, A_rows: torch.Tensor, Bt_rows: torch.Tensor) -> torch.Tensor:

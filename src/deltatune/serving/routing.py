@@ -58,9 +58,10 @@ def routed(
 ) -> Iterator[None]:
     """Within the block, every served layer (``module_for(path)``) applies each row's adapter."""
     handles = []
+    slots = ids.tolist()  # once per request: each layer then plans on the host
     try:
         for path, layer in bank.layers.items():
-            plan = layer.plan(ids, unique)
+            plan = layer.plan(ids, unique, slots)
             if plan is None:
                 continue
             module = module_for(path)

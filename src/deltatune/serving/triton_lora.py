@@ -1,4 +1,4 @@
-"""A Triton path for mixed-adapter LoRA on CUDA: y_i += (x_i A_iᵀ) B̃_i for every row i, in two launches.
+"""An opt-in Triton path for mixed-adapter LoRA on CUDA: y_i += (x_i A_iᵀ) B̃_i for every row i, in two launches.
 
 The same contract as :func:`deltatune.serving.kernels.mixed_lora_` (which stays the path on CPU,
 under autograd, and wherever Triton is missing): y (b, L, out), x (b, L, in), each row's A (b, r, in)
@@ -10,8 +10,12 @@ y where it is read, instead of writing a separate product that a later kernel ad
 fp32 products run with ``input_precision="ieee"`` (no TF32), so fp32 outputs match the bmm path to
 fp32 rounding; bf16/fp16 inputs multiply in their dtype and accumulate in fp32.
 
-Importing this module never fails: :data:`AVAILABLE` says whether Triton is installed (and not switched off),
-and ``DELTATUNE_TRITON=0`` turns the path off.
+Off by default: measured on an H100 (``benchmarks/bench_triton_lora.py``, r = 16), cuBLAS's batched
+GEMMs behind the torch path were faster in 7 of 8 shapes (Triton/torch 0.91x-3.6x; the one win is
+bf16 4096 -> 11008), and in a whole small-model forward the two extra launches per layer cost more
+than they save. ``DELTATUNE_TRITON=1`` (or ``triton_lora.ENABLED = True``) turns it on.
+
+Importing this module never fails: :data:`AVAILABLE` says whether Triton is installed.
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ try:  # optional: Triton comes with CUDA builds of PyTorch, not with the CPU whe
 except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
-AVAILABLE = triton is not None and os.environ.get("DELTATUNE_TRITON", "1") != "0"
+AVAILABLE = triton is not None
+ENABLED = AVAILABLE and os.environ.get("DELTATUNE_TRITON", "0") == "1"
 
 if triton is not None:
 
@@ -75,9 +80,9 @@ if triton is not None:
 
 
 def usable(y: torch.Tensor, x: torch.Tensor, A_rows: torch.Tensor, Bt_rows: torch.Tensor) -> bool:
-    """Whether :func:`mixed_lora_triton_` can take this call (CUDA, Triton, one float dtype, no autograd)."""
+    """Whether :func:`mixed_lora_triton_` takes this call (switched on, CUDA, one float dtype, no autograd)."""
     return (
-        AVAILABLE
+        ENABLED
         and y.is_cuda
         and y.dtype == x.dtype == A_rows.dtype == Bt_rows.dtype
         and y.dtype in (torch.float32, torch.bfloat16, torch.float16)
@@ -85,12 +90,14 @@ def usable(y: torch.Tensor, x: torch.Tensor, A_rows: torch.Tensor, Bt_rows: torc
     )
 
 
-def mixed_lora_triton_(y: torch.Tensor, x: torch.Tensor, A_rows: torch.Tensor, Bt_rows: torch.Tensor) -> torch.Tensor:
+def mixed_lora_triton_(
+    y: torch.Tensor, x: torch.Tensor, A_rows: torch.Tensor, Bt_rows: torch.Tensor, block_l: int | None = None
+) -> torch.Tensor:
     """y_i += (x_i A_iᵀ) Bt_i in place; shapes as in :func:`deltatune.serving.kernels.mixed_lora_`."""
     b, L, K = x.shape
     R, N = Bt_rows.shape[1], Bt_rows.shape[2]
     r_pad = max(16, triton.next_power_of_2(R))  # tl.dot needs every dimension >= 16
-    block_l = 16 if L <= 16 else 64
+    block_l = block_l or (16 if L <= 16 else 64)
     ieee = y.dtype == torch.float32
     h = torch.empty(b, L, r_pad, device=y.device, dtype=torch.float32)
     _shrink[(b, triton.cdiv(L, block_l))](
