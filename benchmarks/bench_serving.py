@@ -125,11 +125,8 @@ def forward_tables(rounds: int, seq: int, device: str = "cpu", dtype: torch.dtyp
 def _with_triton(fn):
     from deltatune.serving import triton_lora
 
-    was, triton_lora.ENABLED = triton_lora.ENABLED, triton_lora.AVAILABLE
-    try:
+    with triton_lora.switched(True):
         return fn()
-    finally:
-        triton_lora.ENABLED = was
 
 
 def _drift(model, reference) -> float:

@@ -22,11 +22,8 @@ SHAPES = [  # (rows, length, in, out)
 
 
 def _torch(y, x, A, Bt):
-    was, triton_lora.ENABLED = triton_lora.ENABLED, False
-    try:
+    with triton_lora.switched(False):
         return kernels.mixed_lora_(y, x, A, Bt)
-    finally:
-        triton_lora.ENABLED = was
 
 
 def main() -> None:

@@ -23,11 +23,8 @@ def _inputs(rows, length, n_in, n_out, rank, dtype, seed=0):
 
 
 def _torch_path(y, x, A, Bt):
-    was, triton_lora.ENABLED = triton_lora.ENABLED, False
-    try:
+    with triton_lora.switched(False):
         return kernels.mixed_lora_(y, x, A, Bt)
-    finally:
-        triton_lora.ENABLED = was
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,9 @@ Importing this module never fails: :data:`AVAILABLE` says whether Triton is inst
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
 import torch
 
@@ -77,6 +79,17 @@ if triton is not None:
         else:  # half-precision factors: multiply in their dtype, accumulate in fp32
             upd = tl.dot(h.to(bt.dtype), bt)
         tl.store(y_ptrs, (y.to(tl.float32) + upd).to(y.dtype), mask=mask)
+
+
+@contextlib.contextmanager
+def switched(on: bool) -> Iterator[None]:
+    """Within the block, the Triton path is on (when Triton is installed) or off, whatever ENABLED was."""
+    global ENABLED
+    was, ENABLED = ENABLED, on and AVAILABLE
+    try:
+        yield
+    finally:
+        ENABLED = was
 
 
 def usable(y: torch.Tensor, x: torch.Tensor, A_rows: torch.Tensor, Bt_rows: torch.Tensor) -> bool:
