@@ -1,7 +1,7 @@
 """Stacked adapter banks: every served adapter in a slot of one tensor per layer, with LRU eviction.
 
 A :class:`LayerBank` holds one layer's slots (A (S, r, in), B (S, out, r) already multiplied by the
-slot's scaling, scaling (S,), and, only
+slot's scaling, and, only
 once an adapter needs them, input scale (S, in), output scale (S, out), output shift (S, out)),
 zero-padded to the largest rank seen. Slot 0 is the base model ("__base__"): zero factors, unit
 scales. An :class:`AdapterBank` maps adapter names to slots across layers, loads adapters from their
@@ -59,7 +59,6 @@ class LayerBank:
         self.capacity, self.r = 1, 0
         self.A = torch.zeros(1, 0, in_features, dtype=dtype, device=device)  # (S, r, in)
         self.B = torch.zeros(1, out_features, 0, dtype=dtype, device=device)  # (S, out, r), times scaling
-        self.scaling = torch.zeros(1, dtype=dtype, device=device)  # (S,)
         self.vectors: dict[str, torch.Tensor] = {}  # in_scale (S, in), out_scale / out_shift (S, out)
         self.rank: dict[int, int] = {}  # slot -> its LoRA rank
         self.uses: dict[str, set[int]] = {"lora": set(), **{k: set() for k in _VECTORS}}
@@ -78,11 +77,9 @@ class LayerBank:
             r = max(rank, self.r)
             A = torch.zeros(cap, r, self.in_features, dtype=self.dtype, device=self.device)
             B = torch.zeros(cap, self.out_features, r, dtype=self.dtype, device=self.device)
-            scaling = torch.zeros(cap, dtype=self.dtype, device=self.device)
             A[: self.capacity, : self.r] = self.A
             B[: self.capacity, :, : self.r] = self.B
-            scaling[: self.capacity] = self.scaling
-            self.A, self.B, self.scaling = A, B, scaling
+            self.A, self.B = A, B
             for key, old in self.vectors.items():
                 self.vectors[key] = self._vector(key, cap)
                 self.vectors[key][: self.capacity] = old
@@ -101,7 +98,6 @@ class LayerBank:
         if w.A is not None:
             self.A[slot, : w.rank] = w.A.to(self.dtype)
             self.B[slot, :, : w.rank] = (w.B * w.scaling).to(self.dtype)  # scaled once here, not per request
-            self.scaling[slot] = w.scaling
             self.rank[slot] = w.rank
             self.uses["lora"].add(slot)
         for key in _VECTORS:
@@ -117,7 +113,7 @@ class LayerBank:
         """Make ``slot`` the identity at this layer again."""
         if slot not in self.occupied:
             return
-        self.A[slot], self.B[slot], self.scaling[slot] = 0, 0, 0
+        self.A[slot], self.B[slot] = 0, 0
         for key, tensor in self.vectors.items():
             tensor[slot] = _VECTORS[key][0]
         self.rank.pop(slot, None)

@@ -1,7 +1,7 @@
 """The batched math of mixed-adapter serving: every row of a batch with its own adapter, in one pass.
 
 A bank holds S adapters for one layer, stacked and zero-padded to the largest rank r:
-A (S, r, in), B (S, out, r), scaling (S,). A batch of b rows carries slot ids (b,). For row i with
+A (S, r, in), B (S, out, r) (stored times its scaling s_k). A batch of b rows carries slot ids (b,). For row i with
 slot k = ids[i], a layer computes
 
     y_i = ((W (x_i ⊙ g_k) + b) + s_k · (x_i A_kᵀ) B_kᵀ) ⊙ o_k + t_k
