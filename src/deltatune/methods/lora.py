@@ -170,7 +170,9 @@ class LoraLinear(Adapter):
         if self._dropping():
             base_part = F.linear(xd, W)  # the base term sees the same dropped input as the LoRA term
         else:
-            base_part = base_out.to(W.dtype) if bias is None else base_out.to(W.dtype) - bias
+            # In the base's dtype, as peft does: the product with the fp32 scale promotes, and autograd
+            # keeps this (half-precision) tensor for the magnitude's gradient, not an fp32 copy of it.
+            base_part = base_out if bias is None else base_out - bias
         return base_out + ((scale - 1) * base_part + scale * delta).to(base_out.dtype)
 
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
