@@ -176,6 +176,22 @@ def test_cli_plan_prints_counts_and_breakdown(tmp_path, capsys):
     assert "optimizer state" in out and "logits / loss" in out and "overhead" in out
 
 
+def test_cli_plan_lora_dropout_reaches_the_estimate(tmp_path, capsys):
+    from deltatune.cli.main import main
+
+    folder = tiny_folder(tmp_path)
+    peaks = {}
+    for dropout in ("0.05", "0"):
+        assert main(["plan", str(folder), "--method", "dora", "--device", "cpu", "--batch", "2", "--seq-len", "32",
+                     "--lora-dropout", dropout, "--json"]) == 0
+        peaks[dropout] = json.loads(capsys.readouterr().out)
+    # DoRA with dropout runs its unfused path, which keeps more for backward than the fused kernel
+    acts = {k: v[0]["activations"]["without checkpointing"] for k, v in peaks.items()}
+    assert acts["0"] < acts["0.05"]
+    assert main(["plan", str(folder), "--lora-dropout", "1.5"]) == 2
+    assert "lora_dropout" in capsys.readouterr().err
+
+
 def test_cli_recommend_writes_a_train_config(tmp_path, capsys):
     from deltatune.cli.main import main
     from deltatune.train.config import load_train_config

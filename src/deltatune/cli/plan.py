@@ -36,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x r)")
     p.add_argument("--targets", default="all-linear",
                    help=f"a preset ({', '.join(TARGET_PRESETS)}) or comma-separated layer names (default all-linear)")
+    p.add_argument("--lora-dropout", type=float, default=0.05,
+                   help="LoRA/DoRA dropout (default 0.05); DoRA with dropout takes a path that saves more for backward")
     p.add_argument("--num-virtual-tokens", type=int, default=20, help="prompt/prefix length (default 20)")
     p.add_argument("--batch", type=int, default=4, help="micro-batch size (default 4)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
@@ -65,7 +67,7 @@ def _setup(args: argparse.Namespace, method: str):
     from deltatune.plan.setup import TrainSetup
 
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    return TrainSetup(method=method, r=args.r, lora_alpha=args.alpha, targets=args.targets,
+    return TrainSetup(method=method, r=args.r, lora_alpha=args.alpha, lora_dropout=args.lora_dropout, targets=args.targets,
                       num_virtual_tokens=args.num_virtual_tokens, batch_size=args.batch, seq_len=args.seq_len,
                       grad_checkpointing=args.grad_checkpointing, dtype=dtype, optimizer=args.optimizer,
                       loss=args.loss, device=args.device)
