@@ -16,10 +16,11 @@ robin); the table shows the median over rounds of each round's ratio to the base
 time and in process CPU time (all threads; steadier than wall time on a busy machine).
 
     python benchmarks/bench_serving.py [--rounds 5] [--seq 128] [--swaps 20] [--threads 2]
-        [--skip-swap] [--skip-forward] [--device cuda] [--dtype bfloat16]
+        [--skip-swap] [--skip-forward] [--device cuda] [--dtype bfloat16] [--compare-cpu-kernel]
 
 On CUDA (``--device cuda``) each call is followed by a synchronize, and ``--compare-triton`` adds
-deltatune's opt-in Triton path (``DELTATUNE_TRITON=1``) as a second timing of the same models.
+deltatune's opt-in Triton path (``DELTATUNE_TRITON=1``) as a second timing of the same models. On the
+CPU, ``--compare-cpu-kernel`` adds the mixed path with the compiled kernel switched off (the torch path).
 """
 from __future__ import annotations
 
@@ -82,14 +83,15 @@ def run_rounds(calls: dict, rounds: int) -> dict[str, tuple[float, float, float]
 
 
 def forward_tables(rounds: int, seq: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                   compare_triton: bool = False) -> None:
-    from deltatune.serving import triton_lora
+                   compare_triton: bool = False, compare_cpu_kernel: bool = False) -> None:
+    from deltatune.serving import cpu_kernel, triton_lora
 
     base = build_base()
     ours = build_adapted("deltatune", base, 32).to(device, dtype)
     theirs = build_adapted("peft", base, 32).to(device, dtype)
     base = base.to(device, dtype)
-    print(f"device {device}, {dtype}; Triton installed: {triton_lora.AVAILABLE}")
+    print(f"device {device}, {dtype}; Triton installed: {triton_lora.AVAILABLE}; "
+          f"compiled CPU kernel: {cpu_kernel.unavailable_reason() or 'in use'}")
     print("| batch | distinct adapters | deltatune mixed / base | peft mixed / base | base (s) |")
     print("|---|---|---|---|---|")
     singles = {}
@@ -105,12 +107,16 @@ def forward_tables(rounds: int, seq: int, device: str = "cpu", dtype: torch.dtyp
         }
         if compare_triton:
             calls["ours triton"] = lambda: _with_triton(lambda: ours(input_ids=ids, adapter_names=names))
+        if compare_cpu_kernel:
+            calls["ours torch"] = lambda: _without_cpu_kernel(lambda: ours(input_ids=ids, adapter_names=names))
         if distinct == CASES[0][1]:  # single unmerged adapter, same batch
             calls["ours single"] = lambda: ours(input_ids=ids)
             calls["peft single"] = lambda: theirs(input_ids=ids)
         with torch.no_grad():
             res = run_rounds(calls, rounds)
         torch_row = f"; Triton path {res['ours triton'][0]:.3f}" if compare_triton else ""
+        if compare_cpu_kernel:
+            torch_row += f"; torch path {res['ours torch'][0]:.3f} (cpu {res['ours torch'][1]:.3f})"
         print(f"| {rows}x{seq} | {distinct} | {res['ours'][0]:.3f} (cpu {res['ours'][1]:.3f}{torch_row}) "
               f"| {res['peft'][0]:.3f} (cpu {res['peft'][1]:.3f}) | {res['base'][2]:.4f} |", flush=True)
         if "ours single" in res:
@@ -126,6 +132,13 @@ def _with_triton(fn):
     from deltatune.serving import triton_lora
 
     with triton_lora.switched(True):
+        return fn()
+
+
+def _without_cpu_kernel(fn):
+    from deltatune.serving import cpu_kernel
+
+    with cpu_kernel.switched(False):
         return fn()
 
 
@@ -223,10 +236,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--compare-triton", action="store_true", help="also time the opt-in Triton mixed path (CUDA)")
+    ap.add_argument("--compare-cpu-kernel", action="store_true",
+                    help="also time the mixed path with the compiled CPU kernel switched off (the torch path)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not args.skip_forward:
-        forward_tables(args.rounds, args.seq, args.device, getattr(torch, args.dtype), args.compare_triton)
+        forward_tables(args.rounds, args.seq, args.device, getattr(torch, args.dtype), args.compare_triton,
+                       args.compare_cpu_kernel)
     if not args.skip_swap:
         swap_table(args.swaps)
 

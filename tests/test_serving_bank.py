@@ -97,10 +97,14 @@ def test_consecutive_slots_are_served_from_views_of_the_bank():
 def test_growing_rank_and_slots_keeps_what_is_there():
     layer = LayerBank(OUT, IN, embedding=False, dtype=torch.float32, device="cpu")
     small, big = _weights("lora", 1), _weights("dora", 2)
+    g = torch.Generator().manual_seed(3)
+    big.A, big.B = torch.randn(10, IN, generator=g), torch.randn(OUT, 10, generator=g)  # rank 10
     layer.write(1, small, limit=9)
+    assert layer.r == 8  # ranks are padded to the CPU kernel's 8-column block
     layer.write(5, big, limit=9)  # more slots and a larger rank: slot 1 must survive the reallocation
-    assert layer.capacity >= 6 and layer.r == 3
+    assert layer.capacity >= 6 and layer.r == 16
     assert torch.equal(layer.A[1, :2], small.A) and not layer.A[1, 2:].any()
+    assert torch.equal(layer.A[5, :10], big.A) and torch.equal(layer.Bt[5, :10], (big.B * big.scaling).T)
     assert torch.equal(layer.vectors["out_scale"][1], torch.ones(OUT))  # slot 1 has no DoRA scale
     layer.clear(5)
     assert not layer.A[5].any() and torch.equal(layer.vectors["out_scale"][5], torch.ones(OUT))

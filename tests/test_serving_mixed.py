@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import deltatune as dt
+from deltatune.serving import cpu_kernel
 from tiny import input_ids, tiny_bert_cls, tiny_gpt2, tiny_llama
 from tolerances import assert_close
 
@@ -58,18 +59,23 @@ def llama():
     return _build(tiny_llama, LLAMA_ADAPTERS)
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["cpu-kernel", "torch-path"])
 @torch.no_grad()
-def test_each_row_equals_its_adapter_alone(llama):
-    x = input_ids(batch=len(ROWS), seq=6)
-    mixed = llama(input_ids=x, adapter_names=ROWS).logits
+def test_each_row_equals_its_adapter_alone(llama, compiled):
+    x = input_ids(batch=len(ROWS), seq=13)  # 13 tokens: two full 6-token tiles of the CPU kernel and a remainder
+    with cpu_kernel.switched(compiled):
+        mixed = llama(input_ids=x, adapter_names=ROWS).logits
     assert_close(mixed, _alone(llama, ROWS, input_ids=x))
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["cpu-kernel", "torch-path"])
 @torch.no_grad()
-def test_rows_in_any_order_and_one_adapter_for_all(llama):
+def test_rows_in_any_order_and_one_adapter_for_all(llama, compiled):
     x = input_ids(batch=4, seq=5, seed=3)
     for names in (["ia3", "dora2", "dora2", "lora4"], ["rslora8"] * 4, ["emb3"] * 4, ["dora2"] * 4, ["__base__"] * 4):
-        assert_close(llama(input_ids=x, adapter_names=names).logits, _alone(llama, names, input_ids=x))
+        with cpu_kernel.switched(compiled):
+            mixed = llama(input_ids=x, adapter_names=names).logits
+        assert_close(mixed, _alone(llama, names, input_ids=x))
 
 
 @torch.no_grad()

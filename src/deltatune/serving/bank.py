@@ -1,9 +1,10 @@
 """Stacked adapter banks: every served adapter in a slot of one tensor per layer, with LRU eviction.
 
-A :class:`LayerBank` holds one layer's slots (A (S, r, in), B (S, out, r) already multiplied by the
-slot's scaling, and, only
-once an adapter needs them, input scale (S, in), output scale (S, out), output shift (S, out)),
-zero-padded to the largest rank seen. Slot 0 is the base model ("__base__"): zero factors, unit
+A :class:`LayerBank` holds one layer's slots (A (S, r, in), scaled Bᵀ (S, r, out), and, only once an
+adapter needs them, input scale (S, in), output scale (S, out), output shift (S, out)), zero-padded
+to the largest rank seen (rounded up to a multiple of 8, the compiled CPU kernel's column block).
+A is stored transposed, (S, in, r) in memory, and Bᵀ as is, (S, r, out): the layouts in which
+:mod:`deltatune.serving.cpu_kernel` reads a row's factors with unit stride. Slot 0 is the base model ("__base__"): zero factors, unit
 scales. An :class:`AdapterBank` maps adapter names to slots across layers, loads adapters from their
 sources on demand and evicts the least recently used one when all ``max_slots`` are taken.
 """
@@ -16,6 +17,7 @@ from typing import Hashable, Iterator, Protocol, Sequence
 
 import torch
 
+from deltatune.serving import cpu_kernel
 from deltatune.serving.kernels import gather_rows
 from deltatune.serving.slots import SlotWeights
 
@@ -57,8 +59,8 @@ class LayerBank:
         self.out_features, self.in_features, self.embedding = out_features, in_features, embedding
         self.dtype, self.device = dtype, device
         self.capacity, self.r = 1, 0
-        self.A = torch.zeros(1, 0, in_features, dtype=dtype, device=device)  # (S, r, in)
-        self.B = torch.zeros(1, out_features, 0, dtype=dtype, device=device)  # (S, out, r), times scaling
+        self.A = torch.zeros(1, in_features, 0, dtype=dtype, device=device).transpose(1, 2)  # (S, r, in), a view
+        self.Bt = torch.zeros(1, 0, out_features, dtype=dtype, device=device)  # (S, r, out), times scaling
         self.vectors: dict[str, torch.Tensor] = {}  # in_scale (S, in), out_scale / out_shift (S, out)
         self.rank: dict[int, int] = {}  # slot -> its LoRA rank
         self.uses: dict[str, set[int]] = {"lora": set(), **{k: set() for k in _VECTORS}}
@@ -74,12 +76,12 @@ class LayerBank:
     def _grow(self, slot: int, rank: int, limit: int) -> None:
         if slot >= self.capacity or rank > self.r:
             cap = self.capacity if slot < self.capacity else min(max(slot + 1, 2 * self.capacity), limit)
-            r = max(rank, self.r)
-            A = torch.zeros(cap, r, self.in_features, dtype=self.dtype, device=self.device)
-            B = torch.zeros(cap, self.out_features, r, dtype=self.dtype, device=self.device)
+            r = max(-(-rank // 8) * 8, self.r)
+            A = torch.zeros(cap, self.in_features, r, dtype=self.dtype, device=self.device).transpose(1, 2)
+            Bt = torch.zeros(cap, r, self.out_features, dtype=self.dtype, device=self.device)
             A[: self.capacity, : self.r] = self.A
-            B[: self.capacity, :, : self.r] = self.B
-            self.A, self.B = A, B
+            Bt[: self.capacity, : self.r] = self.Bt
+            self.A, self.Bt = A, Bt
             for key, old in self.vectors.items():
                 self.vectors[key] = self._vector(key, cap)
                 self.vectors[key][: self.capacity] = old
@@ -97,7 +99,7 @@ class LayerBank:
         self._grow(slot, w.rank, limit)
         if w.A is not None:
             self.A[slot, : w.rank] = w.A.to(self.dtype)
-            self.B[slot, :, : w.rank] = (w.B * w.scaling).to(self.dtype)  # scaled once here, not per request
+            self.Bt[slot, : w.rank] = (w.B * w.scaling).T.to(self.dtype)  # scaled once here, not per request
             self.rank[slot] = w.rank
             self.uses["lora"].add(slot)
         for key in _VECTORS:
@@ -113,7 +115,7 @@ class LayerBank:
         """Make ``slot`` the identity at this layer again."""
         if slot not in self.occupied:
             return
-        self.A[slot], self.B[slot] = 0, 0
+        self.A[slot], self.Bt[slot] = 0, 0
         for key, tensor in self.vectors.items():
             tensor[slot] = _VECTORS[key][0]
         self.rank.pop(slot, None)
@@ -138,13 +140,16 @@ class LayerBank:
         pick = [min(unique)] if single else slots  # (1,) or (b,)
         lora = unique & self.uses["lora"]
         if lora:
-            r = max(self.rank[s] for s in lora)  # rows with smaller ranks read zero padding
-            Bt = gather_rows(self.B[:, :, :r], pick)  # (b, out, r)
-            plan.Bt = Bt[0].T if single else Bt.transpose(1, 2)  # (r, out) or (b, r, out)
+            # Rows with smaller ranks read zero padding; the compiled kernel takes columns 8 at a time.
+            r = max(self.rank[s] for s in lora)
+            r = -(-r // 8) * 8 if cpu_kernel.wants(self.A) else r
+            Bt = gather_rows(self.Bt[:, :r], pick)  # (b, r, out)
+            plan.Bt = Bt[0] if single else Bt  # (r, out) or (b, r, out)
             if self.embedding and not single:
                 plan.A = self.A[:, :r]  # looked up per token: gathering would copy r x vocab per row
             else:
-                A = gather_rows(self.A[:, :r], pick)  # (b, r, in)
+                # gathered in the stored (in, r) layout, then seen as (b, r, in) again
+                A = gather_rows(self.A[:, :r].transpose(1, 2), pick).transpose(1, 2)
                 plan.A = A[0] if single else A
         for key in _VECTORS:
             if unique & self.uses[key]:

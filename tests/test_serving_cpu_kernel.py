@@ -1,0 +1,134 @@
+"""The compiled CPU kernel of mixed-adapter serving: equal to the closed form on every tile shape,
+dispatched only where it applies, and built once, atomically, into its cache."""
+import os
+
+import pytest
+import torch
+
+from deltatune.serving import cpu_kernel
+from deltatune.serving.kernels import mixed_lora_, single_lora_
+from tolerances import assert_close
+
+HERE_OK = cpu_kernel._platform_problem() is None and cpu_kernel._compiler() is not None
+needs_kernel = pytest.mark.skipif(not HERE_OK, reason="the kernel needs x86-64 Linux with AVX2, libgomp and a C compiler")
+
+
+def _closed_form(y, x, A, Bt):
+    return y + torch.bmm(torch.bmm(x.double(), A.double().transpose(1, 2)), Bt.double()).float()
+
+
+def _factors(b, r, n_in, n_out, seed=0):
+    """A (b, r, in) with unit stride along r, as the bank stores it, and Bt (b, r, out)."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(b, n_in, r, generator=g).transpose(1, 2)
+    return A, torch.randn(b, r, n_out, generator=g) / r
+
+
+def test_the_kernel_builds_where_the_platform_allows():
+    # On this project's machines (x86-64 Linux, gcc, torch with libgomp) the kernel must be live:
+    # otherwise serving silently runs ~1 point slower and nothing else would notice.
+    if HERE_OK:
+        assert cpu_kernel.library() is not None, cpu_kernel.unavailable_reason()
+    else:
+        assert cpu_kernel.library() is None and cpu_kernel.unavailable_reason()
+
+
+@needs_kernel
+@pytest.mark.parametrize("L", [1, 5, 6, 7, 13, 128])
+@pytest.mark.parametrize("r", [8, 16, 24, 40])
+@torch.no_grad()
+def test_equals_the_closed_form_on_every_tile_shape(L, r):
+    # L: short tiles, exact 6-token tiles, and remainders; r: the 16-column block, the 8-column tail;
+    # out = 37 and in = 19: the 16-wide expand blocks, an 8-wide block, and scalar columns.
+    for n_in, n_out in ((19, 37), (64, 48)):
+        x = torch.randn(3, L, n_in)
+        A, Bt = _factors(3, r, n_in, n_out, seed=L + r)
+        y = torch.randn(3, L, n_out)
+        expected = _closed_form(y, x, A, Bt)
+        out = cpu_kernel.mixed_lora_cpu_(y, x, A, Bt)
+        assert out is y  # in place
+        assert_close(out, expected)
+
+
+@needs_kernel
+@torch.no_grad()
+def test_strided_batches_and_shared_factors():
+    """Rows of x and y at any batch stride (a slice of a bigger batch), one A for every row (stride 0)."""
+    big_x, big_y = torch.randn(6, 9, 32), torch.randn(6, 9, 24)
+    x, y = big_x[::2], big_y[::2]  # batch stride 2 rows
+    A, Bt = _factors(1, 16, 32, 24)
+    A3, Bt3 = A.expand(3, -1, -1), Bt.expand(3, -1, -1)
+    expected = _closed_form(y.clone(), x, A3, Bt3)
+    assert cpu_kernel.usable(y, x, A3, Bt3)
+    cpu_kernel.mixed_lora_cpu_(y, x, A3, Bt3)
+    assert_close(big_y[::2], expected)
+    assert_close(big_y[1::2], big_y[1::2].clone())  # untouched rows stay as they were
+
+
+@needs_kernel
+def test_dispatch_takes_the_kernel_only_where_it_applies(monkeypatch):
+    calls = []
+    real = cpu_kernel.mixed_lora_cpu_
+    monkeypatch.setattr(cpu_kernel, "mixed_lora_cpu_", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, 7, 16)
+    A, Bt = _factors(2, 8, 16, 12)
+    y = torch.randn(2, 7, 12)
+    expected = _closed_form(y, x, A, Bt)
+    with torch.no_grad():
+        assert_close(mixed_lora_(y.clone(), x, A, Bt), expected)
+    assert calls == [1]
+    refused = {
+        "autograd": dict(x=x.clone().requires_grad_()),
+        "a rank that is not a multiple of 8": dict(A=A[:, :6], Bt=Bt[:, :6]),
+        "bf16": dict(y=y.bfloat16(), x=x.bfloat16(), A=A.bfloat16(), Bt=Bt.bfloat16()),
+        "A with unit stride along in": dict(A=A.contiguous()),
+        "switched off": {},
+    }
+    for why, change in refused.items():
+        args = dict(y=y.clone(), x=x, A=A, Bt=Bt) | change
+        want = _closed_form(args["y"].float(), args["x"].detach().float(), args["A"].float(), args["Bt"].float())
+        with cpu_kernel.switched(why != "switched off"):
+            got = mixed_lora_(args["y"], args["x"], args["A"], args["Bt"])
+        dtype = torch.bfloat16 if why == "bf16" else torch.float32
+        assert_close(got.detach().float(), want, dtype=dtype)
+        assert calls == [1], why
+
+
+def test_switched_off_says_so():
+    with cpu_kernel.switched(False):
+        assert cpu_kernel.library() is None
+        assert "switched off" in cpu_kernel.unavailable_reason()
+
+
+@needs_kernel
+def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
+    monkeypatch.setenv("DELTATUNE_CACHE_DIR", str(tmp_path))
+    cc = cpu_kernel._compiler()
+    first = cpu_kernel._build(cc)
+    assert first.parent == tmp_path / "kernels" and first.exists()
+    stamp = first.stat().st_mtime_ns
+    assert cpu_kernel._build(cc) == first and first.stat().st_mtime_ns == stamp  # not rebuilt
+    assert os.listdir(first.parent) == [first.name]  # no temporary left behind
+
+
+def test_a_failed_build_falls_back_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("DELTATUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    monkeypatch.setattr(cpu_kernel, "_platform_problem", lambda: None)
+    lib, why = cpu_kernel._load()
+    assert lib is None and "could not build" in why
+    assert not any((tmp_path / "kernels").iterdir())  # nothing half-written
+
+
+@needs_kernel
+@torch.no_grad()
+def test_one_adapter_for_every_row_runs_as_one_long_row(monkeypatch):
+    calls = []
+    real = cpu_kernel.mixed_lora_cpu_
+    monkeypatch.setattr(cpu_kernel, "mixed_lora_cpu_", lambda *a: calls.append(a[1].shape) or real(*a))
+    x, y = torch.randn(3, 7, 16), torch.randn(3, 7, 12)
+    A, Bt = _factors(1, 8, 16, 12)
+    expected = y + (x @ A[0].T) @ Bt[0]
+    assert single_lora_(y, x, A[0], Bt[0]) is y
+    assert_close(y, expected)
+    assert calls == [(1, 21, 16)]
