@@ -17,6 +17,7 @@ time and in process CPU time (all threads; steadier than wall time on a busy mac
 
     python benchmarks/bench_serving.py [--rounds 5] [--seq 128] [--swaps 20] [--threads 2]
         [--skip-swap] [--skip-forward] [--device cuda] [--dtype bfloat16] [--compare-cpu-kernel]
+        [--cases 32x32] [--shuffle]
 
 On CUDA (``--device cuda``) each call is followed by a synchronize, and ``--compare-triton`` adds
 deltatune's opt-in Triton path (``DELTATUNE_TRITON=1``) as a second timing of the same models. On the
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import random
 import statistics
 import tempfile
 import time
@@ -47,11 +49,18 @@ def build_base(seed: int = 0):
     return LlamaForCausalLM(cfg).eval()
 
 
-def build_adapted(lib_name: str, base, n_adapters: int):
-    """``base`` (deep-copied) with n LoRA adapters a0..a{n-1}, random B so nothing is a no-op."""
+def build_adapted(lib_name: str, base, n_adapters: int, share_weights: bool = False):
+    """``base`` (deep-copied) with n LoRA adapters a0..a{n-1}, random B so nothing is a no-op.
+
+    ``share_weights``: the copy's parameters and buffers are the base model's own tensors (the
+    forward benchmark). Separate copies land on different pages, and whether a weight sits on
+    transparent huge pages moved one process's base-vs-adapted ratio by several points either way
+    (an adapted single-adapter forward measured 0.94x "of the base"); sharing makes it common to both.
+    """
     lib = __import__(lib_name)
     cfg = lib.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False)
-    model = lib.get_peft_model(copy.deepcopy(base), cfg, adapter_name="a0")
+    memo = {id(t): t for t in [*base.parameters(), *base.buffers()]} if share_weights else None
+    model = lib.get_peft_model(copy.deepcopy(base, memo), cfg, adapter_name="a0")
     for i in range(1, n_adapters):
         model.add_adapter(f"a{i}", cfg)
     return model.eval()
@@ -70,32 +79,37 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def run_rounds(calls: dict, rounds: int) -> dict[str, tuple[float, float, float]]:
+def run_rounds(calls: dict, rounds: int, shuffle: bool = False) -> dict[str, tuple[float, float, float]]:
     """{name: (median wall ratio to 'base', median cpu ratio, median base-relative wall seconds)}."""
     for fn in calls.values():  # warm-up
         fn()
     ratios: dict[str, list[tuple[float, float, float]]] = {k: [] for k in calls}
+    order, rng = list(calls), random.Random(0)
     for _ in range(rounds):
-        times = {k: timed(fn) for k, fn in calls.items()}
+        if shuffle:  # a new order each round: no configuration always runs right after another
+            rng.shuffle(order)
+        times = {k: timed(calls[k]) for k in order}
         for k, (w, c) in times.items():
             ratios[k].append((w / times["base"][0], c / times["base"][1], w))
     return {k: tuple(statistics.median(v[i] for v in vals) for i in range(3)) for k, vals in ratios.items()}
 
 
 def forward_tables(rounds: int, seq: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                   compare_triton: bool = False, compare_cpu_kernel: bool = False) -> None:
+                   compare_triton: bool = False, compare_cpu_kernel: bool = False,
+                   cases: list[tuple[int, int]] = CASES, shuffle: bool = False) -> None:
     from deltatune.serving import cpu_kernel, triton_lora
 
     base = build_base()
-    ours = build_adapted("deltatune", base, 32).to(device, dtype)
-    theirs = build_adapted("peft", base, 32).to(device, dtype)
     base = base.to(device, dtype)
+    # adapters in the base dtype too, as before (the shared base tensors are already there: no copy)
+    ours = build_adapted("deltatune", base, 32, share_weights=True).to(device, dtype)
+    theirs = build_adapted("peft", base, 32, share_weights=True).to(device, dtype)
     print(f"device {device}, {dtype}; Triton installed: {triton_lora.AVAILABLE}; "
           f"compiled CPU kernel: {cpu_kernel.unavailable_reason() or 'in use'}")
     print("| batch | distinct adapters | deltatune mixed / base | peft mixed / base | base (s) |")
     print("|---|---|---|---|---|")
     singles = {}
-    for rows, distinct in CASES:
+    for rows, distinct in cases:
         ids = torch.randint(0, 32000, (rows, seq), generator=torch.Generator().manual_seed(rows)).to(device)
         names = [f"a{i % distinct}" for i in range(rows)]
         ours.set_adapter("a0")
@@ -109,11 +123,11 @@ def forward_tables(rounds: int, seq: int, device: str = "cpu", dtype: torch.dtyp
             calls["ours triton"] = lambda: _with_triton(lambda: ours(input_ids=ids, adapter_names=names))
         if compare_cpu_kernel:
             calls["ours torch"] = lambda: _without_cpu_kernel(lambda: ours(input_ids=ids, adapter_names=names))
-        if distinct == CASES[0][1]:  # single unmerged adapter, same batch
+        if distinct == cases[0][1]:  # single unmerged adapter, same batch
             calls["ours single"] = lambda: ours(input_ids=ids)
             calls["peft single"] = lambda: theirs(input_ids=ids)
         with torch.no_grad():
-            res = run_rounds(calls, rounds)
+            res = run_rounds(calls, rounds, shuffle)
         torch_row = f"; Triton path {res['ours triton'][0]:.3f}" if compare_triton else ""
         if compare_cpu_kernel:
             torch_row += f"; torch path {res['ours torch'][0]:.3f} (cpu {res['ours torch'][1]:.3f})"
@@ -238,11 +252,15 @@ def main() -> None:
     ap.add_argument("--compare-triton", action="store_true", help="also time the opt-in Triton mixed path (CUDA)")
     ap.add_argument("--compare-cpu-kernel", action="store_true",
                     help="also time the mixed path with the compiled CPU kernel switched off (the torch path)")
+    ap.add_argument("--cases", nargs="+", default=[f"{r}x{d}" for r, d in CASES],
+                    help="ROWSxDISTINCT forward cases to run (default: all three)")
+    ap.add_argument("--shuffle", action="store_true", help="time the configurations in a new random order each round")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    cases = [tuple(int(v) for v in c.split("x")) for c in args.cases]
     if not args.skip_forward:
         forward_tables(args.rounds, args.seq, args.device, getattr(torch, args.dtype), args.compare_triton,
-                       args.compare_cpu_kernel)
+                       args.compare_cpu_kernel, cases, args.shuffle)
     if not args.skip_swap:
         swap_table(args.swaps)
 
