@@ -43,6 +43,19 @@ def _off(fn):
     return run
 
 
+def _row(call: str, x: torch.Tensor, W: torch.Tensor, update, rounds: int) -> None:
+    """Time the base matmul and ``update(y, x)`` with the kernel off and on; print one table row."""
+    y = F.linear(x, W)
+    res = _time({
+        "base": lambda: F.linear(x, W),
+        "torch": _off(lambda: update(y, x)),
+        "kernel": lambda: update(y, x),
+    }, rounds)
+    rows, tokens, n_in = x.shape
+    print(f"| {call} | {rows}x{tokens} | {n_in} -> {W.shape[0]} | {res['base']:.3f} | {res['torch']:.3f} | "
+          f"{res['kernel']:.3f} | {res['kernel'] / res['torch']:.2f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=50)
@@ -57,28 +70,14 @@ def main() -> None:
     with torch.no_grad():
         for rows, tokens in ((32, 128), (32, 1)):
             for n_in, n_out in SHAPES:
-                x, W = torch.randn(rows, tokens, n_in), torch.randn(n_out, n_in) / n_in**0.5
                 A = torch.randn(rows, n_in, r).transpose(1, 2)  # (b, r, in), stored (b, in, r) as in the bank
                 Bt = torch.randn(rows, r, n_out) / r
-                y = F.linear(x, W)
-                res = _time({
-                    "base": lambda: F.linear(x, W),
-                    "torch": _off(lambda: mixed_lora_(y, x, A, Bt)),
-                    "kernel": lambda: mixed_lora_(y, x, A, Bt),
-                }, args.rounds)
-                print(f"| mixed | {rows}x{tokens} | {n_in} -> {n_out} | {res['base']:.3f} | {res['torch']:.3f} | "
-                      f"{res['kernel']:.3f} | {res['kernel'] / res['torch']:.2f} |", flush=True)
+                x, W = torch.randn(rows, tokens, n_in), torch.randn(n_out, n_in) / n_in**0.5
+                _row("mixed", x, W, lambda y, x, A=A, Bt=Bt: mixed_lora_(y, x, A, Bt), args.rounds)
         for n_in, n_out in SHAPES:
-            x, W = torch.randn(32, 128, n_in), torch.randn(n_out, n_in) / n_in**0.5
             A, Bt = torch.randn(n_in, r).T, torch.randn(r, n_out) / r
-            y = F.linear(x, W)
-            res = _time({
-                "base": lambda: F.linear(x, W),
-                "torch": _off(lambda: single_lora_(y, x, A, Bt)),
-                "kernel": lambda: single_lora_(y, x, A, Bt),
-            }, args.rounds)
-            print(f"| single | 32x128 | {n_in} -> {n_out} | {res['base']:.3f} | {res['torch']:.3f} | "
-                  f"{res['kernel']:.3f} | {res['kernel'] / res['torch']:.2f} |", flush=True)
+            x, W = torch.randn(32, 128, n_in), torch.randn(n_out, n_in) / n_in**0.5
+            _row("single", x, W, lambda y, x, A=A, Bt=Bt: single_lora_(y, x, A, Bt), args.rounds)
 
 
 if __name__ == "__main__":
