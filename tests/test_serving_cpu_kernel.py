@@ -132,3 +132,64 @@ def test_one_adapter_for_every_row_runs_as_one_long_row(monkeypatch):
     assert single_lora_(y, x, A[0], Bt[0]) is y
     assert_close(y, expected)
     assert calls == [(1, 21, 16)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("L", [1, 7, 12])
+@torch.no_grad()
+def test_overwrite_mode_never_reads_y(L):
+    x = torch.randn(2, L, 19)
+    A, Bt = _factors(2, 16, 19, 37, seed=L)
+    init = torch.randn(37)
+    y = torch.full((2, L, 37), float("nan"))  # any read of y would show
+    cpu_kernel.mixed_lora_cpu_(y, x, A, Bt, init=init)
+    assert_close(y, _closed_form(init.expand(2, L, 37), x, A, Bt))
+    with pytest.raises(ValueError, match="contiguous fp32 vector of 37"):
+        cpu_kernel.mixed_lora_cpu_(y, x, A, Bt, init=torch.zeros(36))
+
+
+def _served_model():
+    import deltatune as dt
+    from tiny import tiny_llama
+
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=4, target_modules=["q_proj", "up_proj"], init_lora_weights=False), "a")
+    model.add_adapter("b", dt.LoraConfig(r=8, target_modules=["q_proj"], init_lora_weights=False))
+    return model.eval()
+
+
+@needs_kernel
+def test_lora_linears_run_fused_for_the_request_only(monkeypatch):
+    from tiny import input_ids
+
+    model, x, names = _served_model(), input_ids(batch=3, seq=9), ["a", "b", "__base__"]
+    with torch.no_grad():
+        expected = model(input_ids=x, adapter_names=names).logits  # warm the bank
+        inits = []
+        real = cpu_kernel.mixed_lora_cpu_
+        monkeypatch.setattr(cpu_kernel, "mixed_lora_cpu_", lambda *a, **k: inits.append(k.get("init")) or real(*a, **k))
+        got = model(input_ids=x, adapter_names=names).logits
+    assert_close(got, expected)
+    layers = model.base_model.model.model.layers
+    assert len(inits) == 2 * len(layers) and all(i is not None for i in inits)  # q_proj and up_proj, fused
+    assert all("forward" not in vars(m) for m in model.modules())  # nothing left behind
+
+
+@needs_kernel
+def test_a_replaced_forward_or_autograd_takes_the_hook_path(monkeypatch):
+    from tiny import input_ids
+
+    model, x, names = _served_model(), input_ids(batch=2, seq=5), ["a", "b"]
+    with torch.no_grad():
+        expected = model(input_ids=x, adapter_names=names).logits
+    q = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    calls = []
+    q.forward = lambda inp: calls.append(1) or torch.nn.Linear.forward(q, inp)  # as accelerate's hooks do
+    with torch.no_grad():
+        assert_close(model(input_ids=x, adapter_names=names).logits, expected)
+    assert calls == [1] and "forward" in vars(q)  # kept, and run once
+    del q.forward
+    for p in model.parameters():
+        p.requires_grad_(True)  # autograd through the base weights: the fused forward steps aside
+    logits = model(input_ids=x, adapter_names=names).logits
+    assert logits.requires_grad
+    assert_close(logits.detach(), expected)

@@ -106,7 +106,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         return None, f"could not build {SOURCE.name}: {err}"
     i64 = ctypes.c_int64
     lib.dt_mixed_lora.restype = ctypes.c_int
-    lib.dt_mixed_lora.argtypes = [ctypes.c_void_p] * 4 + [i64] * 11 + [ctypes.c_int]
+    lib.dt_mixed_lora.argtypes = [ctypes.c_void_p] * 4 + [i64] * 11 + [ctypes.c_void_p, ctypes.c_int]
     if lib.dt_max_rank() != MAX_RANK:
         return None, f"{SOURCE.name} and cpu_kernel.py disagree on the largest rank"
     return lib, None
@@ -159,18 +159,23 @@ def usable(y: torch.Tensor, x: torch.Tensor, A_rows: torch.Tensor, Bt_rows: torc
     return rows_ok and A_rows.stride(1) == 1 and Bt_rows.stride(2) == 1 and r % 8 == 0 and 0 < r <= MAX_RANK
 
 
-def mixed_lora_cpu_(y: torch.Tensor, x: torch.Tensor, A_rows: torch.Tensor, Bt_rows: torch.Tensor) -> torch.Tensor:
+def mixed_lora_cpu_(
+    y: torch.Tensor, x: torch.Tensor, A_rows: torch.Tensor, Bt_rows: torch.Tensor, init: torch.Tensor | None = None
+) -> torch.Tensor:
     """y_i += (x_i A_iᵀ) B̃_i in place; the shapes of :func:`deltatune.serving.kernels.mixed_lora_`.
 
     A_rows (b, r, in) must have unit stride along r (the bank's transposed storage), Bt_rows
-    (b, r, out) unit stride along out; :func:`usable` checks all of it.
+    (b, r, out) unit stride along out; :func:`usable` checks all of it. With ``init`` (out,), a
+    contiguous fp32 vector, y is overwritten instead, never read: y_i = init + (x_i A_iᵀ) B̃_i.
     """
     b, L, n_in = x.shape
     r, n_out = Bt_rows.shape[1], y.shape[-1]
+    if init is not None and not (init.shape == (n_out,) and init.is_contiguous() and init.dtype == torch.float32):
+        raise ValueError(f"init must be a contiguous fp32 vector of {n_out}, got {tuple(init.shape)} {init.dtype}")
     rc = library().dt_mixed_lora(  # type: ignore[union-attr]
         y.data_ptr(), x.data_ptr(), A_rows.data_ptr(), Bt_rows.data_ptr(),
         b, L, n_in, n_out, r, x.stride(0), y.stride(0), A_rows.stride(0), A_rows.stride(2),
-        Bt_rows.stride(0), Bt_rows.stride(1), torch.get_num_threads(),
+        Bt_rows.stride(0), Bt_rows.stride(1), None if init is None else init.data_ptr(), torch.get_num_threads(),
     )
     if rc != 0:
         raise RuntimeError(f"dt_mixed_lora refused r={r} (needs a multiple of 8 up to {MAX_RANK})")

@@ -3,6 +3,8 @@
 Hooks are registered on the served layers for the duration of one call (a forward, or a whole
 ``generate``) and removed afterwards, so the model itself is never rewritten and, outside a request,
 is exactly the base model. Each hooked layer applies its :class:`LayerPlan` (built once per request).
+A plain ``nn.Linear`` with only LoRA rows, where the compiled CPU kernel runs, gets a forward of its
+own for the request instead (low-rank update first, base GEMM accumulating into it), removed the same way.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltatune.serving import cpu_kernel
 from deltatune.serving.bank import AdapterBank, LayerBank, LayerPlan
 from deltatune.serving.kernels import affine_rows, mixed_embedding_lora, mixed_lora_, scale_rows, single_lora_
 
@@ -52,12 +55,43 @@ def _post_hook(path: str, layer: LayerBank, plan: LayerPlan, module: nn.Module, 
     return y3.view(y.shape)
 
 
+def _fused_linear(path: str, layer: LayerBank, plan: LayerPlan, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """An ``nn.Linear`` with LoRA rows, low-rank update first: y = b + x·Aᵀ·B̃ (compiled kernel, y
+    written once, never read), then the base GEMM accumulates into it (``addmm_``, beta = 1). Saves
+    y's two extra trips through memory of "y = W x + b, then y += ..." (see csrc/mixed_lora.c).
+    Anything the kernel cannot take runs the plain layer and the post hook."""
+    if x.shape[0] != plan.rows:
+        raise _rows_error(path, x.shape[0], plan)
+    W, bias = module.weight, module.bias
+    n_in, n_out = W.shape[1], W.shape[0]
+    if plan.single:  # one adapter: all tokens as one long row
+        x3, A, Bt = x.reshape(1, -1, n_in), plan.A[None], plan.Bt[None]
+    else:
+        x3, A, Bt = x.reshape(plan.rows, -1, n_in), plan.A, plan.Bt
+    y3 = x3.new_empty(x3.shape[0], x3.shape[1], n_out)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (W, bias, x))
+    init = bias if bias is not None else y3.new_zeros(n_out)
+    if grad or not (init.is_contiguous() and W.dtype == init.dtype == torch.float32) or not cpu_kernel.usable(y3, x3, A, Bt):
+        return _post_hook(path, layer, plan, module, (x,), F.linear(x, W, bias))
+    cpu_kernel.mixed_lora_cpu_(y3, x3, A, Bt, init=init)
+    y3.view(-1, n_out).addmm_(x3.reshape(-1, n_in), W.T)
+    return y3.view(*x.shape[:-1], n_out)
+
+
+def _fusable(layer: LayerBank, plan: LayerPlan, module: nn.Module) -> bool:
+    # LoRA rows only (DoRA / IA³ scales keep the hooks), a plain Linear whose forward nobody else
+    # has replaced (accelerate's hooks, for one, live in an instance attribute ``forward``).
+    lora_only = plan.A is not None and plan.in_scale is None and plan.out_scale is None and plan.out_shift is None
+    return (lora_only and not layer.embedding and type(module) is nn.Linear and "forward" not in vars(module)
+            and cpu_kernel.wants(plan.Bt))
+
+
 @contextlib.contextmanager
 def routed(
     bank: AdapterBank, ids: torch.Tensor, unique: frozenset[int], module_for: Callable[[str], nn.Module]
 ) -> Iterator[None]:
     """Within the block, every served layer (``module_for(path)``) applies each row's adapter."""
-    handles = []
+    handles, fused = [], []
     slots = ids.tolist()  # once per request: each layer then plans on the host
     try:
         for path, layer in bank.layers.items():
@@ -65,6 +99,10 @@ def routed(
             if plan is None:
                 continue
             module = module_for(path)
+            if _fusable(layer, plan, module):
+                module.forward = partial(_fused_linear, path, layer, plan, module)  # until the request ends
+                fused.append(module)
+                continue
             if plan.in_scale is not None:
                 handles.append(module.register_forward_pre_hook(partial(_pre_hook, path, plan)))
             handles.append(module.register_forward_hook(partial(_post_hook, path, layer, plan)))
@@ -72,6 +110,8 @@ def routed(
     finally:
         for handle in handles:
             handle.remove()
+        for module in fused:
+            del module.forward  # the class's forward again
 
 
 def batch_size(args: Sequence[Any], kwargs: dict[str, Any]) -> int | None:

@@ -12,6 +12,12 @@
  * (row, 6-token tile) pairs with OpenMP; the library is linked against torch's own libgomp so
  * both share one thread pool.
  *
+ * With ``init`` non-NULL the update overwrites y instead: y[i,t] = init + h · Bt_i, y is never read
+ * (init: out floats, the layer's bias or zeros). The caller then lets the base GEMM accumulate into
+ * y (addmm_ with beta = 1), so y makes one trip through memory instead of three: measured per layer
+ * (b = 32 × 128 tokens, caches flushed), 512 -> 512 costs 1.02-1.07x of the base layer this way
+ * against 1.07-1.12x for "base GEMM, then y +=".
+ *
  * Layout contract (checked by the Python caller): r is a multiple of 8 and at most DT_MAX_R;
  * tokens are contiguous within a row (token stride = in for x, out for y); every pointer is to fp32.
  */
@@ -59,13 +65,19 @@ static inline void shrink1x8(const float *x, const float *at, int64_t at_k, int6
 
 /* y[a][o0 .. o0+16) += h[a][:r] · Bt[:, o0 .. o0+16) for a full 6-token tile. */
 static inline void expand6x16(float *const ys[DT_TILE], const float *bt, int64_t bt_j, int64_t r,
-                              float h[DT_TILE][DT_MAX_R], int64_t o0) {
-    __m256 c00 = _mm256_loadu_ps(ys[0] + o0), c01 = _mm256_loadu_ps(ys[0] + o0 + 8);
-    __m256 c10 = _mm256_loadu_ps(ys[1] + o0), c11 = _mm256_loadu_ps(ys[1] + o0 + 8);
-    __m256 c20 = _mm256_loadu_ps(ys[2] + o0), c21 = _mm256_loadu_ps(ys[2] + o0 + 8);
-    __m256 c30 = _mm256_loadu_ps(ys[3] + o0), c31 = _mm256_loadu_ps(ys[3] + o0 + 8);
-    __m256 c40 = _mm256_loadu_ps(ys[4] + o0), c41 = _mm256_loadu_ps(ys[4] + o0 + 8);
-    __m256 c50 = _mm256_loadu_ps(ys[5] + o0), c51 = _mm256_loadu_ps(ys[5] + o0 + 8);
+                              float h[DT_TILE][DT_MAX_R], int64_t o0, const float *init) {
+    __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+    if (init == 0) {
+        c00 = _mm256_loadu_ps(ys[0] + o0); c01 = _mm256_loadu_ps(ys[0] + o0 + 8);
+        c10 = _mm256_loadu_ps(ys[1] + o0); c11 = _mm256_loadu_ps(ys[1] + o0 + 8);
+        c20 = _mm256_loadu_ps(ys[2] + o0); c21 = _mm256_loadu_ps(ys[2] + o0 + 8);
+        c30 = _mm256_loadu_ps(ys[3] + o0); c31 = _mm256_loadu_ps(ys[3] + o0 + 8);
+        c40 = _mm256_loadu_ps(ys[4] + o0); c41 = _mm256_loadu_ps(ys[4] + o0 + 8);
+        c50 = _mm256_loadu_ps(ys[5] + o0); c51 = _mm256_loadu_ps(ys[5] + o0 + 8);
+    } else {  /* overwrite: y = init + h·B̃ (init is the bias, or zeros) */
+        c00 = c10 = c20 = c30 = c40 = c50 = _mm256_loadu_ps(init + o0);
+        c01 = c11 = c21 = c31 = c41 = c51 = _mm256_loadu_ps(init + o0 + 8);
+    }
     for (int64_t j = 0; j < r; j++) {
         const __m256 b0 = _mm256_loadu_ps(bt + j * bt_j + o0), b1 = _mm256_loadu_ps(bt + j * bt_j + o0 + 8);
         __m256 v;
@@ -86,15 +98,15 @@ static inline void expand6x16(float *const ys[DT_TILE], const float *bt, int64_t
 
 /* One token, columns o0 .. o_end of y (any width): the remainder cases. */
 static inline void expand1(float *y, const float *bt, int64_t bt_j, int64_t r, const float *h, int64_t o0,
-                           int64_t o_end) {
+                           int64_t o_end, const float *init) {
     int64_t o = o0;
     for (; o + 8 <= o_end; o += 8) {
-        __m256 c = _mm256_loadu_ps(y + o);
+        __m256 c = _mm256_loadu_ps((init ? init : y) + o);
         for (int64_t j = 0; j < r; j++) c = _mm256_fmadd_ps(_mm256_broadcast_ss(h + j), _mm256_loadu_ps(bt + j * bt_j + o), c);
         _mm256_storeu_ps(y + o, c);
     }
     for (; o < o_end; o++) {
-        float s = y[o];
+        float s = init ? init[o] : y[o];
         for (int64_t j = 0; j < r; j++) s += h[j] * bt[j * bt_j + o];
         y[o] = s;
     }
@@ -104,7 +116,7 @@ int dt_max_rank(void) { return DT_MAX_R; }
 
 int dt_mixed_lora(float *y, const float *x, const float *At, const float *Bt, int64_t b, int64_t L, int64_t in,
                   int64_t out, int64_t r, int64_t x_row, int64_t y_row, int64_t at_row, int64_t at_k,
-                  int64_t bt_row, int64_t bt_j, int nthreads) {
+                  int64_t bt_row, int64_t bt_j, const float *init, int nthreads) {
     if (r % 8 != 0 || r > DT_MAX_R || r <= 0) return 1;
     const int64_t tiles = (L + DT_TILE - 1) / DT_TILE;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
@@ -126,12 +138,12 @@ int dt_mixed_lora(float *y, const float *x, const float *At, const float *Bt, in
                 for (; j < r; j += 8)
                     for (int a = 0; a < n; a++) shrink1x8(xs[a], at + j, at_k, in, &h[a][j]);
                 int64_t o = 0;
-                for (; o + 16 <= out; o += 16) expand6x16(ys, bt, bt_j, r, h, o);
-                for (int a = 0; a < n; a++) expand1(ys[a], bt, bt_j, r, h[a], o, out);
+                for (; o + 16 <= out; o += 16) expand6x16(ys, bt, bt_j, r, h, o, init);
+                for (int a = 0; a < n; a++) expand1(ys[a], bt, bt_j, r, h[a], o, out, init);
             } else {
                 for (int a = 0; a < n; a++) {
                     for (int64_t j = 0; j < r; j += 8) shrink1x8(xs[a], at + j, at_k, in, &h[a][j]);
-                    expand1(ys[a], bt, bt_j, r, h[a], 0, out);
+                    expand1(ys[a], bt, bt_j, r, h[a], 0, out, init);
                 }
             }
         }
