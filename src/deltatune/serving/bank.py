@@ -4,8 +4,8 @@ A :class:`LayerBank` holds one layer's slots (A (S, r, in), scaled Bᵀ (S, r, o
 adapter needs them, input scale (S, in), output scale (S, out), output shift (S, out)), zero-padded
 to the largest rank seen (rounded up to a multiple of 8, the compiled CPU kernel's column block).
 A is stored transposed, (S, in, r) in memory, and Bᵀ as is, (S, r, out): the layouts in which
-:mod:`deltatune.serving.cpu_kernel` reads a row's factors with unit stride. Slot 0 is the base model ("__base__"): zero factors, unit
-scales. An :class:`AdapterBank` maps adapter names to slots across layers, loads adapters from their
+:mod:`deltatune.serving.cpu_kernel` reads a row's factors with unit stride. Slot 0 is the base
+model ("__base__"): zero factors, unit scales. An :class:`AdapterBank` maps adapter names to slots across layers, loads adapters from their
 sources on demand and evicts the least recently used one when all ``max_slots`` are taken.
 """
 from __future__ import annotations
@@ -24,6 +24,11 @@ from deltatune.serving.slots import SlotWeights
 BASE = "__base__"
 # field -> (fill value for an unused slot, which feature size it spans)
 _VECTORS = {"in_scale": (1.0, "in"), "out_scale": (1.0, "out"), "out_shift": (0.0, "out")}
+
+
+def _padded(rank: int) -> int:
+    """``rank`` rounded up to the compiled CPU kernel's 8-column block."""
+    return -(-rank // 8) * 8
 
 
 class AdapterSource(Protocol):
@@ -76,7 +81,7 @@ class LayerBank:
     def _grow(self, slot: int, rank: int, limit: int) -> None:
         if slot >= self.capacity or rank > self.r:
             cap = self.capacity if slot < self.capacity else min(max(slot + 1, 2 * self.capacity), limit)
-            r = max(-(-rank // 8) * 8, self.r)
+            r = max(_padded(rank), self.r)
             A = torch.zeros(cap, self.in_features, r, dtype=self.dtype, device=self.device).transpose(1, 2)
             Bt = torch.zeros(cap, r, self.out_features, dtype=self.dtype, device=self.device)
             A[: self.capacity, : self.r] = self.A
@@ -142,7 +147,7 @@ class LayerBank:
         if lora:
             # Rows with smaller ranks read zero padding; the compiled kernel takes columns 8 at a time.
             r = max(self.rank[s] for s in lora)
-            r = -(-r // 8) * 8 if cpu_kernel.wants(self.A) else r
+            r = _padded(r) if cpu_kernel.wants(self.A) else r
             Bt = gather_rows(self.Bt[:, :r], pick)  # (b, r, out)
             plan.Bt = Bt[0] if single else Bt  # (r, out) or (b, r, out)
             if self.embedding and not single:

@@ -5,9 +5,9 @@ Why a C kernel: on the CPU the per-row low-rank update is two thin GEMMs, and th
 throughput it gets on the base layer's own GEMM. A hand-written AVX2/FMA tile (6 tokens × 16
 columns) runs it at about base-GEMM throughput and adds each tile's update into y while those rows
 are still in L1. With ``init`` it writes y = init + update without reading y, which lets
-:mod:`deltatune.serving.routing` run the base GEMM afterwards, accumulating into that y. Measured per layer (b = 32 rows × 128 tokens, r = 16, 2 threads): 512 -> 512
-1.16 -> 0.97 ms, 1408 -> 512 2.70 -> 1.96 ms (``benchmarks/bench_serving.py`` has the model-level
-numbers).
+:mod:`deltatune.serving.routing` run the base GEMM afterwards, accumulating into that y. Measured
+per layer (b = 32 rows × 128 tokens, r = 16, 2 threads): 512 -> 512 1.16 -> 0.97 ms, 1408 -> 512
+2.70 -> 1.96 ms (``benchmarks/bench_cpu_kernel.py``; ``bench_serving.py`` has the model-level numbers).
 
 How it starts: the first CPU fp32 request with adapter_names calls :func:`library`, which compiles
 the source with the system C compiler (``$CC``, else ``cc``/``gcc``; ``-O3 -mavx2 -mfma -fopenmp``,
