@@ -20,3 +20,20 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+# The versions a run tested: the lock's (make test) or the newest allowed (make test-latest).
+REPORTED_PACKAGES = ("torch", "transformers", "accelerate", "datasets", "safetensors", "peft", "bitsandbytes", "trl")
+
+
+def pytest_terminal_summary(terminalreporter):
+    # printed at the end even under -q, so a CI log says which versions were tested
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "absent"
+
+    terminalreporter.write_line("versions: " + ", ".join(f"{name} {v(name)}" for name in REPORTED_PACKAGES))

@@ -26,6 +26,7 @@ from torch import nn
 from deltatune.config import PeftType
 from deltatune.methods.prompt_common import (
     PromptLearningConfig,
+    cache_argument,
     cache_is_empty,
     fill_model_dims,
     register_prompt_method,
@@ -173,8 +174,9 @@ def insert_prefix(peft_model, config: PrefixTuningConfig, encoder: PrefixEncoder
     dtype = getattr(base, "dtype", None) or encoder.embedding.weight.dtype
     table = encoder().to(device=ref.device, dtype=dtype)  # (n, L · 2 · token_dim)
     kv = prefix_key_values(table, ref.shape[0], config.num_layers, config.num_attention_heads)
-    cache = prefilled_cache(kwargs.get("past_key_values"), kv, getattr(base, "config", None))
-    return {**kwargs, "past_key_values": cache}
+    name = cache_argument(base)
+    cache = prefilled_cache(kwargs.get(name), kv, getattr(base, "config", None))
+    return {**kwargs, name: cache}
 
 
 def prepare_prefix_config(config: PrefixTuningConfig, model: nn.Module) -> PrefixTuningConfig:

@@ -14,6 +14,7 @@ learning keeps the user's model itself as ``base_model``).
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence
@@ -261,6 +262,41 @@ def adjust_inputs(config: PromptLearningConfig, kwargs: dict[str, Any], inserts_
     return kwargs
 
 
+# transformers 5.25 renamed the models' ``past_key_values`` argument to ``cache``; ``generate`` passes the
+# new name, and a forward given both silently uses ``cache`` and drops ``past_key_values`` (the old name
+# is accepted, with a FutureWarning, until 5.40). So the cache is read under either name and handed on
+# under the one the model's forward declares: writing the old name while generate passes the new one is
+# how a prefix got lost and prompt tokens got re-inserted at every decoding step on 5.25.
+CACHE_NAMES = ("cache", "past_key_values")
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name under which ``model.forward`` takes its key/value cache (``cache`` from transformers 5.25 on)."""
+    seen: set[int] = set()
+    while model is not None and id(model) not in seen:
+        seen.add(id(model))
+        params = inspect.signature(model.forward).parameters
+        for name in CACHE_NAMES:
+            if name in params:
+                return name
+        # a task head (BertForSequenceClassification) may take **kwargs only and hand them to its backbone
+        model = getattr(model, "base_model", None)
+    return "past_key_values"
+
+
+def take_cache(kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The cache passed under either name, and the inputs without both names.
+
+    Raises:
+        ValueError: if two different caches were passed, one under each name.
+    """
+    rest = {k: v for k, v in kwargs.items() if k not in CACHE_NAMES}
+    given = [kwargs[k] for k in CACHE_NAMES if kwargs.get(k) is not None]
+    if len(given) == 2 and given[0] is not given[1]:
+        raise ValueError("two key/value caches were passed (cache= and past_key_values=); pass one, as cache=")
+    return (given[0] if given else None), rest
+
+
 def cache_is_empty(cache: Any) -> bool:
     """True if ``cache`` holds no tokens yet (None or an empty transformers ``Cache``)."""
     if cache is None:
@@ -281,12 +317,15 @@ InsertFn = Callable[[nn.Module, PromptLearningConfig, nn.Module, dict, bool], di
 def _inputs_for_base(peft_model, adapter_name: str, insert: InsertFn, inserts_tokens: bool, kwargs: dict, generating: bool) -> dict:
     """The base model's inputs for one forward of adapter ``adapter_name``."""
     config = peft_model.peft_config[adapter_name]
+    cache, kwargs = take_cache(kwargs)
     if generating and kwargs.get("use_cache") is False:
         # Without a cache every step is a fresh full sequence; the cache the previous step returned
         # (transformers hands it back even with use_cache=False) must not be reused.
-        kwargs = {**kwargs, "past_key_values": None}
-    fresh = cache_is_empty(kwargs.get("past_key_values"))  # else a decoding step: the cache has the tokens
+        cache = None
+    fresh = cache_is_empty(cache)  # else a decoding step: the cache has the tokens
     kwargs = adjust_inputs(config, kwargs, inserts_tokens, fresh)
+    if cache is not None:
+        kwargs[cache_argument(peft_model.base_model.model)] = cache
     return insert(peft_model, config, encoders(peft_model)[adapter_name], kwargs, fresh)
 
 
