@@ -104,15 +104,21 @@ def test_killed_study_resumes_without_repeating_finished_trials(tmp_path):
            "--study", "quick"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
                TUNE_TEST_SLEEP="0.5")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not _finished(db, "quick") and proc.poll() is None:
-        time.sleep(0.2)
-    time.sleep(0.6)  # into the second trial
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    log = tmp_path / "first-run.log"
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        start = time.time()
+        while time.time() < start + 120 and not _finished(db, "quick") and proc.poll() is None:
+            time.sleep(0.2)
+        waited, exited = time.time() - start, proc.poll()
+        time.sleep(0.6)  # into the second trial
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     before = {t.number: (t.params, t.value) for t in _finished(db, "quick")}
-    assert 1 <= len(before) < 4
+    assert 1 <= len(before) < 4, (
+        f"{len(before)} finished trials after {waited:.1f} s (child exit code before the kill: {exited}); "
+        f"its output ends:\n{log.read_text()[-3000:]}"
+    )
 
     env["TUNE_TEST_SLEEP"] = "0"
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
