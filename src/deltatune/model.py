@@ -313,7 +313,11 @@ class PeftModel(nn.Module):
         self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
         autocast_adapter_dtype: bool = True, **_: Any,
     ) -> None:
-        """Add the adapter saved at ``model_id`` under ``adapter_name`` (not made active)."""
+        """Add the adapter saved at ``model_id`` under ``adapter_name`` (not made active). If that adapter
+        exists, its weights are replaced, all or nothing, as peft does (Trainer resumes checkpoints so)."""
+        if adapter_name in self.peft_config:
+            self._load_weights(Path(model_id), adapter_name)
+            return
         config = load_config(model_id).replace(inference_mode=not is_trainable)
         self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
         try:

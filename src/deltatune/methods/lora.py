@@ -256,4 +256,16 @@ def _supported_types() -> tuple[type, ...]:
     return (nn.Linear, Conv1D, nn.Embedding, *quantized_linear_types())
 
 
-register_method(Method(PeftType.LORA, LoraConfig, make_lora_adapter, layer_types=_supported_types()))
+def prepare_lora_config(config: LoraConfig, model: nn.Module) -> LoraConfig:
+    """peft's per-family default targets written into the config when ``target_modules`` is None, as peft
+    does: the saved ``adapter_config.json`` then names the modules (serving tools read that list)."""
+    if config.target_modules is not None:
+        return config
+    from deltatune.surgery.targets import default_targets
+
+    return config.replace(target_modules=list(default_targets(model, PeftType.LORA)))
+
+
+register_method(
+    Method(PeftType.LORA, LoraConfig, make_lora_adapter, layer_types=_supported_types(), prepare_config=prepare_lora_config)
+)

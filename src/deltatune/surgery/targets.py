@@ -109,6 +109,13 @@ def _default_targets(model: nn.Module, layer_types: tuple[type, ...]) -> tuple[s
     )
 
 
+def default_targets(model: nn.Module, peft_type: Any) -> tuple[str, ...]:
+    """peft's default ``target_modules`` for the model's family (an error naming the layers if none)."""
+    from deltatune.methods.base import get_method
+
+    return _default_targets(model, get_method(peft_type).layer_types)
+
+
 def resolve_targets(model: nn.Module, config: Any) -> list[str]:
     """The fully qualified names of the modules ``config`` would wrap, in model order.
 

@@ -1,0 +1,1 @@
+"""Integrations with libraries that recognise peft models by class (see each module's docstring)."""

@@ -1,0 +1,163 @@
+"""transformers' Trainer with default arguments treats a deltatune model as it treats a peft model.
+
+Each test is code a peft user runs, with only the import changed: nothing here sets
+``remove_unused_columns`` or a custom save. peft itself is installed in the test environment,
+as an oracle; transformers then knows peft's classes, and these tests prove it also knows ours.
+"""
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_pt_utils import LabelSmoother
+
+from deltatune import LoraConfig, PeftModel, get_peft_model
+from tiny import input_ids, tiny_bert_cls, tiny_gpt2, tiny_llama
+from tolerances import assert_close
+
+
+def _lm_rows(n: int = 8, seq: int = 10) -> Dataset:
+    ids = input_ids(batch=n, seq=seq, seed=5)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * seq] * n, "labels": ids.tolist()})
+
+
+def _args(tmp_path, **kw) -> TrainingArguments:
+    # What a user sets for a short run; everything else is transformers' default.
+    return TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=2,
+                             learning_rate=5e-2, report_to="none", **kw)
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+def test_default_trainer_on_tied_embeddings_saves_a_peft_adapter_in_model_and_checkpoints(tmp_path):
+    model = get_peft_model(tiny_gpt2(), LoraConfig(r=4, task_type="CAUSAL_LM"))  # GPT-2 ties wte and lm_head
+    trainer = Trainer(model=model, args=_args(tmp_path, save_steps=2), train_dataset=_lm_rows())
+    trainer.train()  # ended in "Some tensors share memory" before the integration
+    trainer.save_model(str(tmp_path / "final"))
+    for folder in (tmp_path / "final", tmp_path / "out" / "checkpoint-2", tmp_path / "out" / "checkpoint-4"):
+        files = {p.name for p in folder.iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors", "training_args.bin"} <= files, folder
+        assert "model.safetensors" not in files, f"{folder} holds a whole model, not an adapter"
+    model.eval()
+    x = input_ids()
+    loaded = PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "final")
+    assert_close(_logits(loaded, x), _logits(model, x))
+
+
+def test_resume_from_a_trainer_checkpoint_reloads_the_adapter(tmp_path):
+    def run(resume):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_llama(), LoraConfig(r=4, task_type="CAUSAL_LM"))
+        args = _args(tmp_path, save_steps=2, seed=0)
+        trainer = Trainer(model=model, args=args, train_dataset=_lm_rows())
+        trainer.train(resume_from_checkpoint=resume)
+        return model.eval(), trainer
+
+    straight, _ = run(None)
+    resumed, trainer = run(str(tmp_path / "out" / "checkpoint-2"))
+    assert trainer.state.global_step == 4
+    x = input_ids()
+    assert_close(_logits(resumed, x), _logits(straight, x))
+
+
+def test_trainer_keeps_the_columns_of_a_model_without_task_type(tmp_path):
+    # peft's quicktour pattern: no task_type, so the plain PeftModel whose forward takes *args, **kwargs
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    before = _logits(model, input_ids())
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_lm_rows())
+    trainer.train()
+    assert trainer.state.global_step == 4 and (_logits(model.eval(), input_ids()) - before).abs().max() > 1e-4
+
+
+def test_trainer_keeps_token_type_ids_for_sentence_pairs(tmp_path):
+    model = get_peft_model(tiny_bert_cls(), LoraConfig(r=4, task_type="SEQ_CLS"))
+    ids = input_ids(batch=4, seq=8, seed=3)
+    types = torch.tensor([[0] * 4 + [1] * 4] * 4)
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "token_type_ids": types.tolist(),
+                              "attention_mask": [[1] * 8] * 4, "labels": [0, 1, 2, 0]})
+    trainer = Trainer(model=model, args=_args(tmp_path), eval_dataset=data)
+    model.eval()
+    predicted = torch.as_tensor(trainer.predict(data).predictions)
+    with torch.no_grad():
+        direct = model(input_ids=ids, token_type_ids=types, attention_mask=torch.ones_like(ids)).logits
+        without = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert (direct - without).abs().max() > 1e-4, "token types must matter for this check to mean anything"
+    assert_close(predicted, direct)
+
+
+def test_label_smoothing_shifts_labels_for_a_causal_lm(tmp_path):
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, task_type="CAUSAL_LM"))
+    trainer = Trainer(model=model, args=_args(tmp_path, label_smoothing_factor=0.1), train_dataset=_lm_rows())
+    batch = trainer.data_collator([_lm_rows()[i] for i in range(2)])
+    model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch))
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    expected = LabelSmoother(epsilon=0.1)({"logits": outputs.logits}, batch["labels"], shift_labels=True)
+    assert torch.allclose(loss, expected)
+
+
+def test_default_lora_targets_are_written_to_the_saved_config(tmp_path):
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, task_type="CAUSAL_LM"))
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert sorted(saved["target_modules"]) == ["q_proj", "v_proj"]  # peft's LLaMA default, as peft writes it
+
+
+@pytest.mark.parametrize("first", ["deltatune", "trainer"])
+def test_trainer_is_recognised_whichever_is_imported_first(first, tmp_path):
+    """The patch applies whether transformers.trainer was imported before deltatune or after it."""
+    import subprocess
+    import sys
+
+    order = ["import deltatune", "import transformers.trainer"]
+    order = order if first == "deltatune" else order[::-1]
+    code = "; ".join(order + [
+        "from transformers.trainer_utils import _is_peft_model as a",
+        "from transformers.trainer import _is_peft_model as b, Trainer",
+        "from deltatune import get_peft_model, LoraConfig",
+        "from transformers import LlamaConfig, LlamaForCausalLM",
+        "m = get_peft_model(LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, "
+        "num_hidden_layers=1, num_attention_heads=2)), LoraConfig(r=2))",
+        "print(a(m), b(m), getattr(Trainer._save, '__deltatune_patched__', False))",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True", "True"]
+
+
+def test_trainer_without_peft_installed_saves_an_adapter(tmp_path):
+    """The main job's environment has no peft: transformers then checks no peft class at all."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = f"""
+import sys
+for name in ("peft", "bitsandbytes", "trl"):
+    sys.modules[name] = None  # importlib.util.find_spec now says "not installed", as in .venv
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import transformers.utils
+assert not transformers.utils.is_peft_available()
+from datasets import Dataset
+from transformers import Trainer, TrainingArguments
+from deltatune import LoraConfig, get_peft_model
+from tiny import input_ids, tiny_gpt2
+ids = input_ids(batch=4, seq=6, seed=5).tolist()
+data = Dataset.from_dict({{"input_ids": ids, "attention_mask": [[1] * 6] * 4, "labels": ids}})
+model = get_peft_model(tiny_gpt2(), LoraConfig(r=4))  # tied embeddings, no task_type
+args = TrainingArguments(output_dir={str(tmp_path / "out")!r}, max_steps=2, save_steps=1,
+                         per_device_train_batch_size=2, report_to="none")
+trainer = Trainer(model=model, args=args, train_dataset=data)
+trainer.train()
+trainer.save_model({str(tmp_path / "final")!r})
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for folder in (tmp_path / "final", tmp_path / "out" / "checkpoint-1"):
+        files = {p.name for p in folder.iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
