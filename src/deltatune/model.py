@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from torch import nn
+from transformers.utils import PushToHubMixin
 
 from deltatune.config import PeftConfig, TaskType
 from deltatune.io import checkpoint as ckpt
@@ -40,8 +41,11 @@ class AdapterModel(nn.Module):
             return getattr(self.model, name)
 
 
-class PeftModel(nn.Module):
-    """A model with one or more adapters. Build with :func:`get_peft_model` or :meth:`from_pretrained`."""
+class PeftModel(PushToHubMixin, nn.Module):
+    """A model with one or more adapters. Build with :func:`get_peft_model` or :meth:`from_pretrained`.
+
+    ``push_to_hub`` (transformers' mixin, as in peft) uploads what :meth:`save_pretrained` writes: the adapter.
+    """
 
     def __init__(
         self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", autocast_adapter_dtype: bool = True
@@ -265,9 +269,14 @@ class PeftModel(nn.Module):
         safe_serialization: bool = True,
         save_embedding_layers: bool | str = "auto",
         is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
         **_: Any,
     ) -> None:
-        """Write each adapter as peft does: ``default`` at the root, others in a subfolder named after them."""
+        """Write each adapter as peft does: ``default`` at the root, others in a subfolder named after them.
+
+        ``path_initial_model_for_weight_conversion``: the folder where a PiSSA/OLoRA adapter was saved
+        before training; the adapter is then written as a LoRA of twice the rank on the original weights.
+        """
         names = selected_adapters or list(self.peft_config)
         for n in names:
             if n not in self.peft_config:
@@ -279,6 +288,10 @@ class PeftModel(nn.Module):
             folder.mkdir(parents=True, exist_ok=True)
             config = self.peft_config[n].replace(inference_mode=True)
             sd = self.get_adapter_state_dict(n, save_embedding_layers)
+            if path_initial_model_for_weight_conversion is not None:
+                from deltatune.io.conversion import mutated_to_lora_on_save
+
+                sd, config = mutated_to_lora_on_save(sd, config, Path(path_initial_model_for_weight_conversion))
             ckpt.save_weights(sd, folder, safe_serialization)
             save_config(config, folder)
 

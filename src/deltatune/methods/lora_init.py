@@ -80,3 +80,45 @@ def _residual_init(adapter: nn.Module, base_layer: nn.Module, A: torch.Tensor, B
     adapter.lora_B.copy_(B.to(adapter.lora_B.dtype))
     W = dense_weight(base_layer, torch.float32)
     set_dense_weight(base_layer, W - adapter.scaling * (B @ A))
+
+
+def mutated_to_lora(trained: dict[str, torch.Tensor], initial: dict[str, torch.Tensor], config):
+    """A PiSSA/OLoRA adapter as a plain LoRA on the *original* weights (peft's
+    ``save_pretrained(path_initial_model_for_weight_conversion=...)``).
+
+    Those initialisations move W to W_res = W - s·B₀A₀, so after training the model is
+    W_res + s·BA = W + s·(BA - B₀A₀) = W + s·[B | -B₀][A ; A₀]: a LoRA of rank 2r on W itself.
+    The scale s is kept by doubling alpha (alpha/r) or multiplying it by √2 (rsLoRA, alpha/√r).
+
+    Args:
+        trained: the adapter's tensors under peft's keys, after training.
+        initial: the same adapter's tensors saved before training (same keys).
+        config: its ``LoraConfig``.
+
+    Returns:
+        The converted tensors and config (``init_lora_weights=True``, ranks and alphas adjusted).
+
+    Raises:
+        ValueError: a key of ``trained`` is missing from ``initial``, or a factor's shape differs.
+    """
+    if config.use_dora:
+        raise ValueError("converting a PiSSA/OLoRA adapter to LoRA is not defined for DoRA (use_dora=True)")
+    out = {}
+    for key, tensor in trained.items():
+        if key not in initial:
+            raise ValueError(f"the initial adapter has no {key}; was it saved from this adapter before training?")
+        if ".lora_A." in key or ".lora_B." in key:
+            if initial[key].shape != tensor.shape:
+                raise ValueError(f"{key}: initial {tuple(initial[key].shape)} vs trained {tuple(tensor.shape)}")
+            a_side = ".lora_A." in key
+            parts = [tensor, initial[key].to(tensor.dtype)] if a_side else [tensor, -initial[key].to(tensor.dtype)]
+            out[key] = torch.cat(parts, dim=0 if a_side else 1)
+        else:
+            out[key] = tensor  # biases, modules_to_save: unchanged
+    alpha = config.lora_alpha * (math.sqrt(2) if config.use_rslora else 2)
+    converted = config.replace(
+        init_lora_weights=True, r=2 * config.r, lora_alpha=alpha,
+        rank_pattern={k: 2 * v for k, v in (config.rank_pattern or {}).items()},
+        alpha_pattern={k: 2 * v for k, v in (config.alpha_pattern or {}).items()},
+    )
+    return out, converted
