@@ -132,3 +132,14 @@ def test_cli_print_config_loads_nothing(capsys, monkeypatch):
     assert printed["method"]["name"] == "dora" and printed["train"]["lr"] == pytest.approx(5e-4)
     assert main(["train", "train.lrr=1"]) == 2
     assert "Did you mean 'lr'" in capsys.readouterr().err
+
+
+def test_a_later_data_source_keeps_the_data_settings_the_user_gave(tmp_path):
+    # The usage line of examples/custom_data.yaml: its max_length, packing and eval_size must survive.
+    cfg = load_train_config("examples/custom_data.yaml", [f"data.source={tmp_path / 'my.jsonl'}"])
+    assert (cfg.data.max_length, cfg.data.packing, cfg.data.eval_size) == (512, True, 100)
+    assert cfg.data.source == str(tmp_path / "my.jsonl")
+    # ... and so must earlier data.* overrides; keys nobody set still take DataConfig's defaults.
+    cfg = load_train_config(None, ["data.max_length=300", f"data.source={tmp_path / 'x.jsonl'}"])
+    assert (cfg.data.max_length, cfg.data.eval_size) == (300, 200)
+    assert cfg.data.article_tokens == 112  # DataConfig's default, not the default job's 64

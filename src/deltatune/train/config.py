@@ -16,7 +16,7 @@ import copy
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import yaml
 
@@ -245,13 +245,15 @@ def default_tree() -> dict[str, Any]:
             "data": dict(DEFAULT_DATA), "train": {}, "eval": {}}
 
 
-def merge_layer(tree: dict[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
+def merge_layer(tree: dict[str, Any], layer: Mapping[str, Any], user_data_keys: Collection[str] = ()) -> dict[str, Any]:
     """``tree`` updated by ``layer``, section by section (a new tree; inputs are not changed).
 
     A layer that switches ``method.name`` to a method with another config class starts that
     section afresh from the new method's preset, so LoRA's ``r`` never leaks into, say, IA3.
     Switching within one class (lora -> dora) keeps the options. Likewise a layer that changes
-    ``data.source`` starts the data section from :class:`DataConfig`'s defaults.
+    ``data.source`` starts the data section from :class:`DataConfig`'s defaults, except for the
+    keys in ``user_data_keys``: what the user set in earlier layers (the YAML file, earlier
+    ``data.*`` overrides) is kept; only the default job's BBC settings are dropped.
     """
     out = copy.deepcopy(tree)
     for key, value in layer.items():
@@ -264,8 +266,9 @@ def merge_layer(tree: dict[str, Any], layer: Mapping[str, Any]) -> dict[str, Any
         elif key == "data" and isinstance(value, Mapping) and value.get("source", out["data"].get("source")) != \
                 out["data"].get("source"):
             # Another dataset: the default job's BBC settings (64-token articles, max_length 160) do
-            # not carry over; DataConfig's own defaults apply.
-            out["data"] = copy.deepcopy(dict(value))
+            # not carry over; DataConfig's own defaults apply to every key the user has not set.
+            kept = {k: v for k, v in out["data"].items() if k in user_data_keys}
+            out["data"] = {**kept, **copy.deepcopy(dict(value))}
         elif key in SECTIONS and isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
             out[key] = {**out[key], **copy.deepcopy(dict(value))}
         else:
@@ -329,6 +332,9 @@ def load_train_config(
     """
     tree = copy.deepcopy(dict(base)) if base is not None else default_tree()
     layers = ([read_yaml(path_or_none)] if path_or_none is not None else []) + overrides_tree(overrides)
+    user_data_keys = set(tree.get("data") or {}) if base is not None else set()  # a resolved run: all chosen
     for layer in layers:
-        tree = merge_layer(tree, layer)
+        tree = merge_layer(tree, layer, user_data_keys)
+        if isinstance(layer.get("data"), Mapping):
+            user_data_keys |= set(layer["data"])
     return TrainConfig.from_dict(tree)
