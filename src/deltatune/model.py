@@ -89,10 +89,19 @@ class PeftModel(PushToHubMixin, nn.Module):
 
             return peft_forward(self, kwargs.pop("adapter_names"), args, kwargs)
         kwargs.pop("adapter_names", None)
-        hook = self._method_hook("forward")
-        if hook is not None:
-            return hook(self, self._active[0], *args, **kwargs)
-        return self.base_model.model(*args, **kwargs)
+        with self._serialised():
+            hook = self._method_hook("forward")
+            if hook is not None:
+                return hook(self, self._active[0], *args, **kwargs)
+            return self.base_model.model(*args, **kwargs)
+
+    def _serialised(self):
+        """After an ``adapter_names`` request, plain calls wait for the one in flight (it disables the wrappers)."""
+        if "_serving_state" not in vars(self):
+            return contextlib.nullcontext()
+        from deltatune.serving.server import serialised
+
+        return serialised(self)
 
     def generate(self, *args, **kwargs):
         if kwargs.get("adapter_names") is not None:  # one adapter per row: see deltatune.serving
@@ -100,10 +109,11 @@ class PeftModel(PushToHubMixin, nn.Module):
 
             return peft_generate(self, kwargs.pop("adapter_names"), args, kwargs)
         kwargs.pop("adapter_names", None)
-        hook = self._method_hook("generate")
-        if hook is not None:
-            return hook(self, self._active[0], *args, **kwargs)
-        return self.base_model.model.generate(*args, **kwargs)
+        with self._serialised():
+            hook = self._method_hook("generate")
+            if hook is not None:
+                return hook(self, self._active[0], *args, **kwargs)
+            return self.base_model.model.generate(*args, **kwargs)
 
     # ---- adapters --------------------------------------------------------------------------------
     @property

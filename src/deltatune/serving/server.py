@@ -93,13 +93,27 @@ class AdapterServer:
 
 # ---- PeftModel(..., adapter_names=[...]) ------------------------------------------------------------
 class _PeftServing:
-    """What a PeftModel keeps between mixed requests: its bank and the walk over its wrapped layers."""
+    """What a PeftModel keeps between mixed requests: its bank, the walk over its wrapped layers, and
+    the lock that serialises them.
+
+    A request works on modules the whole model shares (it disables the adapter wrappers and hooks
+    each layer for its rows), so two at once would mix their rows and leave the wrappers as the
+    other found them. One request runs at a time, as in :class:`AdapterServer`; a plain forward of a
+    model that has served requests waits for the one in flight (``PeftModel.forward``).
+    """
 
     def __init__(self) -> None:
         self.bank = AdapterBank(1)
         self.key: tuple = ()
         self.hosts: list[tuple[str, AdaptedLayer]] = []
         self.wrappers: list[tuple[str, ModulesToSaveWrapper]] = []
+        self.lock = threading.RLock()
+
+    def __getstate__(self) -> dict:  # deepcopy and pickle: a lock is not copied, a new one is made
+        return {k: v for k, v in vars(self).items() if k != "lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        vars(self).update(state, lock=threading.RLock())
 
     def refresh(self, peft_model: nn.Module) -> None:
         # Adapters are added and deleted through peft_config, so it tells when the layers must be found again.
@@ -121,12 +135,28 @@ class _PeftServing:
         return self.hosts
 
 
+_CREATE_LOCK = threading.Lock()  # two first requests at once must not build two states
+
+
 def _serving_state(peft_model: nn.Module) -> _PeftServing:
     state = vars(peft_model).get("_serving_state")
     if state is None:
-        state = vars(peft_model)["_serving_state"] = _PeftServing()
-    state.refresh(peft_model)
+        with _CREATE_LOCK:
+            state = vars(peft_model).get("_serving_state")
+            if state is None:
+                state = vars(peft_model)["_serving_state"] = _PeftServing()
     return state
+
+
+@contextlib.contextmanager
+def serialised(peft_model: nn.Module) -> Iterator[None]:
+    """Hold the model's request lock, if it has ever served ``adapter_names`` requests (else nothing to wait for)."""
+    state = vars(peft_model).get("_serving_state")
+    if state is None:
+        yield
+        return
+    with state.lock:
+        yield
 
 
 def _check_peft(peft_model: nn.Module, names: list[str], state: _PeftServing) -> None:
@@ -160,7 +190,15 @@ def _saved_copy_hook(names: list[str], wrapper: ModulesToSaveWrapper, args: tupl
 @contextlib.contextmanager
 def _peft_request(peft_model: nn.Module, names: list[str]) -> Iterator[None]:
     state = _serving_state(peft_model)
-    _check_peft(peft_model, names, state)
+    with state.lock:
+        state.refresh(peft_model)
+        _check_peft(peft_model, names, state)
+        with _routed_request(peft_model, names, state):
+            yield
+
+
+@contextlib.contextmanager
+def _routed_request(peft_model: nn.Module, names: list[str], state: _PeftServing) -> Iterator[None]:
     model = peft_model.base_model.model
     hosts = [m for _, m in state.hosts] + [w for _, w in state.wrappers]
     disabled = [m.disabled for m in hosts]
