@@ -1,4 +1,5 @@
 """Checkpoint I/O: errors for mismatches (never a partial load), tolerated config keys, atomic saves."""
+import shutil
 import json
 import warnings
 
@@ -121,3 +122,35 @@ def test_failed_load_adapter_leaves_model_unchanged(tmp_path):
         pm.load_adapter(tmp_path, adapter_name="bad")
     assert list(pm.peft_config) == ["default"]
     assert not any(".bad." in n for n, _ in pm.named_parameters())
+
+
+@pytest.mark.parametrize("damage", ["truncate", "wrong_shape"])
+def test_failed_from_pretrained_leaves_the_callers_model_as_it_was(damage, tmp_path):
+    """All or nothing for the model too: no adapter left injected, same logits, and a retry works."""
+    from safetensors.torch import load_file, save_file
+
+    from deltatune import LoraConfig, PeftModel, get_peft_model
+    from tiny import input_ids, tiny_llama
+
+    good = tmp_path / "good"
+    get_peft_model(tiny_llama(), LoraConfig(r=4, init_lora_weights=False)).save_pretrained(good)
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    weights = bad / "adapter_model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        sd = load_file(str(weights))
+        key = sorted(sd)[0]
+        sd[key] = torch.zeros(sd[key].shape[0] + 1, *sd[key].shape[1:])
+        save_file(sd, str(weights), metadata={"format": "pt"})
+    base = tiny_llama()
+    x = input_ids()
+    with torch.no_grad():
+        before = base(input_ids=x).logits
+    with pytest.raises(Exception):
+        PeftModel.from_pretrained(base, bad)
+    assert not [n for n, m in base.named_modules() if "lora" in n or hasattr(m, "base_layer")]
+    with torch.no_grad():
+        assert torch.equal(base(input_ids=x).logits, before)
+    PeftModel.from_pretrained(base, good)  # the retry is not refused with "adapter 'default' already exists"

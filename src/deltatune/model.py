@@ -326,8 +326,16 @@ class PeftModel(PushToHubMixin, nn.Module):
         config = config or load_config(folder)
         config = config.replace(inference_mode=not is_trainable)
         ckpt.check_base_model(config, model)
+        sd = ckpt.load_weights(folder)  # read first: a bad file must fail before the caller's model is touched
         peft_model = _model_class(config)(model, config, adapter_name, autocast_adapter_dtype)
-        peft_model._load_weights(folder, adapter_name)
+        try:
+            peft_model._load_weights(folder, adapter_name, sd)
+        except Exception:
+            # All or nothing for the model too: the caller's model gets its own layers back, so it runs
+            # as before and a retry can wrap it again. (PiSSA/OLoRA initialisations, which move the base
+            # weights on injection, are not undone.)
+            inject.unwrap(model, keep_trained_copies=False)
+            raise
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -349,10 +357,10 @@ class PeftModel(PushToHubMixin, nn.Module):
             self.delete_adapter(adapter_name)  # never leave a half-loaded adapter behind
             raise
 
-    def _load_weights(self, folder: Path, adapter_name: str) -> None:
+    def _load_weights(self, folder: Path, adapter_name: str, sd: dict | None = None) -> None:
         from deltatune.methods.base import get_method
 
-        sd = ckpt.load_weights(folder)
+        sd = ckpt.load_weights(folder) if sd is None else sd
         config = self.peft_config[adapter_name]
         own = getattr(get_method(config.peft_type), "load_state_dict", None)
         if own is not None:
