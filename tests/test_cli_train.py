@@ -187,3 +187,32 @@ def test_resume_without_output_dir_picks_the_newest_run(tmp_path, monkeypatch):
     assert split_args(["a.yaml", "train.lr=1"]) == ("a.yaml", ["train.lr=1"])
     with pytest.raises(ValueError, match="at most one config file"):
         split_args(["a.yaml", "b.yaml"])
+
+
+class _LrRecorder(TrainerCallback):
+    """{step: (optimizer lr, schedule factor at that step)} as each step begins."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def on_step_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        factor = lr_scheduler.lr_lambdas[0](state.global_step)
+        self.seen[state.global_step + 1] = (optimizer.param_groups[0]["lr"], factor, lr_scheduler.base_lrs[0])
+
+
+def test_resume_applies_a_changed_learning_rate_and_says_so(tiny_run_files, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        add_callback(m, _KeyboardInterruptAt(3))
+        assert main(base_args(tiny_run_files, out, "train.save_steps=0")) == 130
+    recorder = _LrRecorder()
+    with monkeypatch.context() as m:
+        add_callback(m, recorder)
+        assert main(["train", "--resume", f"output_dir={out}", "train.lr=7e-4"]) == 0
+    printed = capsys.readouterr()
+    assert "resume: learning rate" in printed.out + printed.err and "-> 0.0007" in printed.out + printed.err
+    steps = sorted(recorder.seen)
+    assert steps[0] == 4 and steps[-1] == 6
+    for step in steps:
+        lr, factor, base = recorder.seen[step]
+        assert base == 7e-4 and lr == pytest.approx(7e-4 * factor, rel=1e-6), step

@@ -111,5 +111,30 @@ class AdapterTrainer(FusedLossTrainer):
         name = model.active_adapter
         model._load_weights(folder, name)  # in place and all or nothing; requires_grad is kept
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """After the saved optimizer and schedule are restored, apply a learning rate or weight decay that
+        the resumed run changed (``--resume train.lr=...``), and say so. Without this the checkpoint's
+        values win silently: the scheduler's saved ``base_lrs`` and the optimizer's saved groups."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or self.optimizer is None:
+            return
+        lr, decay = self.args.learning_rate, self.args.weight_decay
+        old_lr = getattr(self.lr_scheduler, "base_lrs", [None])[0]
+        groups = self.optimizer.param_groups
+        old_decay = max(g.get("weight_decay", 0.0) for g in groups)
+        if old_lr is not None and old_lr != lr:
+            ratio = lr / old_lr
+            self.lr_scheduler.base_lrs = [lr for _ in self.lr_scheduler.base_lrs]
+            for g in groups:
+                g["initial_lr"], g["lr"] = lr, g["lr"] * ratio  # the schedule's current factor, new peak
+            self.note(f"resume: learning rate {old_lr:g} -> {lr:g} (the schedule continues at the new peak)")
+        if old_decay != decay and old_decay > 0:  # groups without decay (biases, norms) keep 0
+            for g in groups:
+                if g.get("weight_decay", 0.0) > 0:
+                    g["weight_decay"] = decay
+            self.note(f"resume: weight decay {old_decay:g} -> {decay:g}")
+
+    note = staticmethod(print)  # where resume changes are reported; TrainingSession sets its own log
+
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)

@@ -116,6 +116,7 @@ class TrainingSession:
             callbacks.append(AdaLoraCallback())
         trainer = AdapterTrainer(model=peft_model, args=args, train_dataset=self.prepared.train,
                                  eval_dataset=evaluation, data_collator=self.prepared.collator, callbacks=callbacks)
+        trainer.note = self.log
         for cb in trainer.callback_handler.callbacks:  # TensorBoard: a fixed folder, not runs/<date>_<host>
             if type(cb).__name__ == "TensorBoardCallback":
                 cb.logging_dir = str(self.output_dir / outputs.TENSORBOARD_DIR)
