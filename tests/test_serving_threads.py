@@ -6,6 +6,7 @@ import torch
 
 import deltatune as dt
 from tiny import VOCAB, input_ids, tiny_llama
+from tolerances import assert_close
 
 
 def _model():
@@ -83,3 +84,42 @@ def test_a_model_that_served_requests_still_deep_copies():
         out = pm(input_ids=x, adapter_names=["a", "b"]).logits
         twin = copy.deepcopy(pm)
         assert torch.allclose(twin(input_ids=x, adapter_names=["a", "b"]).logits, out, atol=1e-6)
+
+
+def _edit_a(pm, how):
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if ".adapters.a." in name:
+                if how == "data":
+                    p.data.mul_(3.0)  # bypasses the version counter
+                else:
+                    p.mul_(3.0)
+
+
+@pytest.mark.parametrize("how", ["in_place", "state_dict"])
+def test_weights_changed_through_pytorch_are_picked_up_by_the_next_request(how):
+    pm = _model()
+    x = input_ids(batch=2, seq=6)
+    with torch.no_grad():
+        pm(input_ids=x, adapter_names=["a", "b"])  # "a" is now cached in the bank
+        if how == "in_place":
+            _edit_a(pm, "in_place")
+        else:
+            sd = dt.get_peft_model_state_dict(pm, adapter_name="a")
+            dt.set_peft_model_state_dict(pm, {k: v * 3.0 for k, v in sd.items()}, "a")
+        # tripled factors: 9x the low-rank term, so the two summation orders differ by ~2e-5
+        assert_close(pm(input_ids=x, adapter_names=["a", "a"]).logits, pm(input_ids=x).logits, scale=10.0)
+
+
+def test_weights_written_through_data_need_refresh_bank():
+    from deltatune.serving import refresh_bank
+
+    pm = _model()
+    x = input_ids(batch=2, seq=6)
+    with torch.no_grad():
+        pm(input_ids=x, adapter_names=["a", "b"])
+        _edit_a(pm, "data")
+        stale = pm(input_ids=x, adapter_names=["a", "a"]).logits
+        assert not torch.allclose(stale, pm(input_ids=x).logits, atol=1e-3), "documented: .data writes are not seen"
+        refresh_bank(pm)
+        assert_close(pm(input_ids=x, adapter_names=["a", "a"]).logits, pm(input_ids=x).logits, scale=10.0)

@@ -148,6 +148,24 @@ def _serving_state(peft_model: nn.Module) -> _PeftServing:
     return state
 
 
+def refresh_bank(peft_model: nn.Module) -> None:
+    """Drop the cached copies of ``peft_model``'s adapters that ``adapter_names`` requests use.
+
+    The bank re-reads an adapter by itself whenever one of its tensors changes through PyTorch: an
+    optimizer step, an in-place op (under ``torch.no_grad()`` too), ``load_state_dict``,
+    ``set_peft_model_state_dict``, ``load_adapter``; each bumps the tensor's version counter, which the
+    bank compares on every request. A write through ``.data`` (``p.data.copy_(w)``) bypasses that
+    counter, and checking the values themselves on every request would cost more than the requests'
+    own low-rank work; after such writes, call this.
+    """
+    state = vars(peft_model).get("_serving_state")
+    if state is None:
+        return
+    with state.lock:
+        for name in list(state.bank.resident):
+            state.bank.evict(name)
+
+
 @contextlib.contextmanager
 def serialised(peft_model: nn.Module) -> Iterator[None]:
     """Hold the model's request lock, if it has ever served ``adapter_names`` requests (else nothing to wait for)."""
