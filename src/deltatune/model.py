@@ -240,6 +240,7 @@ class PeftModel(PushToHubMixin, nn.Module):
                 adapter = host.adapters[n] if n in host.adapters else None
                 if adapter is not None and not adapter.mergeable:
                     host.merge([n])  # raises the adapter's own explanation; nothing has been merged yet
+        inject.untie_before_merge(self.base_model.model, names)  # tied embeddings: merge into a copy
         for host in hosts:
             host.merge(names, safe_merge=safe_merge)
 

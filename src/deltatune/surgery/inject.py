@@ -4,6 +4,7 @@ This is the only place that replaces submodules of the user's model.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import torch
@@ -146,3 +147,42 @@ def unwrap(model: nn.Module, keep_trained_copies: bool = True) -> nn.Module:
         else:
             set_submodule(model, name, wrapper.original_module)
     return model
+
+
+def untie_before_merge(model: nn.Module, adapter_names: Iterable[str]) -> list[str]:
+    """Give every layer about to merge one of ``adapter_names`` its own copy of a weight it shares with
+    another module, and return their paths.
+
+    With tied input and output embeddings (GPT-2, SmolLM2, Qwen2) ``lm_head.weight`` *is*
+    ``embed_tokens.weight``: folding a LoRA on ``lm_head`` into it would change the input embedding
+    too, and the merged model would differ from the adapted one (peft only warns). The adapted model
+    already computes as if untied, so untying keeps its outputs; ``config.tie_word_embeddings`` is
+    set to False so saving and reloading do not tie them again.
+    """
+    names = set(adapter_names)
+    paths_of: dict[int, list[str]] = {}
+    for path, p in model.named_parameters(remove_duplicate=False):
+        paths_of.setdefault(id(p), []).append(path)
+    untied = []
+    for path, host in adapted_layers(model):
+        weight = getattr(host.base_layer, "weight", None)
+        wanted = names & set(host.adapters) - set(host.merged)
+        if not isinstance(weight, nn.Parameter) or not wanted or len(paths_of.get(id(weight), ())) < 2:
+            continue
+        others = [p for p in paths_of[id(weight)] if not p.startswith(f"{path}.")]
+        host.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        untied.append(path)
+        warnings.warn(
+            f"{path} shares its weight with {', '.join(others)} (tied embeddings); merging gives {path} its own "
+            "copy so the other stays as it was, and sets config.tie_word_embeddings=False", stacklevel=3,
+        )
+    if untied:
+        for cfg in (getattr(model, "config", None), _text_config(model)):
+            if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+                cfg.tie_word_embeddings = False
+    return untied
+
+
+def _text_config(model: nn.Module):
+    cfg = getattr(model, "config", None)
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else None
