@@ -108,3 +108,21 @@ def test_padded_batches_score_like_one_prompt_at_a_time(tok):
     golds = [TOPICS[i % 3] for i in range(19)]
     result = score_accuracy(FakeLM(tok), tok, rows(golds))
     assert result["total"] == 19 and result["accuracy"] == 1.0
+
+
+def test_rows_without_a_label_are_refused_not_scored_as_none(tok):
+    data = rows(["sports", "tech", "tech"])
+    data[1]["label"] = None
+    with pytest.raises(ValueError, match=r"eval row 2 has no label.*data\.on_bad_rows=drop"):
+        score_accuracy(FakeLM(tok), tok, data)
+
+
+def test_accuracy_over_a_single_label_carries_a_warning(tok):
+    result = score_accuracy(FakeLM(tok), tok, rows(["tech", "tech", "tech"]))
+    assert result["accuracy"] == 1.0 and result["labels"] == ["tech"]
+    assert len(result["warnings"]) == 1 and "every eval example has the label 'tech'" in result["warnings"][0]
+    line = describe(result)
+    assert "over 1 label;" in line and "says nothing" in line
+    # Several gold labels: no warning, and the line is unchanged.
+    several = score_accuracy(FakeLM(tok), tok, rows(TOPICS))
+    assert several["warnings"] == [] and "warning" not in describe(several)

@@ -15,10 +15,12 @@ TEMPLATES = ("auto", "tokenizer", "chatml", "llama2", "alpaca", "plain")
 PACKED_MASKS = ("4d", "position_ids")
 """Accepted values of :attr:`DataConfig.packed_mask`."""
 
+ON_BAD_ROWS = ("error", "drop")
+"""Accepted values of :attr:`DataConfig.on_bad_rows`."""
+
 BBC_PROMPT_TOKENS = 64
 """Room ``bbc-news`` examples need besides the article: system and user instructions plus the
 answer take ~60 SmolLM2 tokens in ChatML."""
-"""Accepted values of :attr:`DataConfig.packed_mask`."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,14 @@ class DataConfig:
     max_train_examples: int | None = None
     """Keep at most this many training examples (after the split), to shorten CPU runs."""
 
+    on_bad_rows: str = "error"
+    """What to do with a row that lacks content every row needs: an answer (a null, missing or blank
+    ``completion``/``output``/``text``/assistant message, or a CSV row with too few fields), a
+    ``prompt``/``instruction``, or a ``label`` when the file has a label column. ``error`` stops
+    before training, naming the file and the first such row; ``drop`` removes them and counts them
+    in the report's "dropped" figure. Rows of the wrong shape (wrong types, unknown roles) are
+    always an error."""
+
     seed: int = 0
     """Seed of the train/eval split and of the subsampling; the same seed gives the same split."""
 
@@ -79,6 +89,8 @@ class DataConfig:
             fail("template", self.template, f"one of {', '.join(TEMPLATES)}")
         if self.packed_mask not in PACKED_MASKS:
             fail("packed_mask", self.packed_mask, f"one of {', '.join(PACKED_MASKS)}")
+        if self.on_bad_rows not in ON_BAD_ROWS:
+            fail("on_bad_rows", self.on_bad_rows, f"one of {', '.join(ON_BAD_ROWS)}")
         if not isinstance(self.max_length, int) or self.max_length < 8:
             fail("max_length", self.max_length, "an integer >= 8 (tokens per example)")
         if not isinstance(self.eval_size, int) or self.eval_size < 0:

@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from typing import Any
 
 import datasets
@@ -35,6 +36,12 @@ class Examples:
 
     format: str
     """The row format read (``chat`` for bbc-news)."""
+
+    train_dropped: int = 0
+    """Bad rows of ``data.source`` dropped by ``data.on_bad_rows=drop`` (counted before any split)."""
+
+    eval_dropped: int = 0
+    """Bad rows of ``data.eval_source`` dropped by ``data.on_bad_rows=drop``."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,13 @@ def _split(ds: datasets.Dataset, config: DataConfig) -> tuple[datasets.Dataset, 
     return parts["train"], parts["test"]
 
 
+def _read(path: str | os.PathLike, config: DataConfig) -> tuple[datasets.Dataset, str, int]:
+    """Rows of one file in the common form, their format, and how many bad rows were dropped."""
+    raw = load_source(path)
+    rows, fmt = normalize(raw, config.format, config.on_bad_rows, source=str(path))
+    return rows, fmt, len(raw) - len(rows)
+
+
 def load_examples(config: DataConfig, tokenizer: Any | None = None) -> Examples:
     """Read, validate and split the configured data, without tokenizing.
 
@@ -84,16 +98,18 @@ def load_examples(config: DataConfig, tokenizer: Any | None = None) -> Examples:
 
     Raises:
         FileNotFoundError, ValueError: a missing or unreadable file, an unsupported type, an
-            empty dataset, unknown or mismatched columns, a malformed row, an impossible split.
+            empty dataset, unknown or mismatched columns, a malformed row, a bad row (one without
+            an answer, a prompt or a label) unless ``data.on_bad_rows=drop``, an impossible split.
     """
     if config.is_builtin:
         train, evaluation = build_bbc_datasets(
             tokenizer, config.article_tokens, config.eval_size, config.seed, config.max_train_examples
         )
         return Examples(train, evaluation, "chat")
-    train, fmt = normalize(load_source(config.source), config.format)
+    train, fmt, train_dropped = _read(config.source, config)
+    eval_dropped = 0
     if config.eval_source is not None:
-        evaluation, eval_fmt = normalize(load_source(config.eval_source), config.format)
+        evaluation, eval_fmt, eval_dropped = _read(config.eval_source, config)
         if eval_fmt != fmt:
             logger.warning("Train data is in %s format and eval data in %s format", fmt, eval_fmt)
         train = train.shuffle(seed=config.seed)
@@ -101,7 +117,7 @@ def load_examples(config: DataConfig, tokenizer: Any | None = None) -> Examples:
         train, evaluation = _split(train, config)
     if config.max_train_examples is not None:
         train = train.select(range(min(config.max_train_examples, len(train))))
-    return Examples(train, evaluation, fmt)
+    return Examples(train, evaluation, fmt, train_dropped, eval_dropped)
 
 
 def validate_data(config: DataConfig) -> Examples:
@@ -132,12 +148,14 @@ def prepare_datasets(config: DataConfig, tokenizer: Any, examples: Examples | No
         raise ValueError(f"{type(tokenizer).__name__} has neither a pad nor an eos token; set tokenizer.pad_token first.")
     template = resolve_template(config.template, tokenizer)
     train, train_stats = tokenize_dataset(examples.train, tokenizer, template, config.max_length, config.train_on_prompt)
+    train_stats = replace(train_stats, bad_rows=examples.train_dropped)  # the report's "dropped" counts them too
     logger.info("train: %s", train_stats.summary())
     evaluation, eval_stats = None, None
     if examples.eval is not None:
         evaluation, eval_stats = tokenize_dataset(
             examples.eval, tokenizer, template, config.max_length, config.train_on_prompt
         )
+        eval_stats = replace(eval_stats, bad_rows=examples.eval_dropped)
         logger.info("eval: %s", eval_stats.summary())
     if config.packing:
         train = pack_examples(train, config.max_length)

@@ -42,11 +42,21 @@ class TokenizeStats:
     longest: int
     """Length of the longest kept example, after truncation."""
 
+    bad_rows: int = 0
+    """Rows dropped before tokenizing for lacking an answer, a prompt or a label
+    (``data.on_bad_rows=drop``); not included in :attr:`dropped`."""
+
     def summary(self) -> str:
-        """One line for logs, e.g. ``2025 examples, 12 truncated, 0 dropped, 310k tokens (4% labelled)``."""
+        """One line for logs, e.g. ``2025 examples, 12 truncated, 3 dropped (2 bad rows, 1 with no trainable
+        token), 310k tokens (4% labelled)``."""
         share = 100 * self.label_tokens / max(self.tokens, 1)
+        dropped = f"{self.dropped + self.bad_rows} dropped"
+        if self.bad_rows:
+            why = [f"{self.bad_rows} bad row{'s' if self.bad_rows != 1 else ''}"]
+            why += [f"{self.dropped} with no trainable token"] if self.dropped else []
+            dropped += f" ({', '.join(why)})"
         return (
-            f"{self.examples} examples, {self.truncated} truncated, {self.dropped} dropped, {self.tokens} tokens "
+            f"{self.examples} examples, {self.truncated} truncated, {dropped}, {self.tokens} tokens "
             f"({share:.1f}% labelled), longest {self.longest}"
         )
 

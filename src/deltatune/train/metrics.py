@@ -133,11 +133,12 @@ def score_accuracy(
 
     Returns:
         ``{"accuracy", "correct", "total", "scoring", "labels", "per_label": {label: accuracy},
-        "confusion": {gold: {predicted: count}}, "seconds"}``.
+        "confusion": {gold: {predicted: count}}, "warnings": [str], "seconds"}``; ``warnings`` says
+        when the number cannot be trusted (every row has the same label).
 
     Raises:
-        ValueError: no rows, no ``label``/``messages`` column, an unknown ``scoring``, or
-            ``first_token`` with labels sharing a first token.
+        ValueError: no rows, no ``label``/``messages`` column, a row without a label, an unknown
+            ``scoring``, or ``first_token`` with labels sharing a first token.
     """
     if scoring not in SCORINGS:
         raise ValueError(f"scoring={scoring!r} is not known; expected one of {', '.join(SCORINGS)}.")
@@ -149,7 +150,14 @@ def score_accuracy(
     n = len(eval_dataset) if max_examples is None else min(max_examples, len(eval_dataset))
     if n == 0:
         raise ValueError("Accuracy needs at least one eval example; the eval dataset is empty.")
-    gold_all = [str(x) for x in eval_dataset["label"][:n]] if rows is None else [str(r["label"]) for r in rows[:n]]
+    raw_gold = eval_dataset["label"][:n] if rows is None else [r["label"] for r in rows[:n]]
+    unlabelled = [i for i, g in enumerate(raw_gold) if g is None or (isinstance(g, str) and not g.strip())]
+    if unlabelled:
+        # str(None) would make "None" a class of its own, scored like any other label.
+        raise ValueError(f"Accuracy needs a label on every eval row, but eval row {unlabelled[0] + 1} has no label "
+                         f"({len(unlabelled)} of {n} rows lack one). Add the labels, or set data.on_bad_rows=drop "
+                         "to skip such rows.")
+    gold_all = [str(g) for g in raw_gold]
     labels = sorted(set(gold_all)) if labels is None else [str(lab) for lab in labels]
     resolved = resolve_template(template, tokenizer)
     first_prompt = generation_prompt(_messages(eval_dataset, 0), tokenizer, resolved)
@@ -160,6 +168,15 @@ def score_accuracy(
         raise ValueError(f"scoring=first_token needs labels with distinct first tokens; {labels} share some. "
                          "Use scoring=greedy.")
     return _score(model, tokenizer, eval_dataset, n, gold_all, labels, resolved, scoring, max_new_tokens, progress)
+
+
+def _warnings(gold: list[str]) -> list[str]:
+    """Why an accuracy over these gold labels may mislead (empty when it does not)."""
+    if len(set(gold)) != 1:
+        return []
+    only = gold[0]
+    return [f"every eval example has the label {only!r}: a model that always answers {only!r} scores 100%, so "
+            "accuracy over a single label says nothing; evaluate on examples of several labels"]
 
 
 def _messages(ds: Any, i: int) -> list[dict]:
@@ -200,12 +217,13 @@ def _score(model, tokenizer, ds, n, gold_all, labels, template, scoring, max_new
     return {
         "accuracy": correct / n, "correct": correct, "total": n, "scoring": scoring, "labels": list(labels),
         "per_label": per_label, "confusion": {g: dict(c) for g, c in confusion.items()},
-        "seconds": time.perf_counter() - start,
+        "warnings": _warnings(gold_all), "seconds": time.perf_counter() - start,
     }
 
 
 def describe(result: dict[str, Any]) -> str:
-    """One line such as ``84.5% (169/200), first-token log-prob over 5 labels``."""
+    """One line such as ``84.5% (169/200), first-token log-prob over 5 labels``, then any warnings."""
     how = ("first-token log-prob over" if result["scoring"] == "first_token" else "greedy decoding, exact match over")
-    return (f"{100 * result['accuracy']:.1f}% ({result['correct']}/{result['total']}), "
-            f"{how} {len(result['labels'])} labels")
+    k = len(result["labels"])
+    line = f"{100 * result['accuracy']:.1f}% ({result['correct']}/{result['total']}), {how} {k} label{'s' * (k != 1)}"
+    return "".join([line, *(f"; warning: {w}" for w in result.get("warnings", ()))])
