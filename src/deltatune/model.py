@@ -15,7 +15,7 @@ from transformers.utils import PushToHubMixin
 
 from deltatune.config import PeftConfig, TaskType
 from deltatune.io import checkpoint as ckpt
-from deltatune.io.config_io import load_config, save_config
+from deltatune.io.config_io import load_config
 from deltatune.surgery import inject
 from deltatune.surgery.layer import AdaptedLayer
 
@@ -147,6 +147,7 @@ class PeftModel(PushToHubMixin, nn.Module):
         weights are kept in fp32, so small optimizer updates are not rounded away; its products are
         computed in fp32 and cast back to the layer's dtype.
         """
+        ckpt.check_adapter_name(adapter_name)  # it becomes a folder name on save
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists; delete_adapter it first or pick another name")
         if adapter_name == "__base__":
@@ -292,19 +293,18 @@ class PeftModel(PushToHubMixin, nn.Module):
         for n in names:
             if n not in self.peft_config:
                 raise ValueError(f"no adapter named {n!r} to save; this model has {sorted(self.peft_config)}")
+            ckpt.check_adapter_name(n)  # before anything is written
         if not is_main_process:
             return
         for n in names:
-            folder = Path(save_directory) if n == "default" else Path(save_directory) / n
-            folder.mkdir(parents=True, exist_ok=True)
+            folder = ckpt.adapter_folder(save_directory, n)
             config = self.peft_config[n].replace(inference_mode=True)
             sd = self.get_adapter_state_dict(n, save_embedding_layers)
             if path_initial_model_for_weight_conversion is not None:
                 from deltatune.io.conversion import mutated_to_lora_on_save
 
                 sd, config = mutated_to_lora_on_save(sd, config, Path(path_initial_model_for_weight_conversion))
-            ckpt.save_weights(sd, folder, safe_serialization)
-            save_config(config, folder)
+            ckpt.save_adapter(sd, config, folder, safe_serialization)  # both files in one step; see io.atomic
 
     def get_adapter_state_dict(self, adapter_name: str, save_embedding_layers: bool | str = "auto") -> dict:
         from deltatune.methods.base import get_method
@@ -364,10 +364,13 @@ class PeftModel(PushToHubMixin, nn.Module):
         sd = ckpt.load_weights(folder) if sd is None else sd
         config = self.peft_config[adapter_name]
         own = getattr(get_method(config.peft_type), "load_state_dict", None)
-        if own is not None:
-            own(self, sd, adapter_name)
-        else:
-            ckpt.set_peft_model_state_dict(self.base_model.model, sd, adapter_name, config)
+        try:
+            if own is not None:
+                own(self, sd, adapter_name)
+            else:
+                ckpt.set_peft_model_state_dict(self.base_model.model, sd, adapter_name, config)
+        except ValueError as err:
+            raise ValueError(f"{ckpt.weights_file(folder)}: {err}") from None  # name the file that does not fit
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **kwargs: Any) -> None:
         """Combine existing LoRA adapters into a new one (peft's semantics); see :mod:`deltatune.combine`."""

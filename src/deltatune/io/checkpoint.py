@@ -3,7 +3,11 @@
 Every key goes through one mapping, :func:`adapter_key_map`: for adapter ``name`` it pairs each
 peft key (``base_model.model.<module path>.<peft suffix>``, adapter name stripped) with the tensor it
 stands for in our model. Saving reads through the map; loading checks the file against it (missing,
-unexpected, wrong shape) before copying anything, so a load is all or nothing.
+unexpected, wrong shape, integer or non-finite values) before copying anything, so a load is all or nothing.
+
+Saving writes the weights and ``adapter_config.json`` as one journaled step (``io.atomic``), so a kill
+never leaves the weights of one save next to the config of another, and removes the other format's
+weights file, which would otherwise shadow (or be shadowed by) the new one.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.io.atomic import atomic_write
+from deltatune.io.atomic import atomic_write_files, finish_interrupted_save
 from deltatune.surgery.inject import adapted_layers, save_wrappers
 from deltatune.surgery.layer import AdaptedLayer
 
@@ -109,30 +113,106 @@ def get_peft_model_state_dict(model: nn.Module, adapter_name: str, config: Any, 
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in keys.items()}
 
 
-def save_weights(state_dict: dict[str, torch.Tensor], folder: str | os.PathLike, safe_serialization: bool = True) -> Path:
-    folder = Path(folder)
+def check_adapter_name(name: Any) -> str:
+    """``name`` if it can name an adapter's subfolder: one plain path component, never a path.
+
+    Raises:
+        ValueError: an absolute name, one with a path separator, ``.``/``..``, an empty one or a NUL byte,
+            which would make ``save_pretrained`` write outside its folder.
+    """
+    bad = not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in ("/", "\\", "\0"))
+    if bad or os.path.isabs(name) or os.path.basename(name) != name:
+        raise ValueError(
+            f"adapter name {name!r} is not a single folder name: save_pretrained writes a non-default adapter to "
+            "<save_directory>/<name>, so a name with '/' or '\\', an absolute path, '.' or '..' would write outside "
+            "that folder. Use a plain name such as 'my_task'."
+        )
+    return name
+
+
+def adapter_folder(save_directory: str | os.PathLike, name: str) -> Path:
+    """Where ``save_pretrained`` writes adapter ``name``: the folder itself for ``default``, else a subfolder (peft's rule)."""
+    return Path(save_directory) if name == "default" else Path(save_directory) / check_adapter_name(name)
+
+
+def _weights_writer(state_dict: dict[str, torch.Tensor], safe_serialization: bool) -> tuple[str, Any, str]:
+    """(file name, ``write(tmp_path)``, the other format's file name)."""
     if safe_serialization:
         from safetensors.torch import save_file
 
-        path = folder / WEIGHTS_NAME
-        atomic_write(path, lambda tmp: save_file(state_dict, tmp, metadata={"format": "pt"}))
-    else:
-        path = folder / LEGACY_WEIGHTS_NAME
-        atomic_write(path, lambda tmp: torch.save(state_dict, tmp))
-    return path
+        return WEIGHTS_NAME, lambda tmp: save_file(state_dict, tmp, metadata={"format": "pt"}), LEGACY_WEIGHTS_NAME
+    return LEGACY_WEIGHTS_NAME, lambda tmp: torch.save(state_dict, tmp), WEIGHTS_NAME
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], folder: str | os.PathLike, safe_serialization: bool = True) -> Path:
+    """Write the weights file alone (with its config: :func:`save_adapter`); the other format's file goes."""
+    name, write, other = _weights_writer(state_dict, safe_serialization)
+    atomic_write_files(folder, {name: write}, remove=[other])
+    return Path(folder) / name
+
+
+def save_adapter(state_dict: dict[str, torch.Tensor], config: Any, folder: str | os.PathLike, safe_serialization: bool = True) -> Path:
+    """Write an adapter's weights and ``adapter_config.json`` as one step (see the module docstring)."""
+    from deltatune.io.config_io import CONFIG_NAME, config_json
+
+    name, write, other = _weights_writer(state_dict, safe_serialization)
+    text = config_json(config)
+
+    def write_config(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    atomic_write_files(folder, {name: write, CONFIG_NAME: write_config}, remove=[other])
+    return Path(folder)
+
+
+def weights_file(folder: str | os.PathLike) -> Path:
+    """The weights file a load reads: safetensors first, else the legacy ``.bin``."""
+    folder = Path(folder)
+    st = folder / WEIGHTS_NAME
+    return st if st.exists() or not (folder / LEGACY_WEIGHTS_NAME).exists() else folder / LEGACY_WEIGHTS_NAME
 
 
 def load_weights(folder: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read an adapter folder's weights, refusing non-finite values.
+
+    Raises:
+        FileNotFoundError: no weights file.
+        ValueError: a tensor holds NaN or inf (naming the file and the tensors).
+    """
     folder = Path(folder)
-    st, legacy = folder / WEIGHTS_NAME, folder / LEGACY_WEIGHTS_NAME
-    if st.exists():
+    finish_interrupted_save(folder)
+    file = weights_file(folder)
+    if not file.exists():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} or {LEGACY_WEIGHTS_NAME} in {folder}")
+    if file.name == WEIGHTS_NAME:
         from safetensors.torch import load_file
 
-        return load_file(str(st), device=str(device))
-    if legacy.exists():
+        sd = load_file(str(file), device=str(device))
+    else:
         # weights_only: a pickled checkpoint must never be able to run code on load.
-        return torch.load(legacy, map_location=device, weights_only=True)
-    raise FileNotFoundError(f"no {WEIGHTS_NAME} or {LEGACY_WEIGHTS_NAME} in {folder}")
+        sd = torch.load(file, map_location=device, weights_only=True)
+    bad = _non_finite(sd)
+    if bad:
+        raise ValueError(f"{file}: " + "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more tensors" if len(bad) > 5 else "") + _NON_FINITE_FIX)
+    return sd
+
+
+_NON_FINITE_FIX = (
+    ". An adapter with NaN or inf gives NaN outputs: training diverged, or the file is damaged. "
+    "Use an earlier checkpoint, or retrain with a lower learning rate."
+)
+
+
+def _non_finite(sd: dict[str, torch.Tensor]) -> list[str]:
+    """``"non-finite values at KEY: N of M"`` for each floating-point tensor holding NaN or inf."""
+    out = []
+    for k, v in sd.items():
+        if v.is_floating_point() and not v.is_meta:  # meta: shapes only (inspect's dry-run load)
+            n = int((~torch.isfinite(v)).sum())
+            if n:
+                out.append(f"non-finite values (NaN or inf) at {k}: {n} of {v.numel()}")
+    return out
 
 
 def set_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str, config: Any) -> None:
@@ -156,6 +236,13 @@ def set_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
                 f"shape mismatch at {k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
                 " (a different rank, or an adapter made for another model size?)"
             )
+        if k in expected and expected[k].is_floating_point() and not v.is_floating_point():
+            # Casting would load e.g. int8 codes as weights 100x too large; there are no scales to dequantise with.
+            problems.append(
+                f"dtype at {k}: checkpoint {v.dtype} vs model {expected[k].dtype}; adapter weights must be floating "
+                "point (an integer tensor is a quantized or damaged export): save the adapter again in float32/bf16/fp16"
+            )
+    problems += _non_finite({k: v for k, v in state_dict.items() if k in expected})
     if problems:
         head = f"adapter {adapter_name!r} does not fit this {type(model).__name__}; nothing was loaded:\n  "
         raise ValueError(head + "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))

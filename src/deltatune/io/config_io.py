@@ -4,17 +4,26 @@ Newer peft versions write keys deltatune does not model. A key at its inert valu
 ``"eva_config": null``) is accepted silently; any other unknown key is reported in a warning that
 names it; a known peft feature switched on that we do not implement is an error, because loading it
 would silently give different outputs.
+
+Values are checked against the config class's type hints before the config is built: JSON has real
+types, so ``"use_rslora": "false"`` (a string) or ``"lora_alpha": true`` is refused with the file, the key
+and the expected type, instead of loading as a truthy string or as 1.0. Unlike the training CLI's YAML,
+no string is read as a number here.
 """
 from __future__ import annotations
 
+import enum
 import json
 import os
+import types
+import typing
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from deltatune.config import PeftConfig, PeftType
-from deltatune.io.atomic import atomic_write_text
+from deltatune.io.atomic import atomic_write_text, finish_interrupted_save
 
 CONFIG_NAME = "adapter_config.json"
 _ANY = object()
@@ -65,7 +74,68 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> PeftConfig
             f"{source}: ignoring config keys deltatune does not know (written by a newer peft?): {', '.join(unknown)}",
             stacklevel=3,
         )
-    return cls(**kwargs)
+    check_types(cls, kwargs, source)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: {err}") from None
+
+
+# ---- value types ---------------------------------------------------------------------------------------
+def type_name(hint: Any) -> str:
+    """A readable name for a type hint: ``float``, ``a list of str or None``... (as the CLI config says)."""
+    if hint is Any:
+        return "any value"
+    if hint is type(None):
+        return "None"
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in args)
+    if origin in (list, tuple, Sequence):
+        return f"a list of {type_name(args[0])}" if args else "a list"
+    if origin in (dict, Mapping):
+        return f"a mapping of {type_name(args[0])} to {type_name(args[1])}" if args else "a mapping"
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in hint)
+    return getattr(hint, "__name__", str(hint))
+
+
+def fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value has the type ``hint`` asks for; an int counts as a float, a bool as neither."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(fits(value, a) for a in args)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):
+        return not isinstance(value, bool) and isinstance(value, (int, float) if hint is float else int)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return isinstance(value, hint) or value in {m.value for m in hint}
+    if origin in (list, tuple, Sequence):
+        return isinstance(value, (list, tuple)) and (not args or all(fits(v, args[0]) for v in value))
+    if origin in (dict, Mapping):
+        return isinstance(value, Mapping) and (not args or all(fits(k, args[0]) and fits(v, args[1]) for k, v in value.items()))
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def check_types(cls: type, values: dict[str, Any], source: str) -> None:
+    """Raise ``ValueError`` for the first value of ``values`` whose type does not fit ``cls``'s field.
+
+    Raises:
+        ValueError: naming the file, the key, the expected type and the value found.
+    """
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key in hints and not fits(value, hints[key]):
+            raise ValueError(
+                f"{source}: key {key!r} must be {type_name(hints[key])}; got {value!r} ({type(value).__name__}). "
+                "Fix the value in the file (JSON writes true/false, null and numbers without quotes), "
+                "or save the adapter again."
+            )
 
 
 def read_config_json(path: str | os.PathLike, subfolder: str | None = None) -> tuple[Path, dict]:
@@ -77,6 +147,7 @@ def read_config_json(path: str | os.PathLike, subfolder: str | None = None) -> t
     """
     folder = Path(path) / subfolder if subfolder else Path(path)
     file = folder / CONFIG_NAME if folder.is_dir() else folder
+    finish_interrupted_save(file.parent)  # weights and config of one save, never of two
     if not file.is_file():
         raise FileNotFoundError(
             f"no {CONFIG_NAME} at {folder}; pass the folder that save_pretrained wrote "
@@ -93,11 +164,17 @@ def load_config(path: str | os.PathLike, subfolder: str | None = None) -> PeftCo
     return config_from_dict(data, source=str(file))
 
 
-def save_config(config: PeftConfig, folder: str | os.PathLike) -> Path:
+def config_json(config: PeftConfig) -> str:
+    """The text of ``adapter_config.json`` for ``config``, as peft writes it."""
     data = config.to_dict()
     if isinstance(data.get("target_modules"), list):
         # peft stores target_modules as a set and writes it sorted; do the same so files diff cleanly.
         data["target_modules"] = sorted(set(data["target_modules"]))
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def save_config(config: PeftConfig, folder: str | os.PathLike) -> Path:
+    """Write ``adapter_config.json`` alone (an adapter's weights and config together: ``checkpoint.save_adapter``)."""
     file = Path(folder) / CONFIG_NAME
-    atomic_write_text(file, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(file, config_json(config))
     return file
