@@ -52,6 +52,13 @@ class AdapterFiles:
 
 
 def _read_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    from deltatune.io.checkpoint import reading_weights
+
+    with reading_weights(path):  # a damaged file is an answer to "will it load?", not a traceback
+        return _shapes(path)
+
+
+def _shapes(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     if path.name == WEIGHTS_NAME:
         from safetensors import safe_open
 

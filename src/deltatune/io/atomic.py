@@ -194,6 +194,13 @@ def check_output_folder(path: str | os.PathLike, force: bool = False) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"output {path} exists and is a file; pass a folder path")
+    here, target = Path.cwd().resolve(), path.resolve()
+    if target == here or target in here.parents or target == Path.home().resolve():
+        # Replacing it whole (force) would delete everything in it, the user's own files included.
+        raise ValueError(
+            f"output folder {path} is the current folder, one that contains it, or your home folder; an export "
+            "replaces its output folder whole, so pass a new folder, e.g. --out exported/model"
+        )
     if path.is_dir() and any(path.iterdir()) and not force:
         raise ValueError(f"output folder {path} exists and is not empty; pass --force (force=True) to replace it, or pick another folder")
     return path

@@ -11,10 +11,11 @@ weights file, which would otherwise shadow (or be shadowed by) the new one.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -173,6 +174,31 @@ def weights_file(folder: str | os.PathLike) -> Path:
     return st if st.exists() or not (folder / LEGACY_WEIGHTS_NAME).exists() else folder / LEGACY_WEIGHTS_NAME
 
 
+@contextlib.contextmanager
+def reading_weights(file: Path) -> Iterator[None]:
+    """Turn the errors of reading a weights file (safetensors' ``SafetensorError``, ``torch.load``'s
+    unpickling and zip errors) into ValueErrors that name the file and say what to do."""
+    import pickle
+
+    try:
+        yield
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{file} was refused: it is a pickle that holds objects other than tensors, and unpickling those can run "
+            "arbitrary code, so deltatune reads .bin files with torch.load(weights_only=True) only and never "
+            "otherwise. If you trust where it came from, convert it to adapter_model.safetensors with peft or "
+            f"torch in a separate process; otherwise delete it. (torch said: {str(err).splitlines()[0]})"
+        ) from None
+    except (ValueError, FileNotFoundError, PermissionError, MemoryError):
+        raise
+    except Exception as err:  # SafetensorError, RuntimeError from a damaged zip, EOFError, OSError
+        kind = "safetensors" if file.suffix == ".safetensors" else "PyTorch checkpoint"
+        raise ValueError(
+            f"{file} cannot be read as a {kind} file ({type(err).__name__}: {err}); it is truncated or damaged. "
+            "Save or copy the adapter again."
+        ) from None
+
+
 def load_weights(folder: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Read an adapter folder's weights, refusing non-finite values.
 
@@ -185,13 +211,14 @@ def load_weights(folder: str | os.PathLike, device: str | torch.device = "cpu") 
     file = weights_file(folder)
     if not file.exists():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} or {LEGACY_WEIGHTS_NAME} in {folder}")
-    if file.name == WEIGHTS_NAME:
-        from safetensors.torch import load_file
+    with reading_weights(file):
+        if file.name == WEIGHTS_NAME:
+            from safetensors.torch import load_file
 
-        sd = load_file(str(file), device=str(device))
-    else:
-        # weights_only: a pickled checkpoint must never be able to run code on load.
-        sd = torch.load(file, map_location=device, weights_only=True)
+            sd = load_file(str(file), device=str(device))
+        else:
+            # weights_only: a pickled checkpoint must never be able to run code on load.
+            sd = torch.load(file, map_location=device, weights_only=True)
     bad = _non_finite(sd)
     if bad:
         raise ValueError(f"{file}: " + "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more tensors" if len(bad) > 5 else "") + _NON_FINITE_FIX)
