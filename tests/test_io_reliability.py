@@ -238,3 +238,20 @@ def test_save_refuses_a_path_name_that_slipped_in_and_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="single folder name"):
         pm.save_pretrained(tmp_path / "out")
     assert not outside.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_save_removes_stale_temporary_files_of_killed_saves_only(tmp_path):
+    import os
+    import time
+
+    from deltatune import LoraConfig, get_peft_model
+    from tiny import tiny_llama
+
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4))
+    pm.save_pretrained(tmp_path)
+    old, fresh = tmp_path / ".tmp-adapter_model.safetensors-0123456789ab", tmp_path / ".tmp-adapter_config.json-ba9876543210"
+    old.write_bytes(b"left by a kill -9"), fresh.write_bytes(b"another save, now")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(old, (hours_ago, hours_ago))
+    pm.save_pretrained(tmp_path)
+    assert not old.exists() and fresh.exists()

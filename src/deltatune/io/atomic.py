@@ -113,6 +113,7 @@ def atomic_write_files(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     finish_interrupted_save(folder)  # an older interrupted save first, so its journal is not overwritten
+    remove_stale_tmps(folder)
     tmps: dict[str, Path] = {}
     try:
         for name, write in writers.items():
@@ -130,6 +131,26 @@ def atomic_write_files(
         with contextlib.suppress(OSError):
             _apply(folder, journal)  # roll forward: every new file is complete (Ctrl-C between renames)
         raise
+
+
+STALE_TMP_SECONDS = 3600
+
+
+def remove_stale_tmps(folder: Path, max_age: float = STALE_TMP_SECONDS) -> list[str]:
+    """Delete our temporary files in ``folder`` that a killed save left behind, and return their names.
+
+    Only files older than ``max_age`` seconds go: a save writing into the same folder right now (another
+    process) has fresh ones, and no save takes an hour between creating a temporary file and renaming it.
+    """
+    import time
+
+    gone = []
+    for tmp in folder.glob(f"{TMP_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            if tmp.is_file() and time.time() - tmp.stat().st_mtime > max_age:
+                tmp.unlink()
+                gone.append(tmp.name)
+    return gone
 
 
 def _apply(folder: Path, journal: dict) -> None:
