@@ -116,15 +116,7 @@ def test_interrupt_saves_a_checkpoint_and_resume_matches_the_uninterrupted_run(
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_run_files, tmp_path, monkeypatch,
                                                                              capsys):
-    calls = {"n": 0}
-    real = fused_trainer.causal_lm_loss
-
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
-        loss, n = real(*args, **kwargs)
-        return (loss * float("nan"), n) if calls["n"] == 5 else (loss, n)
-
-    monkeypatch.setattr(fused_trainer, "causal_lm_loss", poisoned)
+    _poison_loss_at(monkeypatch, 5)
     out = tmp_path / "run"
     assert main(base_args(tiny_run_files, out, "train.save_steps=2")) == 1
     err = capsys.readouterr().err
@@ -216,3 +208,188 @@ def test_resume_applies_a_changed_learning_rate_and_says_so(tiny_run_files, tmp_
     for step in steps:
         lr, factor, base = recorder.seen[step]
         assert base == 7e-4 and lr == pytest.approx(7e-4 * factor, rel=1e-6), step
+
+
+# ---- checks before anything is loaded or written (issue 15, items 7, 12 and 17) -----------------------
+@pytest.mark.parametrize("typo, hint", [("method.target_modules=[q_proj,v_prj]", "'v_proj'"),
+                                        ("train.optim=adamw_torh", "'adamw_torch'")], ids=["target", "optim"])
+def test_a_typo_is_caught_before_loading_and_leaves_nothing_that_blocks_the_fix(
+    typo, hint, tiny_run_files, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(run_module, "load_model_and_tokenizer", _refuse_model_load)
+        assert main(base_args(tiny_run_files, out, typo)) == 2
+    err = capsys.readouterr().err
+    assert hint in err and typo.split("=")[0] in err
+    assert not out.exists() or not any(out.iterdir())
+    fixed = typo.replace("v_prj", "v_proj").replace("adamw_torh", "adamw_torch")
+    assert main(base_args(tiny_run_files, out, fixed)) == 0  # no --overwrite needed
+
+
+@pytest.mark.parametrize("case", ["under_a_file", "read_only"])
+def test_an_unwritable_output_dir_is_refused_naming_the_path(case, tiny_run_files, tmp_path, no_model_load,
+                                                              monkeypatch, capsys):
+    import os
+
+    if case == "under_a_file":
+        blocker = tmp_path / "notes.txt"
+        blocker.write_text("a file, not a folder")
+        out, expected = blocker / "run", "is a file"
+    else:
+        blocker = tmp_path / "locked"
+        blocker.mkdir()
+        blocker.chmod(0o555)
+        out, expected = blocker / "run", "not writable"
+        real_access = os.access
+        # Root may write into a 0555 folder; answer as the access check would for any other user.
+        monkeypatch.setattr(os, "access", lambda path, mode, **kw: (
+            False if str(path) == str(blocker) and mode & os.W_OK else real_access(path, mode, **kw)))
+    assert main(base_args(tiny_run_files, out)) == 2
+    err = capsys.readouterr().err
+    assert str(blocker) in err and expected in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def _refuse_model_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the config was checked")
+
+
+def _poison_loss_at(monkeypatch, step):
+    """Make the training loss NaN at optimizer step ``step`` (one micro-batch per step)."""
+    calls, real = {"n": 0}, fused_trainer.causal_lm_loss
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss, n = real(*args, **kwargs)
+        return (loss * float("nan"), n) if calls["n"] == step else (loss, n)
+
+    monkeypatch.setattr(fused_trainer, "causal_lm_loss", poisoned)
+
+
+@pytest.fixture
+def old_run(full_run, tmp_path):
+    """A private copy of the completed ``full_run`` (adapter, checkpoint-3 and -6, loss.png, tensorboard)."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(full_run, out)
+    return out
+
+
+def _assert_is_the_old_run(out, config_text):
+    assert (out / "config.yaml").read_text() == config_text
+    assert json.loads((out / "metrics.json").read_text())["status"] == "completed"
+    assert {"adapter", "checkpoint-3", "checkpoint-6", "loss.png", "tensorboard"} <= {p.name for p in out.iterdir()}
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # nothing set aside is left over
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_fails_before_its_first_checkpoint(
+    old_run, tiny_run_files, monkeypatch, capsys
+):
+    config_text = (old_run / "config.yaml").read_text()
+    with monkeypatch.context() as m:
+        m.setattr(run_module, "load_model_and_tokenizer", _refuse_model_load)
+        assert main(["train", "--overwrite", *base_args(tiny_run_files, old_run, "method.target_modules=[qq]")[1:]]) == 2
+    _assert_is_the_old_run(old_run, config_text)
+    with monkeypatch.context() as m:
+        _poison_loss_at(m, 1)
+        assert main(["train", "--overwrite", *base_args(tiny_run_files, old_run, "train.save_steps=2")[1:]]) == 1
+    printed = capsys.readouterr()
+    assert "restored" in printed.out + printed.err
+    _assert_is_the_old_run(old_run, config_text)
+
+
+def test_overwrite_replaces_the_old_run_once_the_new_one_has_a_checkpoint(old_run, tiny_run_files, monkeypatch):
+    with monkeypatch.context() as m:
+        _poison_loss_at(m, 5)  # after checkpoint-4: the new run is worth keeping, the old one goes
+        assert main(["train", "--overwrite", *base_args(tiny_run_files, old_run, "train.save_steps=2")[1:]]) == 1
+    names = {p.name for p in old_run.iterdir()}
+    assert "checkpoint-4" in names and not names & {"checkpoint-3", "checkpoint-6", "adapter", "loss.png", "tensorboard"}
+    assert json.loads((old_run / "metrics.json").read_text())["status"] == "stopped: non-finite loss"
+    assert not [n for n in names if n.startswith(".")]
+    assert main(["train", "--overwrite", *base_args(tiny_run_files, old_run, "train.save_steps=0")[1:]]) == 0
+    names = {p.name for p in old_run.iterdir()}
+    assert {"adapter", "config.yaml", "metrics.json"} <= names and not [n for n in names if "checkpoint-" in n]
+
+
+class _CrashAt(TrainerCallback):
+    """Raises a RuntimeError at the end of step ``step`` (a bug or a lost device, not a NaN)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise RuntimeError("device lost")
+
+
+@pytest.mark.parametrize("step", [1, 3])
+def test_a_crash_leaves_nothing_before_the_first_checkpoint_and_a_failed_run_after(step, tiny_run_files, tmp_path,
+                                                                                  monkeypatch):
+    out = tmp_path / "run"
+    add_callback(monkeypatch, _CrashAt(step))
+    with pytest.raises(RuntimeError, match="device lost"):
+        main(base_args(tiny_run_files, out, "train.save_steps=2"))
+    if step == 1:  # nothing to resume: the folder is gone, so the same command can simply be run again
+        assert not out.exists()
+    else:
+        assert (out / "checkpoint-2").is_dir()
+        assert json.loads((out / "metrics.json").read_text())["status"] == "failed: RuntimeError: device lost"
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tiny_run_files, tmp_path_factory):
+    """A run stopped after step 5 with checkpoint-2, -4 and -5 (the last written at the interruption)."""
+    out = tmp_path_factory.mktemp("interrupted") / "run"
+    with pytest.MonkeyPatch.context() as m:
+        add_callback(m, _KeyboardInterruptAt(5))
+        assert main(base_args(tiny_run_files, out, "train.save_steps=2", "train.save_total_limit=null")) == 130
+    assert {"checkpoint-2", "checkpoint-4", "checkpoint-5"} <= {p.name for p in out.iterdir()}
+    return out
+
+
+@pytest.mark.parametrize("damaged", ["adapter_model.safetensors", "optimizer.pt", "trainer_state.json"])
+def test_resume_falls_back_from_a_corrupt_newest_checkpoint_and_says_so(
+    damaged, interrupted_run, full_run, tmp_path, capsys
+):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(interrupted_run, out)
+    file = out / "checkpoint-5" / damaged
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])  # a save cut short
+    assert main(["train", "--resume", f"output_dir={out}"]) == 0
+    printed = capsys.readouterr()
+    said = printed.out + printed.err
+    assert "checkpoint-5" in said and damaged in said and "resuming from" in said and "checkpoint-4" in said
+    reference, resumed = logged_losses(full_run), logged_losses(out)
+    for step in (5, 6):  # recomputed from checkpoint-4, as in the uninterrupted run
+        assert resumed[step] == pytest.approx(reference[step], abs=1e-6), step
+
+
+def test_resume_with_every_checkpoint_corrupt_names_them(interrupted_run, tmp_path, no_model_load, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(interrupted_run, out)
+    for folder in out.glob("checkpoint-*"):
+        (folder / "trainer_state.json").write_text("{not json")
+    assert main(["train", "--resume", f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert all(f"checkpoint-{n}" in err for n in (2, 4, 5)) and "trainer_state.json" in err
+
+
+def test_an_overwrite_killed_before_its_first_checkpoint_keeps_the_previous_run(tmp_path):
+    from deltatune.train import outputs
+
+    out = tmp_path / "run"
+    (out / "adapter").mkdir(parents=True)
+    (out / "config.yaml").write_text("old")
+    (out / "metrics.json").write_text("{}")
+    outputs.set_aside(out, ["adapter", "config.yaml"])  # killed halfway through setting the old run aside,
+    (out / "config.yaml").write_text("killed")  # or after the killed run wrote its own config
+    assert outputs.run_contents(out)  # a plain run is still refused; --overwrite merges what is set aside
+    outputs.set_aside(out, outputs.run_outputs(out))
+    assert outputs.restore_aside(out, []) and (out / "config.yaml").read_text() == "old"
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "config.yaml", "metrics.json"]

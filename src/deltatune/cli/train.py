@@ -34,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="an optional YAML config file, then dotted overrides such as train.lr=2e-4")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in output_dir (default: the newest under runs/) from its last checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="replace a previous run's files in output_dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run in output_dir (kept aside until the new run saves its first checkpoint)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as YAML and exit (nothing is loaded)")
     parser.set_defaults(func=main)

@@ -1,13 +1,17 @@
 """``deltatune train``: check the data, load the model, score it, fine-tune with an adapter, score it again.
 
 The order matters for failures: the data is read, rendered and tokenized (with the tokenizer
-alone) before any model weights are loaded, so a missing file or column, an empty dataset or a
-template error costs a second, not a model load. Training runs in transformers' ``Trainer``
+alone), the method's targets are resolved on the model built on the meta device, the optimizer name
+and the output folder are checked, all before any model weights are loaded or anything is written,
+so a missing file, a template error or a ``target_modules`` typo costs a second, not a model load,
+and leaves nothing behind. An old run that ``--overwrite`` replaces is kept aside until the new run
+has a checkpoint (:class:`RunFolder`). Training runs in transformers' ``Trainer``
 (:class:`~deltatune.train.adapter_trainer.AdapterTrainer`); a Ctrl-C writes a resumable
 checkpoint, a NaN/inf loss stops with the step named and the last good checkpoint kept.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -16,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from transformers import TrainerCallback
 
 from deltatune.data import prepare_datasets, validate_data
 from deltatune.data.pipeline import PreparedData, load_examples
@@ -23,7 +28,9 @@ from deltatune.models import load_model_and_tokenizer
 from deltatune.models.checkpointing import enable_activation_checkpointing
 from deltatune.train import outputs
 from deltatune.train.config import TrainConfig
+from deltatune.train.config_check import ConfigError, did_you_mean
 from deltatune.train.metrics import describe, score_accuracy
+from deltatune.train.outputs import OutputPlan, check_output_dir, plan_output_dir, resume_plan
 
 
 class TrainingStopped(RuntimeError):
@@ -110,31 +117,6 @@ def wants_accuracy(config: TrainConfig, prepared: PreparedData) -> bool:
     return has if config.eval.accuracy == "auto" else bool(config.eval.accuracy)
 
 
-def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run), after checking the folder suits the request.
-
-    Raises:
-        ValueError: a fresh run into a folder holding another run, or ``resume`` with no checkpoint.
-    """
-    if resume:
-        checkpoint = outputs.last_checkpoint(output_dir)
-        if checkpoint is None:
-            raise ValueError(f"--resume: {output_dir} holds no complete checkpoint-N folder to resume from. "
-                             "Run without --resume to start afresh (add --overwrite if the folder has old files).")
-        return checkpoint
-    existing = outputs.run_contents(output_dir)
-    if existing and not overwrite:
-        raise ValueError(f"{output_dir} already holds a run ({', '.join(existing[:4])}). Pass --resume to continue "
-                         "it, --overwrite to replace it, or choose another output_dir=...")
-    if existing:
-        import shutil
-
-        for name in existing:
-            target = output_dir / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-    return None
-
-
 def check_quantized_support(config: TrainConfig) -> None:
     """QLoRA needs deltatune.quant and a LoRA that wraps its 4-bit layers; check before loading anything.
 
@@ -157,6 +139,129 @@ def check_quantized_support(config: TrainConfig) -> None:
             f"method.name=qlora: LoRA in this deltatune build cannot wrap {wanted.__name__} layers. Use "
             "method.name=lora, or update deltatune."
         )
+
+
+def check_optimizer(name: str) -> None:
+    """``train.optim`` must be one of transformers' optimizer names (the Trainer would refuse it after loading).
+
+    Raises:
+        ConfigError: an unknown name, with the closest valid one.
+    """
+    from transformers.training_args import OptimizerNames
+
+    valid = [o.value for o in OptimizerNames]
+    if name not in valid:
+        raise ConfigError(f"Config key 'train.optim' is {name!r}, which transformers does not know."
+                          f"{did_you_mean(name, valid)} Accepted names: {', '.join(valid)}.")
+
+
+def check_targets(config: TrainConfig, peft_config: Any) -> None:
+    """Resolve the method's targets on the model built from its config on the meta device (no weights).
+
+    A ``target_modules`` typo then costs a second, not a model load. Methods that wrap no layers by
+    name (prompt and prefix tuning, BitFit, partial fine-tuning) have nothing to check here.
+
+    Raises:
+        ConfigError: a target matches nothing or a layer the method cannot wrap; the message lists the
+            layers that exist, with the closest match.
+    """
+    from deltatune.config import TaskType
+    from deltatune.inspect.architecture import meta_model
+    from deltatune.methods.base import get_method
+    from deltatune.models import model_config
+    from deltatune.surgery.targets import resolve_targets
+
+    method = get_method(peft_config.peft_type)
+    if method.make_adapter is None:
+        return
+    model = meta_model(model_config(config.model), TaskType.CAUSAL_LM)
+    try:
+        prepared = method.prepare_config(peft_config, model) if method.prepare_config else peft_config
+        resolve_targets(model, prepared)
+    except ValueError as err:
+        raise ConfigError(f"Config key 'method.target_modules' does not fit {config.model}: {err}") from None
+
+
+def check_before_loading(config: TrainConfig, peft_config: Any) -> None:
+    """Everything about the method and optimizer that can fail, checked before any weights load."""
+    check_quantized_support(config)
+    check_optimizer(config.train.optim)
+    check_targets(config, peft_config)
+
+
+class RunFolder(TrainerCallback):
+    """The output folder's changes in one run: kept once the run has a checkpoint or completes, else undone.
+
+    Nothing is written before :meth:`start`, which runs once every check has passed. A fresh run that
+    fails or stops before its first checkpoint leaves the folder as it found it: its own files are
+    deleted, and the previous run that ``--overwrite`` set aside at the start is moved back. Once the new
+    run saves its first checkpoint (``on_save``) or completes, the previous run is deleted.
+    """
+
+    def __init__(self, output_dir: Path, plan: OutputPlan, log: Callable[[str], None]) -> None:
+        super().__init__()
+        self.output_dir, self.plan, self.log = output_dir, plan, log
+        self.kept = plan.checkpoint is not None  # a resumed run is never undone
+        self.found: set[str] = set()  # run files that were there before (e.g. a stray tensorboard/)
+        self.created = False
+
+    def start(self, config: TrainConfig) -> None:
+        """Rename damaged checkpoints, set the old run aside and write ``config.yaml``.
+
+        Raises:
+            ValueError: the folder cannot be written after all (e.g. a disk that became read-only).
+        """
+        try:
+            self.created = not self.output_dir.exists()
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            for folder, why in self.plan.corrupt:
+                kept_as = outputs.mark_corrupt(folder)
+                self.log(f"resume: {folder.name} is damaged: {why}. Resuming from {self.plan.checkpoint.name} "
+                         f"instead; the damaged folder is kept as {kept_as.name}.")
+            if self.plan.replaces:
+                aside = outputs.set_aside(self.output_dir, self.plan.replaces)
+                self.log(f"--overwrite: the previous run is set aside in {aside} until this run saves a checkpoint")
+            self.found = set(outputs.run_outputs(self.output_dir))
+            outputs.write_config(self.output_dir, config)
+        except OSError as err:
+            with contextlib.suppress(OSError):  # put back what was set aside, if the folder still allows it
+                self.undo("could not start")
+            raise ValueError(f"output_dir {self.output_dir} cannot be written: {err.strerror or err} "
+                             f"({err.filename}). Choose another output_dir=PATH or fix its permissions.") from err
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.keep()
+
+    def keep(self) -> None:
+        """The new run is worth keeping: delete the previous one."""
+        if not self.kept:
+            self.kept = True
+            outputs.discard_aside(self.output_dir)
+
+    def end(self, status: str) -> None:
+        """After the session returned: keep a completed or resumable run, undo one with nothing to resume."""
+        if status == "completed" or outputs.last_checkpoint(self.output_dir) is not None:
+            self.keep()
+        else:
+            self.undo(f"was {status} before its first checkpoint")
+
+    def fail(self, err: BaseException) -> None:
+        """After the session raised: undo a run with nothing to resume, else record the failure."""
+        if not self.kept and outputs.last_checkpoint(self.output_dir) is None:
+            self.undo(f"failed before its first checkpoint ({type(err).__name__})")
+            return
+        self.keep()
+        metrics = outputs.read_metrics(self.output_dir)
+        if metrics.get("status", "running") == "running":  # a NaN stop has already said what happened
+            outputs.write_metrics(self.output_dir, {**metrics, "status": f"failed: {type(err).__name__}: {err}"})
+
+    def undo(self, why: str) -> None:
+        new = sorted(set(outputs.run_outputs(self.output_dir)) - self.found)
+        restored = outputs.restore_aside(self.output_dir, new)
+        if self.created and not any(self.output_dir.iterdir()):
+            self.output_dir.rmdir()
+        self.log(f"the new run {why}; " + (f"the previous run in {self.output_dir} is restored" if restored
+                                            else f"its files in {self.output_dir} are removed"))
 
 
 def is_main_process() -> bool:
@@ -209,22 +314,33 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
     tokenizer, prepared = prepare_data(config, log)
     steps = total_steps(config, len(prepared.train))
     peft_config = config.method.build(total_steps=steps)
-    check_quantized_support(config)
+    check_before_loading(config, peft_config)
     accuracy = wants_accuracy(config, prepared)
-    # Every rank of a torchrun job runs this; only rank 0 checks, clears and writes the output folder
+    # Every rank of a torchrun job runs this; only rank 0 checks and writes the output folder
     # (otherwise rank 1 finds rank 0's config.yaml and refuses to overwrite "another run").
-    if is_main_process():
-        checkpoint = check_output_dir(output_dir, resume, overwrite)
+    main = is_main_process()
+    if main:
+        plan = plan_output_dir(output_dir, resume, overwrite)
     else:
-        checkpoint = outputs.last_checkpoint(output_dir) if resume else None
-    if checkpoint is not None and config.method.name == "adalora":
+        plan = OutputPlan(checkpoint=resume_plan(output_dir).checkpoint if resume else None)
+    if plan.checkpoint is not None and config.method.name == "adalora":
         raise ValueError("--resume is not supported for AdaLoRA: its rank allocator's importance scores are not "
                          "checkpointed and saved adapters hold only the kept ranks. Start the run again.")
-    if is_main_process():
-        outputs.write_config(output_dir, config)
     session = TrainingSession(config, output_dir, tokenizer, prepared, peft_config, steps, log)
-    return session.run(checkpoint, accuracy, started)
+    if not main:
+        return session.run(plan.checkpoint, accuracy, started)
+    folder = RunFolder(output_dir, plan, log)
+    folder.start(config)
+    session.callbacks.append(folder)
+    try:
+        result = session.run(plan.checkpoint, accuracy, started)
+    except BaseException as err:
+        folder.fail(err)
+        raise
+    folder.end(result.status)
+    return result
 
 
-__all__ = ["RunResult", "TrainingStopped", "describe", "load_model", "load_tokenizer",
-           "prepare_data", "run_training", "score_accuracy", "total_steps"]
+__all__ = ["OutputPlan", "RunFolder", "RunResult", "TrainingStopped", "check_before_loading", "check_output_dir",
+           "describe", "load_model", "load_tokenizer", "plan_output_dir", "prepare_data", "run_training",
+           "score_accuracy", "total_steps"]

@@ -55,6 +55,7 @@ class TrainingSession:
         self.prepared, self.peft_config, self.steps, self.log = prepared, peft_config, steps, log
         self.metrics: dict[str, Any] = {"status": "running", "model": config.model, "method": config.method.name,
                                         "output_dir": str(output_dir), "timings": {}}
+        self.callbacks: list[Any] = []  # extra Trainer callbacks (run_training's RunFolder)
 
     # ---- phases --------------------------------------------------------------------------------------------
     def run(self, checkpoint: Path | None, accuracy: bool, started: float):
@@ -125,6 +126,8 @@ class TrainingSession:
     def train(self, peft_model: Any, checkpoint: Path | None) -> str:
         """Run the Trainer; returns ``completed`` or ``interrupted`` (a resumable checkpoint is on disk)."""
         trainer, recorder, interrupt, boundary = self.build_trainer(peft_model)
+        for callback in self.callbacks:
+            trainer.add_callback(callback)
         status = "completed"
         with interrupt:
             try:
