@@ -393,3 +393,33 @@ def test_an_overwrite_killed_before_its_first_checkpoint_keeps_the_previous_run(
     outputs.set_aside(out, outputs.run_outputs(out))
     assert outputs.restore_aside(out, []) and (out / "config.yaml").read_text() == "old"
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "config.yaml", "metrics.json"]
+
+
+class _ExplodeAt(TrainerCallback):
+    """Multiplies the trainable weights by 1e30 after step ``step``: finite, but diverged."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.mul_(1e30)
+
+
+def test_after_a_nan_stop_the_last_good_checkpoint_has_sane_weights_and_is_the_one_resumed(
+    tiny_run_files, tmp_path, monkeypatch, capsys
+):
+    from deltatune.train import outputs
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        add_callback(m, _ExplodeAt(4))  # checkpoint-4 is written from the exploded weights
+        _poison_loss_at(m, 5)
+        assert main(base_args(tiny_run_files, out, "train.save_steps=2")) == 1
+    err = capsys.readouterr().err
+    assert "The last good checkpoint is" in err and "checkpoint-2 (" in err.split("The last good checkpoint is")[1]
+    assert "checkpoint-4 (its adapter weights reach" in err and "corrupt-checkpoint-4" in err
+    assert outputs.resume_plan(out).checkpoint.name == "checkpoint-2"

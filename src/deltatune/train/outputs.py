@@ -34,6 +34,10 @@ TENSORBOARD_DIR = "tensorboard"
 ASIDE_DIR = ".replaced-run"
 """Where ``--overwrite`` keeps the previous run's files until the new run has a checkpoint."""
 CORRUPT_PREFIX = "corrupt-"
+# Adapter weights (LoRA factors, IA³ vectors, prompts, a classifier copy) are O(1); weights 1e4 times
+# that overflow half-precision activations and never come from a run that still converges. A
+# checkpoint holding them is not a "good" one to resume from, even though every value is finite.
+DIVERGED_WEIGHT = 1e4
 """Prefix a damaged checkpoint folder is renamed with, so that neither --resume nor the Trainer uses it."""
 CHECKPOINT_FILES = ("adapter_config.json", "trainer_state.json", "optimizer.pt", "scheduler.pt")
 """Files a complete resumable checkpoint folder holds (``trainer_state.json`` is written last)."""
@@ -180,14 +184,22 @@ def plan_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> OutputPl
     return OutputPlan(replaces=run_outputs(output_dir) if overwrite else [])
 
 
-def resume_plan(output_dir: Path) -> OutputPlan:
-    """The newest checkpoint whose files all read back; each damaged newer one is named, with the reason."""
+def usable_checkpoint(output_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that :func:`checkpoint_problem` passes, and each newer one with what is wrong."""
     damaged: list[tuple[Path, str]] = []
     for checkpoint in complete_checkpoints(output_dir):
         problem = checkpoint_problem(checkpoint)
         if problem is None:
-            return OutputPlan(checkpoint=checkpoint, corrupt=damaged)
+            return checkpoint, damaged
         damaged.append((checkpoint, problem))
+    return None, damaged
+
+
+def resume_plan(output_dir: Path) -> OutputPlan:
+    """The newest checkpoint whose files all read back; each damaged newer one is named, with the reason."""
+    checkpoint, damaged = usable_checkpoint(output_dir)
+    if checkpoint is not None:
+        return OutputPlan(checkpoint=checkpoint, corrupt=damaged)
     if damaged:
         listed = "; ".join(f"{folder.name}: {why}" for folder, why in damaged)
         raise ValueError(f"--resume: every checkpoint in {output_dir} is damaged ({listed}). Start afresh with "
@@ -342,9 +354,12 @@ def checkpoint_problem(folder: Path) -> str | None:
             return f"{name} is not readable JSON ({err})"
     weights = WEIGHTS_NAME if (folder / WEIGHTS_NAME).exists() else LEGACY_WEIGHTS_NAME
     try:
-        load_weights(folder)
+        sd = load_weights(folder)  # NaN or inf is refused here
     except Exception as err:  # noqa: BLE001 - safetensors, torch and OS errors alike mean "damaged"
         return f"{weights} does not load ({type(err).__name__}: {err})"
+    peak = max((float(t.abs().max()) for t in sd.values() if t.is_floating_point() and t.numel()), default=0.0)
+    if peak > DIVERGED_WEIGHT:
+        return f"its adapter weights reach {peak:.3g}, over {DIVERGED_WEIGHT:g}: training had diverged by then"
     for file in sorted(folder.glob("*.pt")) + sorted(folder.glob("*.pth")):
         try:
             with zipfile.ZipFile(file) as archive:

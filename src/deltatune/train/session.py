@@ -162,10 +162,14 @@ class TrainingSession:
     def non_finite(self, err: NonFiniteLossError):
         from deltatune.train.run import TrainingStopped
 
-        good = outputs.last_checkpoint(self.output_dir)
+        # The newest checkpoint can hold finite but exploded weights (the step before the NaN): set such
+        # ones aside, so the one named here is also the one --resume takes.
+        good, bad = outputs.usable_checkpoint(self.output_dir)
+        aside = [f"{folder.name} ({why}) was renamed {outputs.mark_corrupt(folder).name}" for folder, why in bad]
         keep = (f"The last good checkpoint is {good} (resume with --resume after lowering train.lr or raising "
-                "train.warmup_ratio)." if good else "No checkpoint had been written yet.")
-        return TrainingStopped(f"Training stopped: {err}. Nothing from step {err.step} on was saved. {keep}")
+                "train.warmup_ratio)." if good else "No good checkpoint had been written.")
+        return TrainingStopped(f"Training stopped: {err}. Nothing from step {err.step} on was saved. {keep}"
+                               + (" " + "; ".join(aside) + "." if aside else ""))
 
     def record_training(self, trainer: AdapterTrainer, recorder: RunRecorder) -> None:
         recorder.finish(trainer.state)
