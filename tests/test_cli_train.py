@@ -423,3 +423,13 @@ def test_after_a_nan_stop_the_last_good_checkpoint_has_sane_weights_and_is_the_o
     assert "The last good checkpoint is" in err and "checkpoint-2 (" in err.split("The last good checkpoint is")[1]
     assert "checkpoint-4 (its adapter weights reach" in err and "corrupt-checkpoint-4" in err
     assert outputs.resume_plan(out).checkpoint.name == "checkpoint-2"
+
+
+def test_a_run_whose_loss_does_not_go_down_completes_with_a_warning(tiny_run_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    # On this tiny model a huge learning rate ends in a NaN stop (tested above); a vanishing one flat-lines.
+    assert main(base_args(tiny_run_files, out, "train.lr=1e-9", "train.max_steps=8")) == 0
+    printed = capsys.readouterr()
+    warnings = json.loads((out / "metrics.json").read_text())["train"]["warnings"]
+    assert any("did not go down" in w and "train.lr=1e-09" in w for w in warnings), warnings
+    assert "warning:" in printed.out + printed.err

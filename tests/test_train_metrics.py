@@ -126,3 +126,14 @@ def test_accuracy_over_a_single_label_carries_a_warning(tok):
     # Several gold labels: no warning, and the line is unchanged.
     several = score_accuracy(FakeLM(tok), tok, rows(TOPICS))
     assert several["warnings"] == [] and "warning" not in describe(several)
+
+
+def test_training_warnings_flag_a_flat_loss_and_exploded_weights_only():
+    from deltatune.train.metrics import training_warnings
+
+    falling = [(i, 5.8 - 0.05 * i) for i in range(8)]
+    flat = [(i, 5.78 + 0.01 * (i % 2)) for i in range(8)]
+    assert training_warnings(falling, 2e-3, peak_weight=0.4, diverged=1e4) == []
+    assert "did not go down" in training_warnings(flat, 1e-9, peak_weight=0.4, diverged=1e4)[0]
+    assert "diverged" in training_warnings(falling, 1e6, peak_weight=3e30, diverged=1e4)[0]
+    assert training_warnings(flat[:3], 1e-9, peak_weight=0.4, diverged=1e4) == []  # too few points to judge

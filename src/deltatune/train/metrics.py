@@ -227,3 +227,27 @@ def describe(result: dict[str, Any]) -> str:
     k = len(result["labels"])
     line = f"{100 * result['accuracy']:.1f}% ({result['correct']}/{result['total']}), {how} {k} label{'s' * (k != 1)}"
     return "".join([line, *(f"; warning: {w}" for w in result.get("warnings", ()))])
+
+
+def training_warnings(train_loss: list[tuple[int, float]], lr: float, peak_weight: float, diverged: float) -> list[str]:
+    """Warnings about a run that completed but did not learn: its loss did not go down, or its weights exploded.
+
+    Args:
+        train_loss: the logged (step, training loss) pairs.
+        lr: the run's peak learning rate (``train.lr``), named in the advice.
+        peak_weight: the largest absolute value among the trained weights at the end.
+        diverged: the weight magnitude above which a run counts as diverged.
+    """
+    out = []
+    if peak_weight > diverged:
+        out.append(f"the trained weights reach {peak_weight:.3g} (over {diverged:g}): training diverged; "
+                   f"lower train.lr={lr:g} or raise train.warmup_ratio")
+    losses = [loss for _, loss in train_loss]
+    if len(losses) >= 4:
+        k = max(1, len(losses) // 4)
+        first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+        # Less than 1% lower after the whole run: the learning rate is far too low or too high.
+        if last > first * 0.99:
+            out.append(f"the training loss did not go down ({first:.4g} over the first {k} logged steps, {last:.4g} "
+                       f"over the last {k}): check train.lr={lr:g} (too low, or too high) and the data")
+    return out

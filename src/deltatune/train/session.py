@@ -183,6 +183,14 @@ class TrainingSession:
             "threads": torch.get_num_threads(),
         }
         self.metrics["timings"]["train_s"] = recorder.train_seconds
+        from deltatune.train.metrics import training_warnings
+
+        trained = [p.detach() for p in trainer.model.parameters() if p.requires_grad and p.numel()]
+        peak = max((float(p.abs().max()) for p in trained), default=0.0)
+        warnings = training_warnings(recorder.train_loss, self.config.train.lr, peak, outputs.DIVERGED_WEIGHT)
+        self.metrics["train"]["warnings"] = warnings
+        for text in warnings:
+            self.log(f"warning: {text}")
 
     def finish(self, status: str) -> None:
         """Write ``metrics.json`` and ``loss.png`` with the given status."""
