@@ -8,6 +8,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
+import types
+import typing
+from collections import abc
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -187,3 +190,24 @@ class LoraConfig(PeftConfig):
                 re.compile(self.target_modules)
             except re.error as e:
                 raise ValueError(f"target_modules regex {self.target_modules!r} does not compile: {e}") from None
+
+
+# ---- readable type names (config errors, on the command line and in adapter_config.json) --------------
+def type_name(hint: Any) -> str:
+    """A readable name for a type hint: ``float``, ``list of str``, ``int or None``..."""
+    if hint is Any:
+        return "any value"
+    if hint is type(None):
+        return "None"
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (list, tuple, abc.Sequence) or hint in (list, tuple):
+        return f"a list of {type_name(args[0])}" if args else "a list"
+    if origin in (dict, abc.Mapping) or hint is dict:
+        return f"a mapping of {type_name(args[0])} to {type_name(args[1])}" if args else "a mapping"
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in hint)
+    return getattr(hint, "__name__", str(hint))

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from deltatune.config import PeftConfig, PeftType
+from deltatune.config import PeftConfig, PeftType, type_name
 from deltatune.io.atomic import atomic_write_text, finish_interrupted_save
 
 CONFIG_NAME = "adapter_config.json"
@@ -82,24 +82,6 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> PeftConfig
 
 
 # ---- value types ---------------------------------------------------------------------------------------
-def type_name(hint: Any) -> str:
-    """A readable name for a type hint: ``float``, ``a list of str or None``... (as the CLI config says)."""
-    if hint is Any:
-        return "any value"
-    if hint is type(None):
-        return "None"
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(type_name(a) for a in args)
-    if origin in (list, tuple, Sequence):
-        return f"a list of {type_name(args[0])}" if args else "a list"
-    if origin in (dict, Mapping):
-        return f"a mapping of {type_name(args[0])} to {type_name(args[1])}" if args else "a mapping"
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        return "one of " + ", ".join(repr(m.value) for m in hint)
-    return getattr(hint, "__name__", str(hint))
-
-
 def fits(value: Any, hint: Any) -> bool:
     """Whether a JSON value has the type ``hint`` asks for; an int counts as a float, a bool as neither."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)

@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from deltatune.config import type_name
+
 
 class ConfigError(ValueError):
     """A training config key is unknown, or its value has the wrong type or range."""
@@ -44,26 +46,6 @@ def field_hints(cls: type) -> dict[str, Any]:
     """Type hints of a dataclass's init fields (ClassVars and ``init=False`` fields excluded)."""
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
-
-
-def type_name(hint: Any) -> str:
-    """A readable name for a type hint: ``float``, ``list of str``, ``int or None``..."""
-    if hint is Any:
-        return "any value"
-    if hint is type(None):
-        return "None"
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(type_name(a) for a in args)
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin in (list, tuple, Sequence, typing.Sequence) or hint in (list, tuple):
-        return f"a list of {type_name(args[0])}" if args else "a list"
-    if origin in (dict, Mapping, typing.Mapping) or hint is dict:
-        return f"a mapping of {type_name(args[0])} to {type_name(args[1])}" if args else "a mapping"
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        return "one of " + ", ".join(repr(m.value) for m in hint)
-    return getattr(hint, "__name__", str(hint))
 
 
 class _Mismatch(Exception):
