@@ -161,3 +161,48 @@ trainer.save_model({str(tmp_path / "final")!r})
     for folder in (tmp_path / "final", tmp_path / "out" / "checkpoint-1"):
         files = {p.name for p in folder.iterdir()}
         assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
+
+
+def _tiny_t5(seed: int = 0):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def test_seq2seq_lm_trains_in_seq2seq_trainer_and_matches_peft(tmp_path):
+    import peft
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    from deltatune import PeftModelForSeq2SeqLM
+
+    model = get_peft_model(_tiny_t5(), LoraConfig(r=4, task_type="SEQ_2_SEQ_LM"))
+    assert isinstance(model, PeftModelForSeq2SeqLM)
+    assert sorted(model.peft_config["default"].target_modules) == ["q", "v"]  # peft's T5 default
+    src, tgt = input_ids(batch=8, seq=8, seed=5), input_ids(batch=8, seq=4, seed=6)
+    data = Dataset.from_dict({"input_ids": src.tolist(), "attention_mask": [[1] * 8] * 8, "labels": tgt.tolist()})
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4,
+                                    learning_rate=5e-2, report_to="none")
+    trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    model.eval()
+    x, dec = src[:2], tgt[:2]
+    with torch.no_grad():
+        ours = model(input_ids=x, decoder_input_ids=dec).logits
+        theirs = peft.PeftModel.from_pretrained(_tiny_t5(), str(tmp_path / "final")).eval()
+        assert_close(theirs(input_ids=x, decoder_input_ids=dec).logits, ours)
+        reloaded = PeftModel.from_pretrained(_tiny_t5(), tmp_path / "final")
+        assert_close(reloaded(input_ids=x, decoder_input_ids=dec).logits, ours)
+        assert reloaded.generate(input_ids=x, max_new_tokens=3, do_sample=False).shape[0] == 2
+
+
+def test_mt5_gets_peft_default_targets():
+    from transformers import MT5Config, MT5ForConditionalGeneration
+
+    model = MT5ForConditionalGeneration(MT5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                                                  num_heads=4, decoder_start_token_id=0))
+    pm = get_peft_model(model, LoraConfig(r=2, task_type="SEQ_2_SEQ_LM"))  # peft's quicktour: no target_modules
+    assert sorted(pm.peft_config["default"].target_modules) == ["q", "v"]

@@ -7,6 +7,7 @@ from deltatune.model import (
     PeftModel,
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
+    PeftModelForSeq2SeqLM,
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
     get_peft_model,
@@ -30,7 +31,7 @@ _transformers_integration.install()
 
 __all__ = [
     "LoraConfig", "PeftConfig", "PeftType", "TaskType", "PeftModel", "PeftModelForCausalLM",
-    "PeftModelForFeatureExtraction", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
+    "PeftModelForFeatureExtraction", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
     "get_peft_model", "inject_adapter_in_model", "resolve_targets", "get_peft_model_state_dict",
     "set_peft_model_state_dict", "prepare_model_for_kbit_training",
     "IA3Config", "BottleneckConfig",

@@ -400,11 +400,24 @@ class PeftModelForFeatureExtraction(PeftModel):
     pass
 
 
+class PeftModelForSeq2SeqLM(PeftModel):
+    """Encoder-decoder models (T5, BART, mT5), with the decoder inputs named as in peft's class."""
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
+                decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, **kwargs):
+        return super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+            decoder_inputs_embeds=decoder_inputs_embeds, labels=labels, **kwargs,
+        )
+
+
 _TASK_CLASSES = {
     TaskType.CAUSAL_LM: PeftModelForCausalLM,
     TaskType.SEQ_CLS: PeftModelForSequenceClassification,
     TaskType.TOKEN_CLS: PeftModelForTokenClassification,
     TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
 }
 
 

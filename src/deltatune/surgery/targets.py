@@ -20,7 +20,8 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "qwen3": ("q_proj", "v_proj"), "gemma": ("q_proj", "v_proj"), "phi": ("q_proj", "v_proj"),
     "phi3": ("qkv_proj",), "gpt2": ("c_attn",), "bert": ("query", "value"), "roberta": ("query", "value"),
     "falcon": ("query_key_value",), "bloom": ("query_key_value",), "gpt_neox": ("query_key_value",),
-    "opt": ("q_proj", "v_proj"), "t5": ("q", "v"), "gptj": ("q_proj", "v_proj"),
+    "opt": ("q_proj", "v_proj"), "t5": ("q", "v"), "mt5": ("q", "v"), "bart": ("q_proj", "v_proj"),
+    "gptj": ("q_proj", "v_proj"),
 }
 LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 
