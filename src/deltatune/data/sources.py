@@ -5,6 +5,7 @@ second, not a model load.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -62,6 +63,12 @@ def load_source(path: str | os.PathLike) -> datasets.Dataset:
         ds = datasets.load_dataset(builder, data_files=str(p), split="train", keep_in_memory=True)
     except Exception as err:  # datasets wraps parser errors in several types; report them all the same way
         cause = err.__cause__ or err
+        if builder == "json" and isinstance(cause, KeyError):
+            # datasets before 5.0 cannot read JSON rows that lack a key other rows have; such rows are
+            # the bad rows data.on_bad_rows reports, so read the records here, a missing key as None.
+            records = _json_records(p)
+            if records is not None:
+                return _from_records(records)
         raise ValueError(
             f"Could not read {str(p)!r} as {builder} ({type(cause).__name__}: {cause}). "
             f"Expected valid {p.suffix} content" + (" with a header row." if builder == "csv" else ".")
@@ -69,3 +76,22 @@ def load_source(path: str | os.PathLike) -> datasets.Dataset:
     if len(ds) == 0 or not ds.column_names:
         raise ValueError(f"Data file {str(p)!r} holds no rows; expected at least one example.")
     return ds
+
+
+def _json_records(p: Path) -> list[dict] | None:
+    """The objects of a JSON-lines file or a JSON list, or None if it is neither."""
+    text = p.read_text()
+    try:
+        data = json.loads(text)
+        rows = data if isinstance(data, list) else None
+    except json.JSONDecodeError:
+        try:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError:
+            return None
+    return rows if rows and all(isinstance(r, dict) for r in rows) else None
+
+
+def _from_records(records: list[dict]) -> datasets.Dataset:
+    keys = list(dict.fromkeys(k for r in records for k in r))  # every key any row has, in first-seen order
+    return datasets.Dataset.from_dict({k: [r.get(k) for r in records] for k in keys})
