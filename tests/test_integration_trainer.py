@@ -206,3 +206,30 @@ def test_mt5_gets_peft_default_targets():
                                                   num_heads=4, decoder_start_token_id=0))
     pm = get_peft_model(model, LoraConfig(r=2, task_type="SEQ_2_SEQ_LM"))  # peft's quicktour: no target_modules
     assert sorted(pm.peft_config["default"].target_modules) == ["q", "v"]
+
+
+def test_transformers_add_adapter_with_a_deltatune_config_names_the_deltatune_call():
+    # transformers' own adapter API (PeftAdapterMixin) is built on peft's layer classes; we refuse clearly
+    pytest.importorskip("peft")
+    model = tiny_llama()
+    with pytest.raises(TypeError, match=r"deltatune\.get_peft_model\(model, config\)"):
+        model.add_adapter(LoraConfig(r=4, target_modules=["q_proj"]))
+    assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("task", [None, "CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM"])
+def test_forward_shows_the_base_model_signature(task):
+    # What Trainer (without peft installed), TRL and collators read to decide which columns to pass
+    import inspect
+
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    if task == "SEQ_2_SEQ_LM":
+        base, targets = T5ForConditionalGeneration(T5Config(vocab_size=96, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)), ["q"]
+    elif task == "SEQ_CLS":
+        base, targets = tiny_bert_cls(), ["query"]
+    else:
+        base, targets = tiny_llama(), ["q_proj"]
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=targets, task_type=task))
+    assert inspect.signature(model.forward) == inspect.signature(base.forward)
+    assert "token_type_ids" in inspect.signature(model.forward).parameters or task != "SEQ_CLS"

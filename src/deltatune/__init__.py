@@ -22,12 +22,12 @@ from deltatune.methods.partial import PartialConfig
 from deltatune.methods.prompt import PromptTuningConfig, PromptTuningInit
 from deltatune.methods.prefix import PrefixTuningConfig
 
-from deltatune.integrations import transformers as _transformers_integration
+from deltatune import integrations as _integrations
 
 __version__ = "0.1.0"
 
-# transformers' Trainer recognises adapter models by peft's class; make it recognise ours too.
-_transformers_integration.install()
+# transformers, accelerate and TRL recognise adapter models by peft's classes; make them recognise ours too.
+_integrations.install()
 
 __all__ = [
     "LoraConfig", "PeftConfig", "PeftType", "TaskType", "PeftModel", "PeftModelForCausalLM",

@@ -14,31 +14,14 @@ from torch import nn
 from transformers.utils import PushToHubMixin
 
 from deltatune.config import PeftConfig, TaskType
+from deltatune.forward_signature import presents_base_signature
 from deltatune.io import checkpoint as ckpt
 from deltatune.io.config_io import load_config
 from deltatune.surgery import inject
 from deltatune.surgery.layer import AdaptedLayer
+from deltatune.tuner import AdapterModel
 
 CLASSIFIER_NAMES = ("classifier", "score")
-
-
-class AdapterModel(nn.Module):
-    """Holds the user's model as ``.model`` (so saved keys start with ``base_model.model.``)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
 
 
 class PeftModel(PushToHubMixin, nn.Module):
@@ -51,11 +34,17 @@ class PeftModel(PushToHubMixin, nn.Module):
         self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", autocast_adapter_dtype: bool = True
     ) -> None:
         super().__init__()
-        self.base_model = AdapterModel(model)
+        self.base_model = AdapterModel(model, self)
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: tuple[str, ...] = ()
         self.add_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
         self.set_adapter(adapter_name)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        forward = cls.__dict__.get("forward")
+        if forward is not None and not isinstance(forward, presents_base_signature):
+            cls.forward = presents_base_signature(forward)
 
     # ---- attribute passthrough (peft forwards unknown attributes to the base model) ----------------
     def __getattr__(self, name: str):
@@ -83,6 +72,7 @@ class PeftModel(PushToHubMixin, nn.Module):
             return None
         return getattr(get_method(self.peft_config[self._active[0]].peft_type), hook)
 
+    @presents_base_signature
     def forward(self, *args, **kwargs):
         if kwargs.get("adapter_names") is not None:  # one adapter per row: see deltatune.serving
             from deltatune.serving.server import peft_forward
@@ -213,16 +203,11 @@ class PeftModel(PushToHubMixin, nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model: inside the block every adapter is bypassed (merged ones are unmerged first)."""
-        model = self.base_model.model
-        for _, host in inject.adapted_layers(model):
-            host.unmerge()
-        inject.set_disabled(model, True)
-        self._disabled = True
+        self.base_model.disable_adapter_layers()
         try:
             yield
         finally:
-            inject.set_disabled(model, False)
-            self._disabled = False
+            self.base_model.enable_adapter_layers()
 
     # ---- merging ---------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:

@@ -11,58 +11,36 @@ anything else gets its whole ``state_dict()`` written as ``model.safetensors``, 
 embeddings and is not an adapter anyway.
 
 transformers offers no registration point for other adapter libraries, so :func:`install` (run on
-``import deltatune``) widens those two decisions, and nothing else:
+``import deltatune``) widens those decisions, and nothing else:
 
 - ``_is_peft_model`` also answers True for a deltatune ``PeftModel``, in ``transformers.trainer_utils``
   and in the modules that imported it by name (``transformers.trainer``,
   ``transformers.integrations.neftune``);
 - ``Trainer._save`` writes a deltatune model with its own ``save_pretrained`` (peft's adapter format,
   ``adapter_config.json`` + ``adapter_model.safetensors``), then the tokenizer and the training
-  arguments, as transformers does for a peft model.
-
-Modules not imported yet are patched the moment they are (a finder on ``sys.meta_path`` wraps their
-loader), so ``import deltatune`` does not pay for importing ``transformers.trainer``. Both patches
-leave every other model to transformers' own code.
+  arguments, as transformers does for a peft model;
+- ``model.add_adapter(config)`` (transformers' own adapter API, built on peft's layer classes) given a
+  deltatune config raises a ``TypeError`` that names the deltatune call to use instead.
 """
 from __future__ import annotations
 
-import importlib.abc
 import os
-import sys
-from typing import Any, Callable
+from typing import Any
 
-_TARGETS: dict[str, Callable[[Any], None]] = {}
-_PATCHED = "__deltatune_patched__"
-
-
-def _is_deltatune_model(model: Any) -> bool:
-    from deltatune.model import PeftModel
-
-    return isinstance(model, PeftModel)
-
-
-def _widen_is_peft_model(module: Any) -> None:
-    original = getattr(module, "_is_peft_model", None)
-    if original is None or getattr(original, _PATCHED, False):
-        return
-
-    def _is_peft_model(model):
-        return _is_deltatune_model(model) or original(model)
-
-    setattr(_is_peft_model, _PATCHED, True)
-    module._is_peft_model = _is_peft_model
+from deltatune.integrations.hooks import patch_module
+from deltatune.integrations.recognition import PATCHED, is_deltatune_model, widen_peft_names
 
 
 def _patch_trainer(module: Any) -> None:
-    _widen_is_peft_model(module)
+    widen_peft_names(module)
     trainer = getattr(module, "Trainer", None)
     original = getattr(trainer, "_save", None)
-    if original is None or getattr(original, _PATCHED, False):
+    if original is None or getattr(original, PATCHED, False):
         return
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if not _is_deltatune_model(model):
+        if not is_deltatune_model(model):
             return original(self, output_dir, state_dict)
         # The adapter's own tensors are saved; a gathered full state_dict (DeepSpeed ZeRO-3, FSDP) is not
         # read here, so sharded runs must gather the adapter before saving (not supported yet).
@@ -80,47 +58,36 @@ def _patch_trainer(module: Any) -> None:
 
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
-    setattr(_save, _PATCHED, True)
+    setattr(_save, PATCHED, True)
     trainer._save = _save
 
 
-class _PatchOnImport(importlib.abc.MetaPathFinder):
-    """Patches a module of :data:`_TARGETS` right after it executes (for modules imported later)."""
+def _patch_add_adapter(module: Any) -> None:
+    mixin = getattr(module, "PeftAdapterMixin", None)
+    original = getattr(mixin, "add_adapter", None)
+    if original is None or getattr(original, PATCHED, False):
+        return
 
-    def find_spec(self, fullname, path, target=None):
-        patch = _TARGETS.get(fullname)
-        if patch is None:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        loader = spec.loader
-        exec_module = getattr(loader, "exec_module", None)
-        if exec_module is None:
-            return None
+    def add_adapter(self, adapter_config, adapter_name: str | None = None) -> None:
+        from deltatune.config import PeftConfig
 
-        def exec_and_patch(module):
-            exec_module(module)
-            patch(module)
+        if isinstance(adapter_config, PeftConfig):
+            # transformers' adapter API drives peft's own layer classes (set_adapter, enable_adapters, its
+            # save_pretrained all look for them), so a deltatune adapter cannot live inside it.
+            raise TypeError(
+                f"transformers' model.add_adapter() takes a peft config, not deltatune's {type(adapter_config).__name__}. "
+                "With deltatune, wrap the model instead: model = deltatune.get_peft_model(model, config) "
+                "(or deltatune.inject_adapter_in_model(config, model) to inject without a wrapper)."
+            )
+        return original(self, adapter_config, adapter_name)
 
-        loader.exec_module = exec_and_patch  # this loader instance serves this one module
-        return spec
+    setattr(add_adapter, PATCHED, True)
+    mixin.add_adapter = add_adapter
 
 
 def install() -> None:
     """Patch the transformers modules loaded now, and the others when they load. Idempotent."""
-    _TARGETS.update({
-        "transformers.trainer_utils": _widen_is_peft_model,
-        "transformers.integrations.neftune": _widen_is_peft_model,
-        "transformers.trainer": _patch_trainer,
-    })
-    for name, patch in _TARGETS.items():
-        if name in sys.modules:
-            patch(sys.modules[name])
-    if not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _PatchOnImport())
+    patch_module("transformers.trainer_utils", widen_peft_names)
+    patch_module("transformers.integrations.neftune", widen_peft_names)
+    patch_module("transformers.trainer", _patch_trainer)
+    patch_module("transformers.integrations.peft", _patch_add_adapter)
