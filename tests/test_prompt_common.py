@@ -196,8 +196,8 @@ def test_prefix_inputs_shift_positions_and_keep_labels():
 def test_config_errors_name_the_field(cls):
     with pytest.raises(ValueError, match="num_virtual_tokens"):
         cls()
-    with pytest.raises(ValueError, match="SEQ_2_SEQ_LM"):
-        cls(num_virtual_tokens=4, task_type="SEQ_2_SEQ_LM")
+    with pytest.raises(ValueError, match="num_transformer_submodules=2 with task_type='CAUSAL_LM'.*SEQ_2_SEQ_LM"):
+        cls(num_virtual_tokens=4, task_type="CAUSAL_LM", num_transformer_submodules=2)  # encoder-decoder only
     with pytest.raises(ValueError, match="num_layers"):
         cls(num_virtual_tokens=4, num_layers=0)
     assert cls(num_virtual_tokens=4).is_prompt_learning

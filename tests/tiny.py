@@ -12,6 +12,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
 )
 
 VOCAB = 96
@@ -43,6 +45,16 @@ def tiny_bert_cls(seed: int = 0, layers: int = 2, hidden: int = 32, num_labels: 
         intermediate_size=2 * hidden, max_position_embeddings=128, num_labels=num_labels, pad_token_id=0,
     )
     return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_t5(seed: int = 0, layers: int = 2, hidden: int = 32, **overrides) -> T5ForConditionalGeneration:
+    """An encoder-decoder model (``overrides`` change config fields, e.g. ``num_decoder_layers``)."""
+    torch.manual_seed(seed)
+    fields = dict(
+        vocab_size=VOCAB, d_model=hidden, d_kv=hidden // 4, d_ff=2 * hidden, num_layers=layers, num_heads=4,
+        relative_attention_num_buckets=8, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=2,
+    )
+    return T5ForConditionalGeneration(T5Config(**{**fields, **overrides})).eval()
 
 
 def input_ids(batch: int = 2, seq: int = 8, seed: int = 1) -> torch.Tensor:

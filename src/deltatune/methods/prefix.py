@@ -10,6 +10,8 @@ The prefix enters through transformers' cache API: the model gets a ``DynamicCac
 ``i`` already holds the prefix keys/values, shaped (batch, num_key_value_heads, num_virtual_tokens,
 head_dim). The model then numbers the real tokens from ``num_virtual_tokens`` on (it reads the
 cache length), exactly as peft does. The attention mask gets ``num_virtual_tokens`` ones in front.
+On an encoder-decoder model the prefix is the decoder's self-attention cache only (peft's layout, see
+:func:`decoder_prefix`), and the decoder's attention mask gets the ones.
 
 On disk (peft's format) the adapter is ``prompt_embeddings``: the final (num_virtual_tokens,
 num_layers · 2 · token_dim) table P, also when it was trained through the MLP (the MLP is not
@@ -23,12 +25,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from deltatune.config import PeftType
+from deltatune.config import PeftType, TaskType
 from deltatune.methods.prompt_common import (
     PromptLearningConfig,
     cache_argument,
     cache_is_empty,
     fill_model_dims,
+    first_input,
     register_prompt_method,
     text_config,
 )
@@ -88,6 +91,43 @@ def prefilled_cache(cache: Any, key_values: list[tuple[torch.Tensor, torch.Tenso
         raise ValueError("the prefix can only be written into an empty cache")
     for layer_idx, (keys, values) in enumerate(key_values):
         cache.update(keys, values, layer_idx)
+    return cache
+
+
+def decoder_prefix(key_values: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """peft's encoder-decoder layout: decoder layer ``i``'s self-attention reads block ``2i mod L``.
+
+    peft stacks the table's per-layer blocks [keys 0, values 0, keys 1, ...] twice (for the two
+    stacks), regroups them four per decoder layer as (self keys, self values, cross keys, cross values),
+    then empties the cross-attention part, so cross-attention reads the encoder as usual and layer ``i``
+    keeps the pair that landed at position ``4i mod 2L``. Kept as is, so a table means the same in both
+    libraries (with an even ``L``, the odd blocks are never read in either).
+
+    Args:
+        key_values: ``L`` (keys, values) pairs from :func:`prefix_key_values`, one per table block.
+
+    Returns:
+        ``L`` pairs, one per decoder layer.
+    """
+    n_blocks = len(key_values)
+    return [key_values[(2 * i) % n_blocks] for i in range(n_blocks)]
+
+
+def prefilled_decoder_cache(cache: Any, key_values: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """An empty ``EncoderDecoderCache`` (or a new one) whose self-attention part holds the decoder prefix.
+
+    The cross-attention part stays empty: the decoder fills it from the encoder's outputs.
+    """
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    if cache is None:
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    if not isinstance(cache, EncoderDecoderCache):
+        raise TypeError(
+            f"prefix tuning on an encoder-decoder model needs an EncoderDecoderCache, got {type(cache).__name__}; "
+            "pass none and one is made"
+        )
+    prefilled_cache(cache.self_attention_cache, decoder_prefix(key_values))
     return cache
 
 
@@ -170,20 +210,26 @@ def insert_prefix(peft_model, config: PrefixTuningConfig, encoder: PrefixEncoder
         raise ValueError(_GC_MESSAGE)
     if not fresh:
         return kwargs
-    ref = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+    ref = first_input(kwargs)
     dtype = getattr(base, "dtype", None) or encoder.embedding.weight.dtype
     table = encoder().to(device=ref.device, dtype=dtype)  # (n, L · 2 · token_dim)
     kv = prefix_key_values(table, ref.shape[0], config.num_layers, config.num_attention_heads)
     name = cache_argument(base)
-    cache = prefilled_cache(kwargs.get(name), kv, getattr(base, "config", None))
+    if config.task_type == TaskType.SEQ_2_SEQ_LM:  # the decoder's self-attention only, as in peft
+        cache = prefilled_decoder_cache(kwargs.get(name), kv)
+    else:
+        cache = prefilled_cache(kwargs.get(name), kv, getattr(base, "config", None))
     return {**kwargs, name: cache}
 
 
 def prepare_prefix_config(config: PrefixTuningConfig, model: nn.Module) -> PrefixTuningConfig:
     """peft's defaults: dimensions from the model; on grouped-query models, one layer's key width and
     key/value heads (the prefix lives in the cache, which holds num_key_value_heads heads)."""
+    given_token_dim = config.token_dim
     config = fill_model_dims(config, model)
     cfg = text_config(model)
+    if config.task_type == TaskType.SEQ_2_SEQ_LM:
+        config = _fit_decoder(config, cfg, given_token_dim)
     kv_heads = getattr(cfg, "num_key_value_heads", None)
     changes: dict[str, int] = {}
     if isinstance(kv_heads, int):  # as peft: always, so a saved config re-derives the same values
@@ -197,6 +243,38 @@ def prepare_prefix_config(config: PrefixTuningConfig, model: nn.Module) -> Prefi
         raise ValueError(
             f"token_dim={config.token_dim} is not a multiple of num_attention_heads={config.num_attention_heads}; "
             "token_dim must be head_dim × key/value heads"
+        )
+    return config
+
+
+def _fit_decoder(config: PrefixTuningConfig, cfg: Any, given_token_dim: int | None) -> PrefixTuningConfig:
+    """Encoder-decoder models: one table block per decoder layer, as wide as one layer's keys.
+
+    T5's keys are ``num_heads × d_kv`` wide, which need not be ``d_model`` (flan-t5-small: 6 × 64 vs 512),
+    so a ``token_dim`` left as None becomes that width; peft would use ``d_model`` and fail.
+
+    Raises:
+        ValueError: for a combination that cannot work, with the value to use instead.
+    """
+    if config.num_transformer_submodules != 2:
+        raise ValueError(
+            f"num_transformer_submodules={config.num_transformer_submodules}: prefix tuning on an encoder-decoder "
+            "model needs 2 (or None); with 1 the decoder's cross-attention would read the prefix cache too"
+        )
+    depth = getattr(cfg, "num_decoder_layers", None) or getattr(cfg, "decoder_layers", None)
+    if isinstance(depth, int) and depth != config.num_layers:
+        raise ValueError(
+            f"num_layers={config.num_layers} but the decoder has {depth} layers: the prefix fills the decoder's "
+            f"cache, one block per decoder layer; pass num_layers={depth}"
+        )
+    d_kv = getattr(cfg, "d_kv", None)
+    if isinstance(d_kv, int) and config.token_dim != d_kv * config.num_attention_heads:
+        width = d_kv * config.num_attention_heads
+        if given_token_dim is None:
+            return config.replace(token_dim=width)
+        raise ValueError(
+            f"token_dim={config.token_dim} is not num_attention_heads × d_kv = {config.num_attention_heads} × {d_kv}: "
+            f"a prefix block is one layer's keys; pass token_dim={width} (or leave it None)"
         )
     return config
 

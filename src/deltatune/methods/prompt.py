@@ -7,7 +7,8 @@ here: random, sampled vocabulary embeddings, or the embeddings of a text (e.g. t
 
 The attention mask gets ``num_virtual_tokens`` ones in front; for causal LM (and token
 classification) the labels get ``-100`` in front, so the virtual positions carry no loss. On disk
-(peft's format) the prompt is ``prompt_embeddings``, shaped (num_virtual_tokens, token_dim).
+(peft's format) the prompt is ``prompt_embeddings``, shaped (num_virtual_tokens, token_dim); on an
+encoder-decoder model (num_transformer_submodules=2) twice the rows, of which the encoder reads the first half.
 """
 from __future__ import annotations
 
@@ -158,14 +159,21 @@ def _word_embeddings(model: nn.Module) -> nn.Module:
 
 
 def insert_prompt(peft_model, config: PromptTuningConfig, encoder: PromptEmbedding, kwargs: dict, fresh: bool) -> dict:
-    """On a fresh sequence, replace input_ids/inputs_embeds by [P; E(x)]; decoding steps pass through."""
+    """On a fresh sequence, replace input_ids/inputs_embeds by [P; E(x)]; decoding steps pass through.
+
+    On an encoder-decoder model these are the encoder's inputs, and only the first ``num_virtual_tokens``
+    rows of the table are read: peft keeps a second block for the decoder that prompt tuning never uses.
+    """
     if not fresh:
         return kwargs
     embeds = kwargs.pop("inputs_embeds", None)
     ids = kwargs.pop("input_ids", None)
+    if embeds is None and ids is None:
+        raise ValueError("prompt tuning needs the encoder's input_ids or inputs_embeds (or its encoder_outputs)")
     if embeds is None:
         embeds = _word_embeddings(peft_model.base_model.model)(ids)  # (B, T, d)
-    return {**kwargs, "inputs_embeds": prepend_prompt(encoder(), embeds)}
+    prompt = encoder()[: config.num_virtual_tokens]  # (n, d)
+    return {**kwargs, "inputs_embeds": prepend_prompt(prompt, embeds)}
 
 
 def prepare_prompt_config(config: PromptTuningConfig, model: nn.Module) -> PromptTuningConfig:

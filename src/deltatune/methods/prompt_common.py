@@ -5,7 +5,10 @@ Both methods leave the model's layers alone. Their trainable state is one small 
 name, as in peft, so full-model state dicts use peft's parameter names). At every forward they
 change the model's *inputs*: prompt tuning inserts virtual tokens into the sequence, prefix tuning
 pre-fills the key/value cache. Either way the attention mask gains ``num_virtual_tokens`` ones in
-front, and the method registers through :func:`register_prompt_method`, which wires the
+front. On encoder-decoder models (task_type SEQ_2_SEQ_LM, as peft's ``PeftModelForSeq2SeqLM``) the
+prompt goes in front of the encoder's inputs and the prefix into the decoder's self-attention cache
+(so the mask that grows is the encoder's or the decoder's); labels and decoder inputs are untouched.
+The method registers through :func:`register_prompt_method`, which wires the
 :class:`~deltatune.methods.base.Method` hooks that :class:`~deltatune.model.PeftModel` calls.
 
 On disk (peft's format) the adapter is one tensor, ``prompt_embeddings``, plus any
@@ -52,7 +55,8 @@ class PromptLearningConfig(PeftConfig):
     """Width of one virtual token. None: the model's hidden size (prefix tuning on a grouped-query
     model: head_dim × num_key_value_heads, the width of one layer's keys)."""
     num_transformer_submodules: int | None = None
-    """1 for decoder-only and encoder-only models (2 would be encoder-decoder, not supported). None: 1."""
+    """1 for decoder-only and encoder-only models, 2 for encoder-decoder ones (peft's prompt tables then
+    have twice the rows). None: 2 for task_type SEQ_2_SEQ_LM, else 1."""
     num_attention_heads: int | None = None
     """Heads of the model (prefix tuning on a grouped-query model: the key/value heads). None: from the model."""
     num_layers: int | None = None
@@ -72,13 +76,14 @@ class PromptLearningConfig(PeftConfig):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and value > 0):
                 raise ValueError(f"{name} must be a positive integer or None (read from the model), got {value!r}")
-        if self.num_transformer_submodules not in (None, 1):
+        seq2seq = self.task_type == TaskType.SEQ_2_SEQ_LM
+        if self.num_transformer_submodules not in ((None, 1, 2) if seq2seq else (None, 1)):
             raise ValueError(
-                f"num_transformer_submodules={self.num_transformer_submodules}: only 1 (decoder-only or encoder-only "
-                "models) is supported; encoder-decoder prompt learning is not implemented"
+                f"num_transformer_submodules={self.num_transformer_submodules} with "
+                f"task_type={getattr(self.task_type, 'value', self.task_type)!r}: "
+                "use 1 for decoder-only and encoder-only models, 2 (or None) with task_type='SEQ_2_SEQ_LM' "
+                "for encoder-decoder ones"
             )
-        if self.task_type == TaskType.SEQ_2_SEQ_LM:
-            raise ValueError("task_type SEQ_2_SEQ_LM: prompt learning on encoder-decoder models is not implemented")
 
 
 # ---- model dimensions ------------------------------------------------------------------------------
@@ -115,9 +120,27 @@ def fill_model_dims(config: PromptLearningConfig, model: nn.Module) -> PromptLea
             if value is None:
                 raise ValueError(f"cannot read {field_name} from {type(cfg).__name__}; pass {field_name}=... in the config")
             changes[field_name] = value
-    if config.num_transformer_submodules is None:
-        changes["num_transformer_submodules"] = 1
+    if config.num_transformer_submodules is None:  # peft's default
+        changes["num_transformer_submodules"] = 2 if config.task_type == TaskType.SEQ_2_SEQ_LM else 1
+    _check_task_fits(config, model)
     return config.replace(**changes) if changes else config
+
+
+def _check_task_fits(config: PromptLearningConfig, model: nn.Module) -> None:
+    """SEQ_2_SEQ_LM exactly on encoder-decoder models: only that task knows there are two stacks (the
+    decoder-only plumbing on a T5 would, e.g., prepend -100 to labels its decoder reads as inputs)."""
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    task = getattr(config.task_type, "value", config.task_type)
+    if encoder_decoder and task != TaskType.SEQ_2_SEQ_LM.value:
+        raise ValueError(
+            f"{type(model).__name__} is an encoder-decoder model but task_type={task!r}: prompt learning on it "
+            "needs task_type='SEQ_2_SEQ_LM' (the prompt goes into the encoder, the prefix into the decoder)"
+        )
+    if not encoder_decoder and task == TaskType.SEQ_2_SEQ_LM.value:
+        raise ValueError(
+            f"task_type='SEQ_2_SEQ_LM' needs an encoder-decoder model (T5, BART, mT5); {type(model).__name__} "
+            "is not one (its config has no is_encoder_decoder=True): use task_type='CAUSAL_LM' for a decoder-only model"
+        )
 
 
 # ---- the encoder store on the PeftModel -------------------------------------------------------------
@@ -205,10 +228,12 @@ def load_state_dict(peft_model: nn.Module, sd: dict[str, torch.Tensor], adapter_
 
 
 # ---- input plumbing ------------------------------------------------------------------------------------
-def batch_size_of(kwargs: dict[str, Any]) -> int:
-    for key in ("input_ids", "inputs_embeds"):
+def first_input(kwargs: dict[str, Any]) -> torch.Tensor:
+    """The tensor that fixes the batch size and device: input_ids or inputs_embeds (or the decoder's)."""
+    # generate calls an encoder-decoder model with encoder_outputs and decoder inputs only
+    for key in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds"):
         if kwargs.get(key) is not None:
-            return kwargs[key].shape[0]
+            return kwargs[key]
     raise ValueError("prompt learning needs input_ids or inputs_embeds to know the batch size; pass one of them")
 
 
@@ -244,7 +269,10 @@ def adjust_inputs(config: PromptLearningConfig, kwargs: dict[str, Any], inserts_
     """
     n, task = config.num_virtual_tokens, config.task_type
     kwargs = dict(kwargs)
-    kwargs["attention_mask"] = extend_attention_mask(kwargs.get("attention_mask"), n)
+    # On encoder-decoder models a prefix lives in the decoder's self-attention only (as in peft), so the
+    # decoder's mask grows there and the encoder's does not; a prompt goes into the encoder's inputs.
+    mask = "decoder_attention_mask" if task == TaskType.SEQ_2_SEQ_LM and not inserts_tokens else "attention_mask"
+    kwargs[mask] = extend_attention_mask(kwargs.get(mask), n)
     if kwargs.get("position_ids") is not None:
         if inserts_tokens:
             warnings.warn("position_ids are not supported with prompt tuning and are ignored (as in peft)", stacklevel=4)
@@ -323,6 +351,8 @@ def _inputs_for_base(peft_model, adapter_name: str, insert: InsertFn, inserts_to
         # (transformers hands it back even with use_cache=False) must not be reused.
         cache = None
     fresh = cache_is_empty(cache)  # else a decoding step: the cache has the tokens
+    if inserts_tokens and config.task_type == TaskType.SEQ_2_SEQ_LM:
+        fresh = kwargs.get("encoder_outputs") is None  # the prompt is the encoder's: new whenever the encoder runs
     kwargs = adjust_inputs(config, kwargs, inserts_tokens, fresh)
     if cache is not None:
         kwargs[cache_argument(peft_model.base_model.model)] = cache
@@ -336,15 +366,21 @@ def make_forward(insert: InsertFn, inserts_tokens: bool) -> Callable:
     """
 
     def forward(peft_model, adapter_name: str, *args, **kwargs):
-        if args:
-            if len(args) > 1 or "input_ids" in kwargs:
-                raise TypeError("pass the model's inputs by keyword (input_ids=..., attention_mask=...)")
-            kwargs["input_ids"] = args[0]
-        batch_size_of(kwargs)  # a clear error when neither input_ids nor inputs_embeds is given
+        kwargs = _keyword_inputs(args, kwargs)
         base_kwargs = _inputs_for_base(peft_model, adapter_name, insert, inserts_tokens, kwargs, generating=False)
         return peft_model.base_model.model(**base_kwargs)
 
     return forward
+
+
+def _keyword_inputs(args: tuple, kwargs: dict) -> dict:
+    """The inputs by keyword (``input_ids`` may come first by position), checked to fix a batch size."""
+    if args:
+        if len(args) > 1 or "input_ids" in kwargs:
+            raise TypeError("pass the model's inputs by keyword (input_ids=..., attention_mask=...)")
+        kwargs = {**kwargs, "input_ids": args[0]}
+    first_input(kwargs)  # a clear error when neither input_ids nor inputs_embeds is given
+    return kwargs
 
 
 def make_generate(insert: InsertFn, inserts_tokens: bool) -> Callable:
@@ -353,10 +389,21 @@ def make_generate(insert: InsertFn, inserts_tokens: bool) -> Callable:
     A forward pre-hook on the base model rewrites each step's inputs while ``generate`` runs: the first
     step (empty cache), or every step with ``use_cache=False``, gets the virtual tokens; every step
     gets the extended attention mask. The hook is removed when ``generate`` returns or raises.
+
+    Prompt tuning on an encoder-decoder model needs no hook: ``generate`` runs the encoder once, outside
+    the model's forward, so (as in peft) the prompt goes into the ``inputs_embeds`` handed to it.
     """
 
     def generate(peft_model, adapter_name: str, *args, **kwargs):
         base = peft_model.base_model.model
+        if inserts_tokens and peft_model.peft_config[adapter_name].task_type == TaskType.SEQ_2_SEQ_LM:
+            kwargs = _keyword_inputs(args, kwargs)
+            if kwargs.get("encoder_outputs") is not None:
+                raise ValueError(
+                    "generate with prompt tuning runs the encoder itself, with the soft prompt in front of the "
+                    "input; pass input_ids (or inputs_embeds) and attention_mask instead of encoder_outputs"
+                )
+            return base.generate(**_inputs_for_base(peft_model, adapter_name, insert, True, kwargs, generating=False))
 
         def pre_hook(module, hook_args, hook_kwargs):
             if hook_args:
