@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+import deltatune as dt
 from deltatune import LoraConfig, get_peft_model
 from deltatune.surgery.layer import AdaptedLayer, ModulesToSaveWrapper
 from tiny import input_ids, tiny_gpt2, tiny_llama
@@ -184,3 +185,13 @@ def test_dropout_mask_is_shared_by_modules_reading_the_same_input():
     assert xq is xk and mq is mk
     keep = torch.cat([m.flatten().float() for _, m in seen]).mean()
     assert 0.6 < keep < 0.8  # p = 0.3
+
+
+@pytest.mark.parametrize("config", [
+    lambda: dt.LoraConfig(exclude_modules="("), lambda: dt.LoraConfig(rank_pattern={"q[": 2}),
+    lambda: dt.LoraConfig(alpha_pattern={"+v": 2}), lambda: dt.AdaLoraConfig(total_step=10, exclude_modules="a)"),
+    lambda: dt.IA3Config(feedforward_modules="(", target_modules="("),
+])
+def test_every_regex_of_a_config_is_compiled_when_it_is_built(config):
+    with pytest.raises(ValueError, match="regex .* does not compile"):
+        config()

@@ -101,3 +101,12 @@ def test_merge_into_4bit_requantizes():
     err_new = (after - (before + delta)).abs().mean()
     err_old = (after - before).abs().mean()
     assert err_new < err_old
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_parameter_count_of_a_quantized_model_includes_its_quantized_weights(bits):
+    # The packed weights are buffers; "all params" must still count them, as peft does for bitsandbytes
+    plain = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    quantized = dt.get_peft_model(quantize_model(tiny_llama(), QuantConfig(bits=bits)),
+                                  dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert quantized.get_nb_trainable_parameters() == plain.get_nb_trainable_parameters()

@@ -143,3 +143,11 @@ def test_a_later_data_source_keeps_the_data_settings_the_user_gave(tmp_path):
     cfg = load_train_config(None, ["data.max_length=300", f"data.source={tmp_path / 'x.jsonl'}"])
     assert (cfg.data.max_length, cfg.data.eval_size) == (300, 200)
     assert cfg.data.article_tokens == 112  # DataConfig's default, not the default job's 64
+
+
+@pytest.mark.parametrize("overrides", [["method.exclude_modules=("], ["method.name=adalora", "method.exclude_modules=a)"],
+                                       ["method.rank_pattern={'q(': 4}"], ["method.alpha_pattern={'*x': 4}"]])
+def test_a_bad_regex_is_a_config_error_naming_the_field(overrides):
+    # checked when the config is built, not as re.error from deep inside injection
+    with pytest.raises(ConfigError, match="does not compile"):
+        load_train_config(None, overrides).method.build(10)

@@ -51,6 +51,28 @@ def _as_list(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+# Fields read as regexes (a string value) and mappings keyed by regexes, in any config that has them.
+_REGEX_FIELDS = ("target_modules", "exclude_modules", "feedforward_modules", "modules")
+_REGEX_KEYED = ("rank_pattern", "alpha_pattern")
+
+
+def _check_regexes(config: Any) -> None:
+    """Compile every regex a config holds now, so a typo is a config error and not ``re.error`` at injection."""
+    def compile_or_fail(what: str, pattern: str) -> None:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"{what} regex {pattern!r} does not compile: {e}") from None
+
+    for name in _REGEX_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, str) and value != "all-linear":
+            compile_or_fail(name, value)
+    for name in _REGEX_KEYED:
+        for key in dict(getattr(config, name, None) or {}):
+            compile_or_fail(f"{name} key", key)
+
+
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise ValueError(message)
@@ -81,6 +103,7 @@ class PeftConfig:
                 ) from None
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _as_tuple(getattr(self, f.name)))
+        _check_regexes(self)
         self.validate()
 
     def validate(self) -> None:
@@ -185,11 +208,6 @@ class LoraConfig(PeftConfig):
                 self.layers_to_transform is not None,
                 "layers_pattern only makes sense together with layers_to_transform; set both or neither",
             )
-        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
-            try:
-                re.compile(self.target_modules)
-            except re.error as e:
-                raise ValueError(f"target_modules regex {self.target_modules!r} does not compile: {e}") from None
 
 
 # ---- readable type names (config errors, on the command line and in adapter_config.json) --------------

@@ -17,6 +17,7 @@ from deltatune.config import PeftConfig, TaskType
 from deltatune.forward_signature import presents_base_signature
 from deltatune.io import checkpoint as ckpt
 from deltatune.io.config_io import load_config
+from deltatune.quant.linear import quantized_parameter_count
 from deltatune.surgery import inject
 from deltatune.surgery.layer import AdaptedLayer
 from deltatune.tuner import AdapterModel
@@ -250,8 +251,7 @@ class PeftModel(PushToHubMixin, nn.Module):
             n = p.numel()
             total += n
             trainable += n if p.requires_grad else 0
-        for m in self.modules():
-            total += getattr(m, "num_quantized_parameters", lambda: 0)()
+        total += quantized_parameter_count(self)
         return trainable, total
 
     def print_trainable_parameters(self) -> None:

@@ -5,7 +5,6 @@ re-exports it; the config needs nothing from the method.
 """
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Sequence
@@ -121,11 +120,6 @@ class AdaLoraConfig(PeftConfig):
             self.layers_pattern is None or self.layers_to_transform is not None,
             "layers_pattern only makes sense together with layers_to_transform; set both or neither",
         )
-        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
-            try:
-                re.compile(self.target_modules)
-            except re.error as e:
-                raise ValueError(f"target_modules regex {self.target_modules!r} does not compile: {e}") from None
         for key, mask in dict(self.rank_pattern or {}).items():
             _check(
                 len(mask) == self.init_r,

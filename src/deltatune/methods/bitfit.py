@@ -48,12 +48,7 @@ class BitFitConfig(PeftConfig):
     def validate(self) -> None:
         for field_name in ("target_modules", "exclude_modules"):
             spec = getattr(self, field_name)
-            if isinstance(spec, str):
-                try:
-                    re.compile(spec)
-                except re.error as e:
-                    raise ValueError(f"{field_name} regex {spec!r} does not compile: {e}") from None
-            elif spec is not None and (not spec or not all(isinstance(k, str) and k for k in spec)):
+            if not isinstance(spec, str) and spec is not None and (not spec or not all(isinstance(k, str) and k for k in spec)):
                 raise ValueError(
                     f"{field_name} must be None, a regex string or a non-empty list of module names, got {spec!r}"
                 )

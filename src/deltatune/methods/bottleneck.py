@@ -21,7 +21,6 @@ Not in peft. On disk (``peft_type`` "BOTTLENECK") each adapted module ``<m>`` st
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Sequence
 
@@ -99,13 +98,6 @@ class BottleneckConfig(PeftConfig):
             raise ValueError(f"scaling must be a finite number, got {self.scaling!r}")
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"init_weights must be True or False, got {self.init_weights!r}")
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if isinstance(value, str) and value != "all-linear":
-                try:
-                    re.compile(value)
-                except re.error as e:
-                    raise ValueError(f"{name} regex {value!r} does not compile: {e}") from None
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ValueError("layers_pattern only makes sense together with layers_to_transform; set both or neither")
 

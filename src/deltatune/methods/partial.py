@@ -57,12 +57,7 @@ class PartialConfig(PeftConfig):
                 "(e.g. ['lm_head']); for a linear probe use modules=['classifier']"
             )
         _validate_layers(self.layers_to_train)
-        if isinstance(self.modules, str):
-            try:
-                re.compile(self.modules)
-            except re.error as e:
-                raise ValueError(f"modules regex {self.modules!r} does not compile: {e}") from None
-        elif self.modules is not None and not all(isinstance(k, str) and k for k in self.modules):
+        if not isinstance(self.modules, str) and self.modules is not None and not all(isinstance(k, str) and k for k in self.modules):
             raise ValueError(f"modules must be a regex string or a list of module names, got {self.modules!r}")
         if self.layers_pattern is not None:
             if not isinstance(self.layers_pattern, str) or not self.layers_pattern:

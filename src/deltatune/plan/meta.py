@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from deltatune.plan.setup import TrainSetup, peft_config_for
+from deltatune.quant.linear import quantized_parameter_count
 
 
 def load_model_config(model: Any) -> Any:
@@ -87,8 +88,7 @@ def count_model(model: nn.Module) -> ParamCount:
     for p in model.parameters():
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
-    for m in model.modules():
-        total += getattr(m, "num_quantized_parameters", lambda: 0)()
+    total += quantized_parameter_count(model)
     return ParamCount(trainable, total)
 
 

@@ -148,9 +148,20 @@ class _QuantLinear(nn.Module):
         if linear.bias is not None:
             self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
 
+    def num_quantized_parameters(self) -> int:
+        """The weight's logical element count (out * in). The packed weight is a buffer, not a parameter,
+        so parameter counts (``get_nb_trainable_parameters``, ``plan``) add this to count the model whole,
+        as peft does for bitsandbytes layers."""
+        return self.in_features * self.out_features
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"compute_dtype={self.compute_dtype}")
+
+
+def quantized_parameter_count(model: nn.Module) -> int:
+    """The logical weight elements held by ``model``'s quantized layers (buffers, so ``parameters()`` misses them)."""
+    return sum(m.num_quantized_parameters() for m in model.modules() if isinstance(m, _QuantLinear))
 
 
 class Linear4bit(_QuantLinear):
