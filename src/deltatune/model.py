@@ -20,9 +20,9 @@ from deltatune.io.config_io import load_config
 from deltatune.quant.linear import quantized_parameter_count
 from deltatune.surgery import inject
 from deltatune.surgery.layer import AdaptedLayer
+from deltatune.surgery.targets import CLASSIFIER_NAMES, check_modules_to_save
 from deltatune.tuner import AdapterModel
 
-CLASSIFIER_NAMES = ("classifier", "score")
 
 
 class PeftModel(PushToHubMixin, nn.Module):
@@ -156,9 +156,7 @@ class PeftModel(PushToHubMixin, nn.Module):
         from deltatune.methods.base import get_method
 
         method = get_method(config.peft_type)
-        for key in tuple(getattr(config, "modules_to_save", None) or ()):
-            if key not in CLASSIFIER_NAMES and not inject.resolve_modules_to_save(self.base_model.model, [key]):
-                raise ValueError(f"modules_to_save entry {key!r} matches no module of {type(self.base_model.model).__name__}")
+        check_modules_to_save(self.base_model.model, getattr(config, "modules_to_save", None))
         hook = getattr(method, "attach", None)
         if hook is not None:
             hook(self, config, adapter_name)  # methods that are not one adapter per layer (prompts, prefixes)

@@ -207,14 +207,12 @@ def attach_bitfit(peft_model: nn.Module, config: BitFitConfig, adapter_name: str
 
     Everything is checked before the model changes, so a failed attach leaves it as it was.
     """
-    from deltatune.model import CLASSIFIER_NAMES
     from deltatune.surgery import inject
     from deltatune.surgery.layer import AdaptedLayer
+    from deltatune.surgery.targets import check_modules_to_save
 
     model = peft_model.base_model.model
-    for key in config.modules_to_save or ():
-        if key not in CLASSIFIER_NAMES and not inject.resolve_modules_to_save(model, [key]):
-            raise ValueError(f"modules_to_save entry {key!r} matches no module of {type(model).__name__}")
+    check_modules_to_save(model, config.modules_to_save)
     names = resolve_bitfit_targets(model, config)
     for name in names:
         module = model.get_submodule(name)

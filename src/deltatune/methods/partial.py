@@ -251,13 +251,11 @@ def attach_partial(peft_model: nn.Module, config: PartialConfig, adapter_name: s
 
     Everything is checked before the model changes, so a failed attach leaves it as it was.
     """
-    from deltatune.model import CLASSIFIER_NAMES
     from deltatune.surgery import inject
+    from deltatune.surgery.targets import check_modules_to_save
 
     model = peft_model.base_model.model
-    for key in config.modules_to_save or ():
-        if key not in CLASSIFIER_NAMES and not inject.resolve_modules_to_save(model, [key]):
-            raise ValueError(f"modules_to_save entry {key!r} matches no module of {type(model).__name__}")
+    check_modules_to_save(model, config.modules_to_save)
     names = resolve_partial_targets(model, config)
     # add_modules_to_save matches keys as path suffixes; make sure each full path names only itself.
     extra = sorted(set(inject.resolve_modules_to_save(model, names)) - set(names))

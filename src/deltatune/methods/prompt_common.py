@@ -28,11 +28,10 @@ from torch import nn
 from deltatune.config import PeftConfig, PeftType, TaskType
 from deltatune.methods.base import Method, register_method
 from deltatune.surgery import inject
-from deltatune.surgery.targets import resolve_modules_to_save
+from deltatune.surgery.targets import check_modules_to_save
 
 ENCODERS_ATTR = "prompt_encoder"
 SAVED_TABLE_KEY = "prompt_embeddings"
-_CLASSIFIER_NAMES = ("classifier", "score")
 # Tasks whose model reads token_type_ids (peft keeps them there and drops them elsewhere).
 _KEEPS_TOKEN_TYPES = (TaskType.SEQ_CLS, TaskType.TOKEN_CLS, TaskType.QUESTION_ANS)
 # Tasks whose labels are per position, so inserted virtual tokens need ignored (-100) labels.
@@ -161,9 +160,7 @@ def attach_encoder(peft_model: nn.Module, config: PromptLearningConfig, adapter_
     """Store ``encoder`` for ``adapter_name`` and wrap the config's ``modules_to_save``."""
     base = peft_model.base_model.model
     keys = tuple(dict.fromkeys(config.modules_to_save or ()))
-    for key in keys:
-        if key not in _CLASSIFIER_NAMES and not resolve_modules_to_save(base, [key]):
-            raise ValueError(f"modules_to_save entry {key!r} matches no module of {type(base).__name__}")
+    check_modules_to_save(base, keys)
     encoders(peft_model)[adapter_name] = encoder.to(_device_of(base))
     inject.add_modules_to_save(base, keys, adapter_name)
 

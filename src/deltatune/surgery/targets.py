@@ -162,11 +162,23 @@ def resolve_targets(model: nn.Module, config: Any) -> list[str]:
     return chosen
 
 
+# The classifier heads a task type adds to ``modules_to_save`` on its own: peft adds both names, so one
+# of them matching nothing is expected.
+CLASSIFIER_NAMES = ("classifier", "score")
+
+
 def resolve_modules_to_save(model: nn.Module, keys: Sequence[str] | None) -> list[str]:
-    """Names of the modules trained in full (``modules_to_save``); an entry matching nothing is an error,
-    except the classifier names a task type adds on its own (peft adds both 'classifier' and 'score')."""
+    """Names of the modules trained in full (``modules_to_save``), matched as path suffixes."""
     if not keys:
         return []
     layers = [n for n, _ in iter_layers(model)]
     found = [n for n in layers if any(name_matches(n, k) for k in keys)]
     return found
+
+
+def check_modules_to_save(model: nn.Module, keys: Sequence[str] | None) -> None:
+    """Raise ``ValueError`` for a ``modules_to_save`` entry that matches no module of ``model``
+    (except :data:`CLASSIFIER_NAMES`), before anything is changed."""
+    for key in keys or ():
+        if key not in CLASSIFIER_NAMES and not resolve_modules_to_save(model, [key]):
+            raise ValueError(f"modules_to_save entry {key!r} matches no module of {type(model).__name__}")
