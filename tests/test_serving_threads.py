@@ -86,40 +86,91 @@ def test_a_model_that_served_requests_still_deep_copies():
         assert torch.allclose(twin(input_ids=x, adapter_names=["a", "b"]).logits, out, atol=1e-6)
 
 
-def _edit_a(pm, how):
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if ".adapters.a." in name:
-                if how == "data":
-                    p.data.mul_(3.0)  # bypasses the version counter
-                else:
-                    p.mul_(3.0)
+def _adapter_a(pm) -> dict[str, torch.nn.Parameter]:
+    """Adapter "a"'s parameters by their names in ``pm``, found by layer type."""
+    from deltatune.surgery.layer import AdaptedLayer
+
+    return {
+        f"{path}.adapters.a.{name}": p
+        for path, m in pm.named_modules()
+        if isinstance(m, AdaptedLayer) and "a" in m.adapters
+        for name, p in m.adapters["a"].named_parameters()
+    }
 
 
-@pytest.mark.parametrize("how", ["in_place", "state_dict"])
-def test_weights_changed_through_pytorch_are_picked_up_by_the_next_request(how):
+def _write(pm, how, new, tmp_path):
+    """Put ``new`` ({parameter name: tensor}) into ``pm`` the way ``how`` says."""
+    import copy
+
+    params = _adapter_a(pm)
+    if how == "load_state_dict":
+        pm.load_state_dict(new, strict=False)
+    elif how == "load_state_dict_assign":  # new Parameter objects take the old ones' places
+        pm.load_state_dict({k: v.clone() for k, v in new.items()}, strict=False, assign=True)
+    elif how == "set_peft_model_state_dict":
+        sd = dt.get_peft_model_state_dict(pm, adapter_name="a")
+        dt.set_peft_model_state_dict(pm, {k: v * 3.0 for k, v in sd.items()}, "a")  # peft's keys; 3x, as ``new``
+    elif how == "load_adapter":
+        twin = copy.deepcopy(pm)
+        _write(twin, "no_grad_copy_", new, tmp_path)
+        twin.save_pretrained(tmp_path, selected_adapters=["a"])
+        pm.load_adapter(tmp_path / "a", "a")  # "a" exists: its weights are replaced
+    elif how == "optimizer_step":
+        for k, p in params.items():
+            p.grad = p.detach() - new[k]  # SGD with lr=1: p - (p - new)
+        torch.optim.SGD(params.values(), lr=1.0).step()
+    else:
+        for k, p in params.items():
+            if how == "no_grad_copy_":
+                with torch.no_grad():
+                    p.copy_(new[k])
+            elif how == "data.copy_":  # .data has a version counter of its own: p's does not move
+                p.data.copy_(new[k])
+            elif how == "data[...]=":
+                p.data[...] = new[k]
+            elif how == "data=":  # new storage
+                p.data = new[k].clone()
+
+
+WRITES = ["no_grad_copy_", "data.copy_", "data[...]=", "data=", "load_state_dict", "load_state_dict_assign",
+          "set_peft_model_state_dict", "load_adapter", "optimizer_step"]
+
+
+@pytest.mark.parametrize("how", WRITES)
+def test_every_write_to_adapter_weights_reaches_the_next_request(how, tmp_path):
     pm = _model()
     x = input_ids(batch=2, seq=6)
     with torch.no_grad():
         pm(input_ids=x, adapter_names=["a", "b"])  # "a" is now cached in the bank
-        if how == "in_place":
-            _edit_a(pm, "in_place")
-        else:
-            sd = dt.get_peft_model_state_dict(pm, adapter_name="a")
-            dt.set_peft_model_state_dict(pm, {k: v * 3.0 for k, v in sd.items()}, "a")
+        before = pm(input_ids=x).logits
+        _write(pm, how, {k: p.detach() * 3.0 for k, p in _adapter_a(pm).items()}, tmp_path)
+        after = pm(input_ids=x).logits  # set_adapter's result ("a" is active)
+        assert (after - before).abs().max() > 0.1, f"{how} did not change the weights: the test would prove nothing"
         # tripled factors: 9x the low-rank term, so the two summation orders differ by ~2e-5
-        assert_close(pm(input_ids=x, adapter_names=["a", "a"]).logits, pm(input_ids=x).logits, scale=10.0)
+        assert_close(pm(input_ids=x, adapter_names=["a", "a"]).logits, after, scale=10.0)
+        assert_close(pm(input_ids=x, adapter_names=["b", "a"]).logits[1], after[1], scale=10.0)
 
 
-def test_weights_written_through_data_need_refresh_bank():
+def test_an_unchanged_adapter_is_not_read_again_even_with_nans():
+    pm = _model()
+    x = input_ids(batch=2, seq=6)
+    with torch.no_grad():
+        next(iter(_adapter_a(pm).values()))[0, 0] = float("nan")  # NaN != NaN: compared bit for bit instead
+        pm(input_ids=x, adapter_names=["a", "b"])
+        bank = vars(pm)["_serving_state"].bank
+        loads = bank.loads
+        for _ in range(3):
+            pm(input_ids=x, adapter_names=["b", "a"])
+    assert bank.loads == loads
+
+
+def test_refresh_bank_drops_the_cached_copies():
     from deltatune.serving import refresh_bank
 
     pm = _model()
     x = input_ids(batch=2, seq=6)
     with torch.no_grad():
-        pm(input_ids=x, adapter_names=["a", "b"])
-        _edit_a(pm, "data")
-        stale = pm(input_ids=x, adapter_names=["a", "a"]).logits
-        assert not torch.allclose(stale, pm(input_ids=x).logits, atol=1e-3), "documented: .data writes are not seen"
+        out = pm(input_ids=x, adapter_names=["a", "b"]).logits
         refresh_bank(pm)
-        assert_close(pm(input_ids=x, adapter_names=["a", "a"]).logits, pm(input_ids=x).logits, scale=10.0)
+        assert vars(pm)["_serving_state"].bank.resident == []
+        assert_close(pm(input_ids=x, adapter_names=["a", "b"]).logits, out)

@@ -3,8 +3,9 @@
 - :class:`AdapterServer`: a plain model plus an LRU bank of saved adapters; ``server(ids,
   adapter_names=[...])`` and ``server.generate(...)`` run each row with its own adapter.
 - ``PeftModel(..., adapter_names=[...])`` / ``PeftModel.generate(..., adapter_names=[...])``: the same
-  for the adapters of a live PeftModel (peft's API for mixed-adapter batches); :func:`refresh_bank`
-  after writing adapter weights through ``.data``.
+  for the adapters of a live PeftModel (peft's API for mixed-adapter batches). Every request checks that the
+  cached adapters still match the model's; :func:`refresh_bank` after writing base weights under a
+  DoRA adapter through ``.data``.
 - :class:`MergedAdapterSwitcher`: one adapter merged into the weights at a time, swapped without drift.
 """
 from deltatune.serving.bank import BASE, AdapterBank, LayerBank

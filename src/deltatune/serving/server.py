@@ -151,12 +151,11 @@ def _serving_state(peft_model: nn.Module) -> _PeftServing:
 def refresh_bank(peft_model: nn.Module) -> None:
     """Drop the cached copies of ``peft_model``'s adapters that ``adapter_names`` requests use.
 
-    The bank re-reads an adapter by itself whenever one of its tensors changes through PyTorch: an
-    optimizer step, an in-place op (under ``torch.no_grad()`` too), ``load_state_dict``,
-    ``set_peft_model_state_dict``, ``load_adapter``; each bumps the tensor's version counter, which the
-    bank compares on every request. A write through ``.data`` (``p.data.copy_(w)``) bypasses that
-    counter, and checking the values themselves on every request would cost more than the requests'
-    own low-rank work; after such writes, call this.
+    Adapter weights never need this: every request compares each adapter it names with what the bank
+    was built from, bit for bit (:class:`~deltatune.serving.sources.PeftModelSource`), so any write is
+    seen, ``.data`` writes included. Base weights are watched by storage and version counter only,
+    and only DoRA's cached norm reads them; after writing a base weight under a DoRA adapter through
+    ``.data`` (``layer.weight.data.copy_(w)``), call this. It also frees the bank's memory.
     """
     state = vars(peft_model).get("_serving_state")
     if state is None:
