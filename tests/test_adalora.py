@@ -99,7 +99,7 @@ def test_merge_matches_forward_and_unmerge_restores_on_conv1d():
     w0 = base.weight.detach().clone()
     out = ad(x, base, base(x))
     ad.merge(base)
-    assert_close(base(x), out, scale=10.0)  # merged: one matmul instead of three, fp32 reassociation
+    assert_close(base(x), out, tier="reordered")  # merged: one matmul instead of three, fp32 reassociation
     ad.unmerge(base)
     assert_close(base.weight, w0)
 

@@ -85,7 +85,7 @@ def check_life_cycle(model, make, base_logits, tmp_path, classify=False):
         out = loaded.generate(input_ids=x[:1], max_new_tokens=3, do_sample=False)
         assert out.shape == (1, x.shape[1] + 3)
     merged = loaded.merge_and_unload()
-    assert_close(merged(input_ids=x).logits, logits, scale=10.0)  # merged weights: fp32 reassociation
+    assert_close(merged(input_ids=x).logits, logits, tier="reordered")  # merged weights: fp32 reassociation
 
 
 def test_trainer_shrinks_ranks_on_schedule_llama(tmp_path):

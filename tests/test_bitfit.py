@@ -12,7 +12,7 @@ from transformers import Trainer, TrainingArguments
 from deltatune import BitFitConfig, LoraConfig, PeftModel, get_peft_model
 from deltatune.methods.bitfit import BitFitBias, bias_delta, resolve_bitfit_targets
 from deltatune.surgery.layer import AdaptedLayer
-from tiny import input_ids, tiny_bert_cls, tiny_gpt2, tiny_llama
+from tiny import input_ids, perturb, tiny_bert_cls, tiny_gpt2, tiny_llama
 from tolerances import assert_close
 
 
@@ -27,14 +27,6 @@ def _one_thread():
 
 def _bias_numel(model, keep=lambda name: True):
     return sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias") and keep(n))
-
-
-def _perturb(peft_model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in peft_model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def _with_biases(model, peft_model, adapter):
@@ -122,10 +114,10 @@ def test_disable_switch_merge_delete():
     model, x = tiny_gpt2(), input_ids()
     base = model(x).logits
     peft_model = get_peft_model(copy.deepcopy(model), BitFitConfig())
-    _perturb(peft_model, 1)
+    perturb(peft_model, 1, std=0.3)
     peft_model.add_adapter("other", BitFitConfig(target_modules=["c_proj"]))
     peft_model.set_adapter("other")
-    _perturb(peft_model, 2)
+    perturb(peft_model, 2, std=0.3)
     for name in ("default", "other", "default"):
         peft_model.set_adapter(name)
         assert_close(peft_model(x).logits, _with_biases(model, peft_model, name)(x).logits)
@@ -150,10 +142,10 @@ def test_next_to_lora_on_the_same_layers():
     model, x = tiny_gpt2(), input_ids()
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
     peft_model.add_adapter("bitfit", BitFitConfig())
-    _perturb(peft_model, 3)  # only the active LoRA is trainable
+    perturb(peft_model, 3, std=0.3)  # only the active LoRA is trainable
     lora_only = peft_model(x).logits
     peft_model.set_adapter("bitfit")
-    _perturb(peft_model, 4)
+    perturb(peft_model, 4, std=0.3)
     bitfit_only = peft_model(x).logits
     with peft_model.disable_adapter():
         base = peft_model(x).logits

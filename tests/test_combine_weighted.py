@@ -53,7 +53,7 @@ def test_svd_is_truncated_svd_of_weighted_sum(k):
     out = combine_lora_factors([F1, F3], W, "svd", svd_rank=k)
     assert out.r == k
     dW = 0.7 * F1.delta_weight() - 1.5 * F3.delta_weight()
-    assert_close(out.B @ out.A, _truncated(dW, k), scale=10)  # fp32 sums of 5 rank-1 terms
+    assert_close(out.B @ out.A, _truncated(dW, k), tier="reordered")  # fp32 sums of 5 rank-1 terms
 
 
 def test_svd_rank_defaults_to_max_rank():
@@ -65,7 +65,7 @@ def test_pruning_svd_types_prune_the_dense_deltas(ctype, method):
     out = combine_lora_factors([F1, F2], W, ctype, density=0.4, svd_rank=2, majority_sign_method="frequency")
     kw = {"majority_sign_method": "frequency"} if method == "ties" else {}
     merged = get_merge_method(method)([F1.delta_weight(), F2.delta_weight()], W, density=0.4, **kw)
-    assert_close(out.B @ out.A, _truncated(merged, 2), scale=10)
+    assert_close(out.B @ out.A, _truncated(merged, 2), tier="reordered")
 
 
 def test_fan_in_fan_out_sets_the_layout_dare_draws_in():
@@ -75,7 +75,7 @@ def test_fan_in_fan_out_sets_the_layout_dare_draws_in():
     g = torch.Generator().manual_seed(4)
     merged = get_merge_method("dare_linear")([f1.delta_weight().T, f2.delta_weight().T], W, density=0.5, generator=g)
     b, a = dense_svd_factors(merged.T, 3)
-    assert_close(out.B @ out.A, b @ a, scale=10)
+    assert_close(out.B @ out.A, b @ a, tier="reordered")
 
 
 def test_dare_reproducible_with_generator():
@@ -91,7 +91,7 @@ def test_conv_factors_keep_their_kernel_shape():
     convs = [LoraFactors(torch.randn(2, 3, 3, 3, generator=g), torch.randn(4, 2, 1, 1, generator=g), 1.0) for _ in range(2)]
     out = combine_lora_factors(convs, [1.0, 1.0], "svd", svd_rank=4)
     assert out.A.shape == (4, 3, 3, 3) and out.B.shape == (4, 4, 1, 1)
-    assert_close(out.delta_weight(), convs[0].delta_weight() + convs[1].delta_weight(), scale=10)
+    assert_close(out.delta_weight(), convs[0].delta_weight() + convs[1].delta_weight(), tier="reordered")
 
 
 def test_output_dtype_follows_first_adapter():

@@ -107,7 +107,7 @@ def test_example_loss_is_the_same_packed_as_alone_with_the_4d_mask(attn):
     model.set_attn_implementation(attn)
     with torch.no_grad():
         alone, packed = _alone_and_packed(model, Collator(pad_token_id=0), [9, 6, 11, 5, 7, 4])
-    assert_close(packed, alone, scale=10)  # sums of ~5 token losses over 2 layers
+    assert_close(packed, alone, tier="reordered")  # sums of ~5 token losses over 2 layers
 
 
 def test_position_ids_alone_separate_examples_only_without_a_cache():
@@ -115,7 +115,7 @@ def test_position_ids_alone_separate_examples_only_without_a_cache():
     collator = Collator(pad_token_id=0, packed_mask="position_ids")
     with torch.no_grad():
         alone, packed = _alone_and_packed(model, collator, [9, 6, 11, 5, 7, 4], use_cache=False)
-        assert_close(packed, alone, scale=10)
+        assert_close(packed, alone, tier="reordered")
         # Canary for a transformers behaviour the 4D default avoids: with a cache (LLaMA's default),
         # transformers 5.23 skips packed-sequence detection and examples attend to each other.
         alone, leaky = _alone_and_packed(model, collator, [9, 6, 11, 5, 7, 4], use_cache=True)
@@ -126,4 +126,4 @@ def test_packed_4d_mask_also_works_in_bfloat16():
     model = tiny_llama(layers=2).to(torch.bfloat16)
     with torch.no_grad():
         alone, packed = _alone_and_packed(model, Collator(pad_token_id=0), [9, 6, 11, 5])
-    assert_close(packed.float(), alone.float(), dtype=torch.bfloat16, scale=10)
+    assert_close(packed.float(), alone.float(), dtype=torch.bfloat16, tier="reordered")

@@ -80,7 +80,7 @@ def _assert_same_adapter(ddp: dict, single: dict, initial: dict | None = None) -
     if initial is not None:  # training really moved the adapter, so the comparison means something
         assert max((single[k] - initial[k]).abs().max().item() for k in single) > 1e-2
     for k in single:
-        assert_close(ddp[k], single[k], scale=10)
+        assert_close(ddp[k], single[k], tier="reordered")
 
 
 CLI_CONFIG = """\

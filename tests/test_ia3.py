@@ -164,12 +164,12 @@ def test_model_level_invariants():
     with pm.disable_adapter():
         assert_close(pm(x).logits, ref(x).logits)
     pm.merge_adapter()
-    assert_close(pm(x).logits, unmerged, scale=10)  # merged vs unmerged: fp32 rounding through 2 layers
+    assert_close(pm(x).logits, unmerged, tier="reordered")  # merged vs unmerged: fp32 rounding through 2 layers
     pm.unmerge_adapter()
-    assert_close(pm(x).logits, unmerged, scale=10)
+    assert_close(pm(x).logits, unmerged, tier="reordered")
     plain = pm.merge_and_unload()
     assert not any(isinstance(m, AdaptedLayer) for m in plain.modules())
-    assert_close(plain(x).logits, unmerged, scale=10)
+    assert_close(plain(x).logits, unmerged, tier="reordered")
 
 
 def test_ia3_scales_what_lora_added_on_the_same_layer():
@@ -181,4 +181,4 @@ def test_ia3_scales_what_lora_added_on_the_same_layer():
     lora, ia3 = host.adapters["lora"], host.adapters["ia3"]
     h = torch.randn(3, 32)
     base_plus_lora = host.base_layer(h) + h @ lora.delta_weight(host.base_layer).T
-    assert_close(host(h), base_plus_lora * ia3.vector, scale=10)
+    assert_close(host(h), base_plus_lora * ia3.vector, tier="reordered")

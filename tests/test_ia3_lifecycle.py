@@ -97,7 +97,7 @@ def test_ia3_next_to_lora(tmp_path):
     stacked = pm(x).logits
     assert (stacked - ia3_out).abs().max() > 1e-3 and (stacked - lora_out).abs().max() > 1e-3
     pm.merge_adapter()
-    assert_close(pm(x).logits, stacked, scale=10)  # fp32 rounding through two merged layers
+    assert_close(pm(x).logits, stacked, tier="reordered")  # fp32 rounding through two merged layers
     pm.unmerge_adapter()
     pm.save_pretrained(tmp_path)  # "default" at the root, "lora" in a subfolder
     fresh = PeftModel.from_pretrained(tiny_llama(), tmp_path)

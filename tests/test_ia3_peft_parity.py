@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import deltatune as dt
-from tiny import input_ids, tiny_bert_cls, tiny_gpt2, tiny_llama
+from tiny import input_ids, perturb, tiny_bert_cls, tiny_gpt2, tiny_llama
 from tolerances import assert_close
 
 peft = pytest.importorskip("peft")
@@ -23,15 +23,6 @@ CASES = {
 }
 
 
-def _perturb(model):
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_round_trip_both_ways(case, tmp_path):
     make, kw = CASES[case]
@@ -40,7 +31,7 @@ def test_round_trip_both_ways(case, tmp_path):
     theirs = peft.get_peft_model(make(), peft.IA3Config(init_ia3_weights=False, **kw))
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
     for model, folder, loader in ((ours, "ours", peft.PeftModel), (theirs, "theirs", dt.PeftModel)):
-        expected = _perturb(model)(x).logits
+        expected = perturb(model, seed=1).eval()(x).logits
         model.save_pretrained(tmp_path / folder)
         loaded = loader.from_pretrained(make(), str(tmp_path / folder)).eval()
         assert_close(loaded(x).logits, expected)
@@ -59,7 +50,7 @@ def test_round_trip_both_ways(case, tmp_path):
 
 def test_merged_model_matches_peft_merge():
     x = input_ids()
-    ours = _perturb(dt.get_peft_model(tiny_gpt2(), dt.IA3Config(init_ia3_weights=False)))
+    ours = perturb(dt.get_peft_model(tiny_gpt2(), dt.IA3Config(init_ia3_weights=False)), seed=1).eval()
     theirs = peft.get_peft_model(tiny_gpt2(), peft.IA3Config(init_ia3_weights=False))
     theirs_params = dict(theirs.named_parameters())
     with torch.no_grad():

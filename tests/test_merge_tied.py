@@ -19,7 +19,7 @@ def test_merge_and_unload_with_tied_embeddings_keeps_the_logits(targets):
         adapted = pm(input_ids=x).logits
         with pytest.warns(UserWarning, match="tied embeddings"):
             merged = pm.merge_and_unload()
-        assert_close(merged(input_ids=x).logits, adapted, scale=10.0)  # merged vs unmerged sums
+        assert_close(merged(input_ids=x).logits, adapted, tier="reordered")  # merged vs unmerged sums
     assert merged.lm_head.weight is not merged.transformer.wte.weight
     assert merged.config.tie_word_embeddings is False
 

@@ -13,7 +13,7 @@ from transformers import Trainer, TrainingArguments
 from deltatune import BitFitConfig, LoraConfig, PartialConfig, PeftModel, get_peft_model
 from deltatune.methods.partial import drop_nested, resolve_partial_targets, select_layer_indices
 from deltatune.surgery.layer import ModulesToSaveWrapper
-from tiny import input_ids, tiny_bert_cls, tiny_gpt2, tiny_llama
+from tiny import input_ids, perturb, tiny_bert_cls, tiny_gpt2, tiny_llama
 from tolerances import assert_close
 
 
@@ -28,14 +28,6 @@ def _one_thread():
 
 def _numel(module):
     return sum(p.numel() for p in module.parameters())
-
-
-def _perturb(peft_model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in peft_model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def _plain_with_copies(model, peft_model, adapter):
@@ -109,10 +101,10 @@ def test_disable_and_switch_between_two_adapters():
     model, x = tiny_llama(), input_ids()
     base = model(x).logits
     peft_model = get_peft_model(copy.deepcopy(model), PartialConfig(layers_to_train="last:1"))
-    _perturb(peft_model, 1)
+    perturb(peft_model, 1, std=0.3)
     peft_model.add_adapter("other", PartialConfig(layers_to_train=[0, 1], modules=["lm_head"]))
     peft_model.set_adapter("other")
-    _perturb(peft_model, 2)
+    perturb(peft_model, 2, std=0.3)
     for name in ("default", "other", "default"):
         peft_model.set_adapter(name)
         out = peft_model(x).logits

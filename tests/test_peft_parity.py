@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 
 import deltatune as dt
-from tiny import input_ids, tiny_bert_cls, tiny_gpt2, tiny_llama
+from tiny import input_ids, perturb, tiny_bert_cls, tiny_gpt2, tiny_llama
 from tolerances import assert_close
 
 CASES = {
@@ -24,15 +24,6 @@ CASES = {
 }
 
 
-def _perturb(model):
-    # Move every trainable tensor (incl. DoRA magnitudes and modules_to_save copies) off its init.
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-
-
 def _keys(path):
     with safe_open(f"{path}/adapter_model.safetensors", "pt") as f:
         return set(f.keys()), f.metadata()
@@ -42,7 +33,7 @@ def _keys(path):
 def test_ours_loads_in_peft(case, tmp_path):
     make, kw = CASES[case]
     ours = dt.get_peft_model(make(), dt.LoraConfig(r=4, init_lora_weights=False, **kw))
-    _perturb(ours)
+    perturb(ours)
     ours.eval()
     x = input_ids()
     ours.save_pretrained(tmp_path)
@@ -61,7 +52,7 @@ def test_peft_loads_in_ours_with_same_keys_and_counts(case, tmp_path):
         theirs = peft.get_peft_model(make(), peft.LoraConfig(r=4, init_lora_weights=False, **kw))
     ours = dt.get_peft_model(make(), dt.LoraConfig(r=4, init_lora_weights=False, **kw))
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
-    _perturb(theirs)
+    perturb(theirs)
     theirs.eval()
     x = input_ids()
     with warnings.catch_warnings():
@@ -102,7 +93,7 @@ def test_bf16_base_adapter_dtype_and_logits_match_peft(case, autocast, tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = peft.get_peft_model(tiny_llama().to(torch.bfloat16), theirs_cls(**kw), autocast_adapter_dtype=autocast)
-        _perturb(theirs)
+        perturb(theirs)
         theirs.eval().save_pretrained(tmp_path)
     ours = dt.PeftModel.from_pretrained(tiny_llama().to(torch.bfloat16), tmp_path, autocast_adapter_dtype=autocast)
     fresh = dt.get_peft_model(tiny_llama().to(torch.bfloat16), ours_cls(**kw), autocast_adapter_dtype=autocast)

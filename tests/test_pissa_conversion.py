@@ -30,7 +30,7 @@ def test_converted_adapter_on_the_original_model_gives_the_trained_model(init, r
     assert json.loads((tmp_path / "initial" / "adapter_config.json").read_text())["init_lora_weights"] is True
     x = input_ids()
     ours = PeftModel.from_pretrained(tiny_llama(), tmp_path / "lora")  # the original, unmoved weights
-    assert_close(_logits(ours, x), _logits(pm, x), scale=10.0)  # W + s(BA - B0A0) vs W_res + sBA: rounding differs
+    assert_close(_logits(ours, x), _logits(pm, x), tier="reordered")  # W + s(BA - B0A0) vs W_res + sBA: rounding differs
 
     import peft
 

@@ -56,7 +56,7 @@ def test_manual_decoding_with_the_returned_cache_matches_a_full_forward():
         full = pm(input_ids=x).logits[:, -1]
         first = pm(input_ids=x[:, :-1], use_cache=True)
         step = pm(input_ids=x[:, -1:], past_key_values=first.past_key_values, attention_mask=torch.ones_like(x)).logits
-    assert_close(step[:, -1], full, scale=10.0)  # cached attention sums in another order
+    assert_close(step[:, -1], full, tier="reordered")  # cached attention sums in another order
 
 
 # ---- life cycle, parity ----------------------------------------------------------------------------------------

@@ -137,7 +137,7 @@ def check_generate_matches_reference(pm, steps: int = 5, positions: bool = False
             )
         assert torch.equal(out.sequences, ref_ids), f"use_cache={use_cache}"
         for got, want in zip(out.logits, ref_logits):
-            assert_close(got, want, scale=10.0)  # cached attention sums in another order: ~1e-6 apart
+            assert_close(got, want, tier="reordered")  # cached attention sums in another order: ~1e-6 apart
 
 
 # ---- input adjustment, closed form ----------------------------------------------------------------------

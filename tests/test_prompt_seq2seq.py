@@ -141,7 +141,7 @@ def test_manual_decoding_with_the_returned_cache_matches_a_full_forward(kind):
         # a decoding step: the encoder's outputs already hold the prompt, the cache already the prefix
         step = pm(input_ids=X, attention_mask=MASK, encoder_outputs=(first.encoder_last_hidden_state,),
                   decoder_input_ids=DECODER_IDS[:, -1:], cache=first.cache, use_cache=True).logits[:, -1]
-    assert_close(step, full, scale=10.0)  # cached attention sums in another order
+    assert_close(step, full, tier="reordered")  # cached attention sums in another order
 
 
 # ---- training -------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def _pair(use_dora: bool, bits: int = 4):
 def test_lora_on_quantized_equals_lora_on_dequantized_weight(use_dora, bits):
     pq, pr = _pair(use_dora, bits)
     x = torch.randn(3, 5, 128)
-    assert_close(pq(x), pr(x), scale=10)  # same math, the tiled 4-bit matmul sums in another order
+    assert_close(pq(x), pr(x), tier="reordered")  # same math, the tiled 4-bit matmul sums in another order
     gq = torch.autograd.grad(pq(x).square().sum(), [p for p in pq.parameters() if p.requires_grad])
     gr = torch.autograd.grad(pr(x).square().sum(), [p for p in pr.parameters() if p.requires_grad])
     for a, b in zip(gq, gr):

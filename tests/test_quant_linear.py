@@ -201,4 +201,4 @@ def test_cuda_layer_equals_cpu_layer(config):
     expected = F.linear(x, cpu.dequantize_weight(), lin.bias)
     moved = cpu.to("cuda")
     # scale: cuBLAS sums the 512 products in a different order than the CPU
-    assert_close(moved(x.cuda()).cpu(), expected, scale=10)
+    assert_close(moved(x.cuda()).cpu(), expected, tier="reordered")

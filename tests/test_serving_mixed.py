@@ -8,7 +8,7 @@ import torch
 
 import deltatune as dt
 from deltatune.serving import cpu_kernel
-from tiny import input_ids, tiny_bert_cls, tiny_gpt2, tiny_llama
+from tiny import input_ids, perturb, tiny_bert_cls, tiny_gpt2, tiny_llama
 from tolerances import assert_close
 
 LLAMA_ADAPTERS = {
@@ -21,14 +21,6 @@ LLAMA_ADAPTERS = {
 ROWS = ["lora4", "rslora8", "__base__", "dora2", "ia3", "emb3", "rslora8"]
 
 
-def _perturb(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
-
-
 def _build(make, adapters):
     (first, cfg), *rest = adapters.items()
     model = dt.get_peft_model(make(), cfg.replace(init_lora_weights=False) if hasattr(cfg, "r") else cfg, first)
@@ -36,7 +28,7 @@ def _build(make, adapters):
         model.add_adapter(name, cfg.replace(init_lora_weights=False) if hasattr(cfg, "r") else cfg)
     for name in adapters:
         model.set_adapter(name)
-        _perturb(model, seed=len(name))
+        perturb(model, seed=len(name), std=0.2)
     return model.eval()
 
 
@@ -187,7 +179,7 @@ def test_bank_follows_weight_changes_and_deletions():
     x, names = input_ids(batch=2, seq=4), ["a", "b"]
     model(input_ids=x, adapter_names=names)
     model.set_adapter("a")
-    _perturb(model, seed=9)  # e.g. more training after a first mixed call: the bank must re-read "a"
+    perturb(model, seed=9, std=0.2)  # e.g. more training after a first mixed call: the bank must re-read "a"
     assert_close(model(input_ids=x, adapter_names=names).logits, _alone(model, names, input_ids=x))
     model.delete_adapter("b")
     with pytest.raises(ValueError, match="no adapter named 'b'"):
@@ -202,7 +194,7 @@ def test_a_deep_copy_serves_its_own_weights():
     x, names = input_ids(batch=2, seq=4), ["a", "__base__"]
     model(input_ids=x, adapter_names=names)  # the bank is cached on the model now
     twin = copy.deepcopy(model)
-    _perturb(twin, seed=3)
+    perturb(twin, seed=3, std=0.2)
     assert_close(twin(input_ids=x, adapter_names=names).logits, _alone(twin, names, input_ids=x))
     assert_close(model(input_ids=x, adapter_names=names).logits, _alone(model, names, input_ids=x))
 

@@ -60,3 +60,14 @@ def tiny_t5(seed: int = 0, layers: int = 2, hidden: int = 32, **overrides) -> T5
 def input_ids(batch: int = 2, seq: int = 8, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, seq), generator=g)
+
+
+def perturb(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
+    """Move every trainable tensor off its initial value (zero LoRA B, unit IA³ vectors, zero bottleneck
+    up-projections, modules_to_save copies...), seeded, so that a test sees every adapter term."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g).to(p) * std)
+    return model
