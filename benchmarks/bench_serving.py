@@ -7,7 +7,9 @@ Adapters: LoRA r=16 on all seven projections (q, k, v, o, gate, up, down).
    - mixed: rows spread round-robin over N distinct adapters; deltatune's
      ``model(ids, adapter_names=...)`` (stacked banks, gathered bmm) against peft's
      ``adapter_names`` (a loop over sub-batches inside every layer);
-   - single: one unmerged adapter for the whole batch (the training layers' forward), both libraries.
+   - single: one unmerged adapter for the whole batch (the training layers' forward), both libraries;
+     for deltatune both its paths: the default low-rank one, and ``merged_inference`` (W + s·B·A formed
+     per call, the opt-in that ``deltatune eval`` and accuracy scoring use).
 2. Swap: time to replace the merged adapter by another one, and the largest weight error left
    after --swaps swaps against a fresh merge of the final adapter.
 
@@ -125,6 +127,7 @@ def forward_tables(rounds: int, seq: int, device: str = "cpu", dtype: torch.dtyp
             calls["ours torch"] = lambda: _without_cpu_kernel(lambda: ours(input_ids=ids, adapter_names=names))
         if distinct == cases[0][1]:  # single unmerged adapter, same batch
             calls["ours single"] = lambda: ours(input_ids=ids)
+            calls["ours single merged"] = lambda: _merged(ours, ids)
             calls["peft single"] = lambda: theirs(input_ids=ids)
         with torch.no_grad():
             res = run_rounds(calls, rounds, shuffle)
@@ -135,11 +138,20 @@ def forward_tables(rounds: int, seq: int, device: str = "cpu", dtype: torch.dtyp
               f"| {res['peft'][0]:.3f} (cpu {res['peft'][1]:.3f}) | {res['base'][2]:.4f} |", flush=True)
         if "ours single" in res:
             singles[f"{rows}x{seq}"] = res
-    print("\n| batch | deltatune single unmerged / base | peft single unmerged / base |")
-    print("|---|---|---|")
+    print("\n| batch | deltatune single unmerged / base | deltatune, merged_inference / base "
+          "| peft single unmerged / base |")
+    print("|---|---|---|---|")
     for batch, res in singles.items():
         print(f"| {batch} | {res['ours single'][0]:.3f} (cpu {res['ours single'][1]:.3f}) "
+              f"| {res['ours single merged'][0]:.3f} (cpu {res['ours single merged'][1]:.3f}) "
               f"| {res['peft single'][0]:.3f} (cpu {res['peft single'][1]:.3f}) |")
+
+
+def _merged(model, ids):
+    from deltatune.methods.lora import merged_inference
+
+    with merged_inference(model):
+        return model(input_ids=ids)
 
 
 def _with_triton(fn):

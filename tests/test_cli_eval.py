@@ -113,3 +113,32 @@ def test_errors_say_what_to_do(setup, capsys):
     assert "no adapter_config.json" in capsys.readouterr().err
     assert main(["eval", str(setup / "run.yaml"), "eval.acuracy=true"]) == 2
     assert "Did you mean 'accuracy'?" in capsys.readouterr().err
+
+
+def test_eval_loss_and_first_token_accuracy_run_lora_layers_merged(setup, monkeypatch):
+    """Scoring opts in to merged_inference (each LoRA layer as one matrix): same loss as the default path."""
+    from deltatune.cli.eval import eval_dataset
+    from deltatune.methods.lora import LoraLinear
+    from deltatune.models import load_model_and_tokenizer
+    from deltatune.train.config import load_train_config
+    from deltatune.train.loss import causal_lm_loss
+    from deltatune.train.metrics import score_accuracy
+
+    model, tok = load_model_and_tokenizer(setup / "tiny")
+    pm = dt.PeftModel.from_pretrained(model, str(setup / "run" / "adapter"))
+    ds, template, _ = eval_dataset(load_train_config(setup / "run.yaml"), tok, whole_source=True)
+    collate = Collator(pad_token_id=tok.pad_token_id)
+    calls = []
+    real = LoraLinear.merged_forward
+    monkeypatch.setattr(LoraLinear, "merged_forward", lambda self, *a: calls.append(1) or real(self, *a))
+    merged = eval_loss(pm, ds, collate, batch_size=4)
+    assert len(calls) == 3 * 4  # 12 rows in 3 batches, through q and v of 2 layers
+    total = 0.0
+    with torch.no_grad():  # the default low-rank path
+        for i in range(0, 12, 4):
+            loss, count = causal_lm_loss(pm, **collate([ds[j] for j in range(i, i + 4)]))
+            total += float(loss) * int(count)
+    assert len(calls) == 12
+    assert merged["loss"] == pytest.approx(total / merged["tokens"], rel=1e-5)
+    score_accuracy(pm, tok, ds, template=template, scoring="first_token")
+    assert len(calls) > 12

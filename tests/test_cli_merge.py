@@ -47,7 +47,7 @@ def test_ties_merge_writes_what_the_api_computes_and_peft_loads_it(setup, tmp_pa
     out = tmp_path / "merged"
     argv = ["merge", str(a), str(b), "--weights", "0.7", "0.3", "--method", "ties", "--density", "0.5", "--out", str(out)]
     assert main(argv) == 0
-    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(out)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     expected = _in_memory(model, [a, b], [0.7, 0.3], combination_type="ties", density=0.5)
     assert_close(_loaded_logits(model, out), expected)
     with warnings.catch_warnings():
@@ -96,7 +96,7 @@ def test_existing_output_needs_force(setup, tmp_path, capsys):
     assert main(argv) == 2
     assert "--force" in capsys.readouterr().err and os.listdir(out) == ["keep.txt"]
     assert main(argv + ["--force"]) == 0
-    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(out)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert os.listdir(tmp_path) == ["merged"]
 
 

@@ -109,7 +109,7 @@ def test_crash_mid_save_keeps_the_old_adapter(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         pm.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == good
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_failed_load_adapter_leaves_model_unchanged(tmp_path):

@@ -63,9 +63,9 @@ def test_a_save_killed_at_any_rename_loads_as_the_old_or_the_new_adapter_never_a
     assert torch.equal(got, old_logits) or torch.equal(got, new_logits), "weights and config of different saves were mixed"
     # Killed before the commit point: the old save; after it: the new one, completed on load.
     assert torch.equal(got, old_logits if kill_at == 1 else new_logits)
-    # A second load sees the same adapter, and a finished folder holds peft's two files only.
+    # A second load sees the same adapter, and a finished folder holds peft's files only.
     assert torch.equal(_loaded_logits(tmp_path), got)
-    assert {p.name for p in tmp_path.iterdir() if not p.name.startswith(".")} == {CONFIG, WEIGHTS}
+    assert {p.name for p in tmp_path.iterdir() if not p.name.startswith(".")} == {CONFIG, WEIGHTS, "README.md"}  # and the model card, as peft
 
 
 def test_completing_an_interrupted_save_warns_and_a_foreign_journal_is_refused(tmp_path):
@@ -92,7 +92,7 @@ def test_a_completed_save_leaves_only_peft_files_and_keeps_other_files(tmp_path)
     pm.add_adapter("other", dt.LoraConfig(r=2, target_modules=["q_proj"]))
     pm.save_pretrained(tmp_path)
     pm.save_pretrained(tmp_path)  # re-saving over the folder keeps the unrelated file and the subfolder
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG, WEIGHTS, "optimizer.pt", "other"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", CONFIG, WEIGHTS, "optimizer.pt", "other"]
     assert sorted(p.name for p in (tmp_path / "other").iterdir()) == [CONFIG, WEIGHTS]
     assert (tmp_path / "optimizer.pt").read_bytes() == b"opt"
 

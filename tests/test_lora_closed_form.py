@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from deltatune import LoraConfig, get_peft_model
-from deltatune.methods.lora import dora_weight_norm, lora_scaling
+from deltatune.methods.lora import dora_weight_norm, lora_scaling, merged_inference
 from deltatune.methods.lora_kernels import dora_linear, lora_linear
 from tolerances import assert_close
 
@@ -108,9 +108,10 @@ def test_fused_dora_gradients_match_autograd():
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
-def test_inference_on_many_tokens_uses_the_merged_weight_with_the_same_result(use_dora):
-    """No autograd and enough tokens: the layer forms W + sBA (DoRA: times m/‖·‖) instead of two skinny
-    matmuls. Same output as the low-rank path; the stored weight is untouched; small batches do not."""
+def test_merged_inference_uses_the_merged_weight_with_the_same_result(use_dora):
+    """Inside merged_inference the layer forms W + sBA (DoRA: times m/‖·‖) instead of two skinny matmuls,
+    for few tokens and many alike. Same output as the low-rank path; the stored weight is untouched;
+    outside the context no batch size takes the merged path."""
     torch.manual_seed(0)
     pm = get_peft_model(nn.Sequential(nn.Linear(16, 24)),
                         LoraConfig(r=4, lora_alpha=8, target_modules=["0"], use_dora=use_dora, init_lora_weights=False))
@@ -119,16 +120,21 @@ def test_inference_on_many_tokens_uses_the_merged_weight_with_the_same_result(us
     adapter, W0 = layer.adapters["default"], layer.base_layer.weight.detach().clone()
     with torch.no_grad():
         adapter.lora_B.normal_()
-    x = torch.randn(5, 40, 16)  # 200 tokens: 200 * (16 + 2 * 24) floats of traffic > 2 * 16 * 24
+    merged_calls = []
+    real = adapter.merged_forward
+    adapter.merged_forward = lambda *a: merged_calls.append(1) or real(*a)
+    x = torch.randn(5, 40, 16)  # 200 tokens
+    with merged_inference(pm):
+        assert not torch.is_grad_enabled()
+        fast, few = pm(x), pm(x[:1, :2])  # 200 tokens and 2 tokens
+    assert len(merged_calls) == 2 and not adapter.run_merged
     with torch.no_grad():
-        assert adapter._merges_on_the_fly(x, layer.base_layer.weight)
-        assert not adapter._merges_on_the_fly(x[:1, :2], layer.base_layer.weight)  # 2 tokens
-        fast = pm(x)
-    slow = pm(x)  # grad mode on: the low-rank kernels
-    assert not adapter._merges_on_the_fly(x, layer.base_layer.weight)
+        slow, few_slow = pm(x), pm(x[:1, :2])  # the default inference path: the low-rank kernels
+    assert len(merged_calls) == 2
     W = W0 + adapter.scaling * adapter.lora_B.detach() @ adapter.lora_A.detach()
     if use_dora:
         W = (adapter.lora_magnitude_vector.detach() / W.norm(dim=1))[:, None] * W
     assert_close(fast, x @ W.T + layer.base_layer.bias.detach())
-    assert_close(fast, slow.detach())
+    assert_close(fast, slow)
+    assert_close(few, few_slow)
     assert torch.equal(layer.base_layer.weight, W0)

@@ -171,8 +171,8 @@ def test_dropout_mask_is_shared_by_modules_reading_the_same_input():
     seen = []
     real = lora._shared_dropout_mask
 
-    def spy(x, p):
-        mask = real(x, p)
+    def spy(x, p, user):
+        mask = real(x, p, user)
         seen.append((x, mask))
         return mask
 
@@ -195,3 +195,80 @@ def test_dropout_mask_is_shared_by_modules_reading_the_same_input():
 def test_every_regex_of_a_config_is_compiled_when_it_is_built(config):
     with pytest.raises(ValueError, match="regex .* does not compile"):
         config()
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_inference_takes_one_path_whatever_the_token_count(use_dora, monkeypatch):
+    """A batch of 64 tokens and its rows one at a time run the same low-rank kernel and agree. (The
+    layer used to switch to W + sBA by itself above ~21 tokens, so eval numerics hung on batch size.)"""
+    from deltatune.methods import lora
+
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=use_dora,
+                                                 init_lora_weights=False)).eval()
+    name = "dora_linear" if use_dora else "lora_linear"
+    real, tokens = getattr(lora, name), []
+    monkeypatch.setattr(lora, name, lambda x, *a: tokens.append(x.shape[:-1].numel()) or real(x, *a))
+    x = input_ids(batch=4, seq=16)
+    with torch.no_grad():
+        whole = pm(x).logits
+        rows = torch.cat([pm(x[i:i + 1]).logits for i in range(4)])
+    assert tokens == [64] * 4 + [16] * 16  # 2 layers x (q, v): every call took the kernel
+    assert_close(whole, rows)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merged_inference_is_explicit_scoped_and_matches_the_default(use_dora, monkeypatch):
+    from deltatune.methods import lora
+
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=use_dora,
+                                                 lora_dropout=0.1, init_lora_weights=False))
+    with pytest.raises(ValueError, match="model.eval"):  # dropout is on in training mode
+        with lora.merged_inference(pm):
+            pass
+    pm.eval()
+    calls = []
+    real = lora.LoraLinear.merged_forward
+    monkeypatch.setattr(lora.LoraLinear, "merged_forward", lambda self, *a: calls.append(1) or real(self, *a))
+    x = input_ids(batch=4, seq=16)
+    with torch.no_grad():
+        default = pm(x).logits
+    assert calls == []
+    with lora.merged_inference(pm):
+        merged = pm(x).logits
+        one_token = pm(x[:1, :1]).logits
+        with torch.enable_grad(), pytest.raises(RuntimeError, match="for inference"):
+            pm(x)
+    assert len(calls) == 2 * 4 + 1  # every LoRA layer, whatever the batch (the failed call counted once)
+    assert_close(merged, default)
+    assert_close(one_token, default[:1, :1])
+    assert not any(m.run_merged for m in pm.modules() if isinstance(m, lora.LoraLinear))
+
+
+def test_dropout_masks_are_fresh_when_the_same_input_tensor_is_fed_again():
+    """Training twice on the very same input tensor must not reuse the first step's mask (the shared
+    mask used to be keyed on the tensor and its private version counter only)."""
+    torch.manual_seed(0)
+    pm = get_peft_model(nn.Sequential(nn.Linear(16, 16)),
+                        LoraConfig(r=4, target_modules=["0"], lora_dropout=0.5, init_lora_weights=False)).train()
+    x = torch.randn(8, 16)
+    first, second = pm(x), pm(x)
+    assert not torch.equal(first, second)
+
+
+def test_shared_dropout_masks_survive_activation_checkpointing():
+    """The recomputation in backward draws where the forward drew, so it rebuilds the same shared masks."""
+    from deltatune.models.checkpointing import enable_activation_checkpointing
+
+    def grads(checkpointing: bool) -> dict:
+        targets = ["q_proj", "k_proj", "v_proj", "up_proj", "gate_proj"]
+        pm = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=targets, lora_dropout=0.3, init_lora_weights=False)).train()
+        if checkpointing:
+            enable_activation_checkpointing(pm.base_model.model, {"use_reentrant": False})
+        x = input_ids()
+        torch.manual_seed(3)
+        pm(input_ids=x, labels=x).loss.backward()
+        return {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}
+
+    plain, recomputed = grads(False), grads(True)
+    for n in plain:
+        assert_close(recomputed[n], plain[n])

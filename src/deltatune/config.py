@@ -111,6 +111,7 @@ class PeftConfig:
 
     @property
     def is_prompt_learning(self) -> bool:
+        """True for methods that add virtual tokens or prefixes to the inputs (prompt and prefix tuning) rather than change layers (peft's attribute)."""
         return False
 
     def replace(self, **changes: Any) -> "PeftConfig":
@@ -130,6 +131,7 @@ class PeftConfig:
 
     @classmethod
     def field_names(cls) -> set[str]:
+        """The names of this config class's fields (what ``adapter_config.json`` may hold for it)."""
         return {f.name for f in dataclasses.fields(cls)}
 
     @classmethod

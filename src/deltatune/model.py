@@ -38,6 +38,7 @@ class PeftModel(PushToHubMixin, nn.Module):
         self.base_model = AdapterModel(model, self)
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: tuple[str, ...] = ()
+        self._disabled = False  # disable_adapter_layers() / inside disable_adapter()
         self.add_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
         self.set_adapter(adapter_name)
 
@@ -58,6 +59,7 @@ class PeftModel(PushToHubMixin, nn.Module):
 
     @property
     def model(self) -> nn.Module:
+        """The user's model, with the adapter layers inside it (the same as :meth:`get_base_model`)."""
         return self.base_model.model
 
     def get_base_model(self) -> nn.Module:
@@ -69,13 +71,14 @@ class PeftModel(PushToHubMixin, nn.Module):
         """The active adapter's method hook (e.g. prompt tuning's forward), unless adapters are disabled."""
         from deltatune.methods.base import get_method
 
-        if not self._active or getattr(self, "_disabled", False):
+        if not self._active or self._disabled:
             return None
         return getattr(get_method(self.peft_config[self._active[0]].peft_type), hook)
 
     @presents_base_signature
     def forward(self, *args, **kwargs):
-        if kwargs.get("adapter_names") is not None:  # one adapter per row: see deltatune.serving
+        # one adapter per row (see deltatune.serving), unless inside disable_adapter(): that wins, as in peft
+        if kwargs.get("adapter_names") is not None and not self._disabled:
             from deltatune.serving.server import peft_forward
 
             return peft_forward(self, kwargs.pop("adapter_names"), args, kwargs)
@@ -86,6 +89,23 @@ class PeftModel(PushToHubMixin, nn.Module):
                 return hook(self, self._active[0], *args, **kwargs)
             return self.base_model.model(*args, **kwargs)
 
+    def model_inputs(self, **kwargs: Any) -> dict[str, Any]:
+        """The keyword inputs :meth:`forward` hands the user's model (:attr:`model`) for ``kwargs``.
+
+        ``kwargs`` themselves, except under an active prompt-learning adapter: prompt tuning puts its
+        virtual tokens in front of ``inputs_embeds`` (and ``-100`` in front of per-token ``labels``), prefix
+        tuning pre-fills the cache; both extend the attention mask. Code that runs the model's trunk itself
+        (the fused loss, :func:`deltatune.train.loss.causal_lm_loss`) starts from these.
+        """
+        hook = self._method_hook("model_inputs")
+        return kwargs if hook is None else hook(self, self._active[0], kwargs)
+
+    def loss_penalty(self) -> Any:
+        """The term :meth:`forward` adds to a loss computed from labels (AdaLoRA's orthogonality penalty
+        while it trains), as a scalar tensor, or None."""
+        hook = self._method_hook("loss_penalty")
+        return None if hook is None else hook(self, self._active[0])
+
     def _serialised(self):
         """After an ``adapter_names`` request, plain calls wait for the one in flight (it disables the wrappers)."""
         if "_serving_state" not in vars(self):
@@ -95,7 +115,16 @@ class PeftModel(PushToHubMixin, nn.Module):
         return serialised(self)
 
     def generate(self, *args, **kwargs):
-        if kwargs.get("adapter_names") is not None:  # one adapter per row: see deltatune.serving
+        """Generate with the user's model's ``generate``, through the active adapter.
+
+        Arguments are transformers' ``generate``'s. ``adapter_names=[...]`` (one name per row, ``"__base__"``
+        for none) runs each row with its own adapter, as in peft (see :mod:`deltatune.serving`). A prompt or
+        prefix tuning adapter adds its virtual tokens or key/value prefix at the first step.
+
+        Returns:
+            What the user's model's ``generate`` returns.
+        """
+        if kwargs.get("adapter_names") is not None and not self._disabled:  # see forward
             from deltatune.serving.server import peft_generate
 
             return peft_generate(self, kwargs.pop("adapter_names"), args, kwargs)
@@ -109,10 +138,12 @@ class PeftModel(PushToHubMixin, nn.Module):
     # ---- adapters --------------------------------------------------------------------------------
     @property
     def active_adapter(self) -> str:
+        """The name of the first active adapter, or ``""`` when none is active (peft's attribute)."""
         return self._active[0] if self._active else ""
 
     @property
     def active_adapters(self) -> list[str]:
+        """The names of the active adapters, in the order :meth:`set_adapter` was given them."""
         return list(self._active)
 
     def _prepare_config(self, config: PeftConfig) -> PeftConfig:
@@ -164,6 +195,16 @@ class PeftModel(PushToHubMixin, nn.Module):
         inject.inject_adapter_in_model(config, self.base_model.model, adapter_name)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make the named adapter (or several at once) active and trainable; every other one is bypassed and frozen.
+
+        An adapter loaded with ``is_trainable=False`` (``inference_mode``) becomes active but stays frozen.
+
+        Args:
+            adapter_name: one adapter's name, or a list of names to apply together.
+
+        Raises:
+            ValueError: a name that is not one of this model's adapters.
+        """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for n in names:
             if n not in self.peft_config:
@@ -186,6 +227,16 @@ class PeftModel(PushToHubMixin, nn.Module):
                 hook(self, trainable)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter: its layers, its weights and its config.
+
+        The other active adapters stay active; when none is left, the first remaining adapter becomes active.
+
+        Args:
+            adapter_name: the adapter to remove.
+
+        Raises:
+            ValueError: a name that is not one of this model's adapters.
+        """
         if adapter_name not in self.peft_config:
             raise ValueError(f"no adapter named {adapter_name!r}; this model has {sorted(self.peft_config)}")
         from deltatune.methods.base import get_method
@@ -230,6 +281,7 @@ class PeftModel(PushToHubMixin, nn.Module):
             host.merge(names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
+        """Undo :meth:`merge_adapter`: take the merged adapters back out of the base weights, so forward applies them unmerged again."""
         for _, host in inject.adapted_layers(self.base_model.model):
             host.unmerge()
 
@@ -244,6 +296,12 @@ class PeftModel(PushToHubMixin, nn.Module):
 
     # ---- counting --------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """Count the parameters, as peft does.
+
+        Returns:
+            ``(trainable, total)``: the elements of the parameters that require grad, and of all parameters
+            plus the weights of 4-bit/8-bit quantized layers (buffers, counted once per logical weight).
+        """
         trainable = total = 0
         for p in self.parameters():
             n = p.numel()
@@ -253,6 +311,7 @@ class PeftModel(PushToHubMixin, nn.Module):
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
+        """Print peft's line: ``trainable params: N || all params: M || trainable%: P`` (see :meth:`get_nb_trainable_parameters`)."""
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
@@ -287,9 +346,45 @@ class PeftModel(PushToHubMixin, nn.Module):
                 from deltatune.io.conversion import mutated_to_lora_on_save
 
                 sd, config = mutated_to_lora_on_save(sd, config, Path(path_initial_model_for_weight_conversion))
-            ckpt.save_adapter(sd, config, folder, safe_serialization)  # both files in one step; see io.atomic
+            ckpt.save_adapter(sd, config, folder, safe_serialization, self._auto_mapping(config))  # one step; see io.atomic
+        self._write_model_card(save_directory)
+
+    def _auto_mapping(self, config: PeftConfig) -> dict[str, str] | None:
+        """peft's ``auto_mapping``: without a task type, the class to build the base model with, so that
+        ``AutoPeftModel.from_pretrained`` can load the adapter alone."""
+        if config.task_type is not None:
+            return None
+        cls = type(self.get_base_model())
+        return {"base_model_class": cls.__name__, "parent_library": cls.__module__}
+
+    def _write_model_card(self, save_directory: str | os.PathLike) -> None:
+        from transformers import PreTrainedModel
+
+        from deltatune import __version__
+        from deltatune.io.model_card import write_model_card
+
+        base = self.get_base_model()
+        name = getattr(getattr(base, "config", None), "_name_or_path", None) or None
+        tags = ["transformers"] if isinstance(base, PreTrainedModel) else []
+        peft_type = self.peft_config[self._active[0]].peft_type if self._active else None
+        if peft_type is not None and peft_type.value == "LORA":
+            tags.append("lora")
+        if getattr(base, "name_or_path", None):
+            tags.append(f"base_model:adapter:{base.name_or_path}")
+        pipeline = "text-generation" if isinstance(self, PeftModelForCausalLM) else None
+        write_model_card(save_directory, name, tags, pipeline, __version__)
 
     def get_adapter_state_dict(self, adapter_name: str, save_embedding_layers: bool | str = "auto") -> dict:
+        """The adapter's tensors under peft's on-disk keys: what :meth:`save_pretrained` writes.
+
+        Args:
+            adapter_name: the adapter.
+            save_embedding_layers: peft's option: also save the input/output embedding matrices. ``"auto"``
+                saves them when an embedding layer is itself a target.
+
+        Returns:
+            ``{key: tensor}``, each tensor a detached CPU copy of its own (tied weights are not shared).
+        """
         from deltatune.methods.base import get_method
 
         config = self.peft_config[adapter_name]
@@ -372,14 +467,17 @@ class PeftModelForCausalLM(PeftModel):
 
 
 class PeftModelForSequenceClassification(PeftModelForCausalLM):
+    """peft's class for ``TaskType.SEQ_CLS``: the classifier head (``classifier`` or ``score``) is added to ``modules_to_save`` and trains in full."""
     pass
 
 
 class PeftModelForTokenClassification(PeftModelForCausalLM):
+    """peft's class for ``TaskType.TOKEN_CLS``; ``forward`` takes ``labels`` explicitly, as for causal LMs."""
     pass
 
 
 class PeftModelForFeatureExtraction(PeftModel):
+    """peft's class for ``TaskType.FEATURE_EXTRACTION`` (embedding models); the same as :class:`PeftModel`."""
     pass
 
 
@@ -429,5 +527,6 @@ def get_peft_model(
 
 
 def count_trainable(module: nn.Module) -> int:
+    """The number of elements in ``module``'s parameters that require grad."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 

@@ -41,6 +41,7 @@ def eval_loss(model: Any, dataset: Any, collator: Callable, batch_size: int = 8,
     """
     import torch
 
+    from deltatune.methods.lora import merged_inference
     from deltatune.train.loss import causal_lm_loss
 
     n = len(dataset) if max_examples is None else min(max_examples, len(dataset))
@@ -51,11 +52,12 @@ def eval_loss(model: Any, dataset: Any, collator: Callable, batch_size: int = 8,
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        # Whole rows per forward: each LoRA layer's merged weight costs less than its low-rank path here.
+        with merged_inference(model):
             for i in range(0, n, batch_size):
                 batch = collator([dataset[j] for j in range(i, min(i + batch_size, n))])
                 batch = {k: v.to(device) for k, v in batch.items()}
-                loss, count = causal_lm_loss(model, **batch)
+                loss, count = causal_lm_loss(model, **batch, regularize=False)  # the plain LM loss, for perplexity
                 total += float(loss) * int(count)
                 tokens += int(count)
     finally:

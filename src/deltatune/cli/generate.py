@@ -84,6 +84,8 @@ def generate_text(
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=not templated)
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items()}
+    # LoRA's default low-rank path, not merged_inference: decode steps are one token each, where forming
+    # each layer's merged weight per call costs more than it saves.
     with torch.no_grad():
         out = model.generate(**enc, **options.generate_kwargs(), streamer=streamer, pad_token_id=tokenizer.pad_token_id)
     new = out[0, enc["input_ids"].shape[1]:]

@@ -12,6 +12,7 @@ weights file, which would otherwise shadow (or be shadowed by) the new one.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import warnings
 from pathlib import Path
@@ -30,12 +31,37 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # peft's names for the "auto" rule
 
 
-def _wants_embedding_layers(config: Any, save_embedding_layers: bool | str) -> bool:
-    if save_embedding_layers != "auto":
-        return bool(save_embedding_layers)
-    # peft's "auto": save the embedding matrices too when an embedding layer is itself a target.
+def _embedding_targeted(config: Any) -> bool:
     targets = getattr(config, "target_modules", None)
     return isinstance(targets, (list, tuple)) and any(k in targets for k in EMBEDDING_LAYER_NAMES)
+
+
+def vocab_resized(model: nn.Module, config: Any) -> bool:
+    """Whether ``model``'s vocabulary differs from the base model's ``config.json`` (tokens were added and
+    the embeddings resized), read from the local folder in ``base_model_name_or_path``. As peft does
+    offline, a base that is not a local folder counts as not resized."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    base = getattr(config, "base_model_name_or_path", None)
+    file = Path(base) / "config.json" if base else None
+    if not vocab or file is None or not file.is_file():
+        return False
+    try:
+        saved = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return False
+    saved = saved.get("text_config", saved) if "vocab_size" not in saved else saved
+    return isinstance(saved.get("vocab_size"), int) and saved["vocab_size"] != vocab
+
+
+def _embedding_layers_to_save(model: nn.Module, config: Any, save_embedding_layers: bool | str) -> str | None:
+    """None, "wrapped" (the embedding layers that carry an adapter) or "all" (both embedding matrices)."""
+    if save_embedding_layers != "auto":
+        return "all" if save_embedding_layers else None
+    # peft's "auto": the embedding matrices too when an embedding layer is itself a target, or when the
+    # vocabulary was resized (the new rows exist only in this model)
+    if _embedding_targeted(config):
+        return "wrapped"
+    return "all" if vocab_resized(model, config) else None
 
 
 def adapter_key_map(
@@ -75,8 +101,9 @@ def adapter_key_map(
                 for pname, p in wrapper.modules_to_save[adapter_name].named_parameters():
                     if pname.rsplit(".", 1)[-1] == "bias":
                         extra[f"{PREFIX}{name}.modules_to_save.{pname}"] = p
-    if _wants_embedding_layers(config, save_embedding_layers):
-        extra.update(_embedding_params(model, save_embedding_layers == "auto"))
+    embeddings = _embedding_layers_to_save(model, config, save_embedding_layers)
+    if embeddings is not None:
+        extra.update(_embedding_params(model, embeddings == "wrapped"))
     for k, v in extra.items():
         if k not in keys:
             keys[k] = v
@@ -152,12 +179,14 @@ def save_weights(state_dict: dict[str, torch.Tensor], folder: str | os.PathLike,
     return Path(folder) / name
 
 
-def save_adapter(state_dict: dict[str, torch.Tensor], config: Any, folder: str | os.PathLike, safe_serialization: bool = True) -> Path:
-    """Write an adapter's weights and ``adapter_config.json`` as one step (see the module docstring)."""
+def save_adapter(state_dict: dict[str, torch.Tensor], config: Any, folder: str | os.PathLike, safe_serialization: bool = True,
+                 auto_mapping: dict[str, str] | None = None) -> Path:
+    """Write an adapter's weights and ``adapter_config.json`` as one step (see the module docstring).
+    ``auto_mapping`` goes into the config file as peft writes it (the base model's class, for ``AutoPeftModel``)."""
     from deltatune.io.config_io import CONFIG_NAME, config_json
 
     name, write, other = _weights_writer(state_dict, safe_serialization)
-    text = config_json(config)
+    text = config_json(config, auto_mapping)
 
     def write_config(tmp: str) -> None:
         with open(tmp, "w") as f:

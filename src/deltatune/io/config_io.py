@@ -146,9 +146,11 @@ def load_config(path: str | os.PathLike, subfolder: str | None = None) -> PeftCo
     return config_from_dict(data, source=str(file))
 
 
-def config_json(config: PeftConfig) -> str:
-    """The text of ``adapter_config.json`` for ``config``, as peft writes it."""
+def config_json(config: PeftConfig, auto_mapping: dict[str, str] | None = None) -> str:
+    """The text of ``adapter_config.json`` for ``config``, as peft writes it (with ``auto_mapping`` if given)."""
     data = config.to_dict()
+    if auto_mapping is not None:
+        data["auto_mapping"] = auto_mapping
     if isinstance(data.get("target_modules"), list):
         # peft stores target_modules as a set and writes it sorted; do the same so files diff cleanly.
         data["target_modules"] = sorted(set(data["target_modules"]))

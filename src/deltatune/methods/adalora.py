@@ -260,17 +260,26 @@ def update_and_allocate(peft_model, global_step: int) -> None:
     adalora_alloc.update_and_allocate(peft_model, global_step)
 
 
-def _forward(peft_model, adapter_name: str, *args: Any, **kwargs: Any):
-    """The base model's forward, plus orth_reg_weight · R on ``outputs.loss`` when a loss was computed
-    (labels given) and this adapter trains, as peft's ``AdaLoraModel.forward`` does."""
-    outputs = peft_model.base_model.model(*args, **kwargs)
+def _penalty(peft_model, adapter_name: str) -> torch.Tensor | None:
+    """orth_reg_weight · R (eq. 4, as peft computes it) while this adapter trains, else None (the
+    ``Method.loss_penalty`` hook)."""
     config = peft_model.peft_config[adapter_name]
-    loss = getattr(outputs, "loss", None)
-    if isinstance(loss, torch.Tensor) and not config.inference_mode and config.orth_reg_weight > 0:
-        from deltatune.methods.adalora_alloc import orth_regularizer
+    if config.inference_mode or config.orth_reg_weight <= 0:
+        return None
+    from deltatune.methods.adalora_alloc import orth_regularizer
 
-        factors = [(a.lora_A, a.lora_B) for _, a in svd_adapters(peft_model.base_model.model, adapter_name)]
-        outputs.loss = loss + config.orth_reg_weight * orth_regularizer(factors)
+    factors = [(a.lora_A, a.lora_B) for _, a in svd_adapters(peft_model.base_model.model, adapter_name)]
+    return config.orth_reg_weight * orth_regularizer(factors) if factors else None
+
+
+def _forward(peft_model, adapter_name: str, *args: Any, **kwargs: Any):
+    """The base model's forward, plus :func:`_penalty` on ``outputs.loss`` when a loss was computed
+    (labels given), as peft's ``AdaLoraModel.forward`` does."""
+    outputs = peft_model.base_model.model(*args, **kwargs)
+    loss = getattr(outputs, "loss", None)
+    penalty = _penalty(peft_model, adapter_name) if isinstance(loss, torch.Tensor) else None
+    if penalty is not None:
+        outputs.loss = loss + penalty
     return outputs
 
 
@@ -280,7 +289,7 @@ def _supported_types() -> tuple[type, ...]:
 
 register_method(Method(
     PeftType.ADALORA, AdaLoraConfig, make_svd_adapter, layer_types=_supported_types(), attach=_attach,
-    detach=_detach, state_dict=_state_dict, load_state_dict=_load_state_dict, forward=_forward,
+    detach=_detach, state_dict=_state_dict, load_state_dict=_load_state_dict, forward=_forward, loss_penalty=_penalty,
     prepare_config=prepare_adalora_config,
 ))
 

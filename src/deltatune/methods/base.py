@@ -116,6 +116,12 @@ class Method:
     state_dict: Callable | None = None  # (peft_model, adapter_name) -> {peft key: tensor}
     load_state_dict: Callable | None = None  # (peft_model, state_dict, adapter_name) -> None, all or nothing
     forward: Callable | None = None  # (peft_model, adapter_name, *args, **kwargs) -> model output
+    # (peft_model, adapter_name, kwargs) -> the keyword inputs ``forward`` hands the user's model (prompt and
+    # prefix tuning add their virtual tokens); lets the fused loss run the model's trunk on them itself.
+    model_inputs: Callable | None = None
+    # (peft_model, adapter_name) -> scalar tensor or None: what ``forward`` adds to a loss computed from
+    # labels (AdaLoRA's orthogonality penalty); the fused loss adds it too.
+    loss_penalty: Callable | None = None
     generate: Callable | None = None  # (peft_model, adapter_name, *args, **kwargs) -> token ids
     refresh: Callable | None = None  # (peft_model, trainable_adapter_names) -> None, after set_adapter etc.
     # (config, model) -> config with model-dependent defaults filled in (e.g. IA³'s per-family targets);

@@ -111,10 +111,12 @@ class BitFitBias(Adapter):
 
     @torch.no_grad()
     def merge(self, base_layer: nn.Module) -> None:
+        """Add the trained change of the bias, b' - b, to ``base_layer``'s bias."""
         base_layer.bias.add_((self.bias - self.original_bias).to(base_layer.bias.dtype))
 
     @torch.no_grad()
     def unmerge(self, base_layer: nn.Module) -> None:
+        """Subtract what :meth:`merge` added from ``base_layer``'s bias."""
         base_layer.bias.sub_((self.bias - self.original_bias).to(base_layer.bias.dtype))
 
 

@@ -172,6 +172,7 @@ class IA3Scale(Adapter):
 
     @property
     def vector(self) -> torch.Tensor:
+        """The learned scaling vector l, flattened: ``(out_features,)``, or ``(in_features,)`` for a feed-forward layer."""
         return self.ia3_l.flatten()  # (n,)
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,6 +190,10 @@ class IA3Scale(Adapter):
 
     @torch.no_grad()
     def merge(self, base_layer: nn.Module) -> None:
+        """Fold l into ``base_layer``'s weight: W's rows (and the bias) times l, or W's columns for a feed-forward layer.
+
+        Rows or columns that l sets to zero are kept aside, so :meth:`unmerge` restores them exactly.
+        """
         l = self.vector.float()
         W = dense_weight(base_layer, torch.float32)
         bias = getattr(base_layer, "bias", None)
@@ -203,6 +208,7 @@ class IA3Scale(Adapter):
 
     @torch.no_grad()
     def unmerge(self, base_layer: nn.Module) -> None:
+        """Divide what :meth:`merge` multiplied back out of the weight and bias, restoring the rows or columns l zeroed."""
         l = self.vector.float()
         safe = torch.where(l == 0, torch.ones_like(l), l)
         W = ia3_merged_weight(dense_weight(base_layer, torch.float32), 1 / safe, self.feedforward)

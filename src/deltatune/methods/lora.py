@@ -6,11 +6,19 @@ DoRA (Liu et al., 2024, arXiv:2402.09353): y = m ⊙ (W + s B A) x / ‖W + s B 
 as a constant in backward (section 4.3).
 
 The variants are independent choices on one adapter class, not subclasses.
+
+A :class:`LoraLinear` has two named paths. :meth:`LoraLinear.low_rank_forward` is the training path and
+the default for inference: the same computation whatever the number of tokens. :meth:`LoraLinear.merged_forward`
+runs the layer as one matrix W' = W + s·B·A; it is inference only, and only inside :func:`merged_inference`,
+which eval code enters explicitly when it scores many tokens per call.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import weakref
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -34,42 +42,61 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float
     return (x @ A.T) @ B.T * scaling  # (..., out)
 
 
-def dora_weight_norm(
-    W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, w_sq: torch.Tensor | None = None
-) -> torch.Tensor:
+def dora_weight_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
     """Row norms ‖W_j + s (B A)_j‖ of an (out, in) weight without forming B·A.
 
-    ‖W_j + s B_j A‖² = ‖W_j‖² + 2s · B_j·(A W_jᵀ) + s² · B_j (A Aᵀ) B_jᵀ. W is frozen, so ‖W_j‖² can be
-    passed in precomputed; the other two terms are (out × r) and (r × r) products.
+    ‖W_j + s B_j A‖² = ‖W_j‖² + 2s · B_j·(A W_jᵀ) + s² · B_j (A Aᵀ) B_jᵀ: one reduction over W and
+    (out × r), (r × r) products.
     """
     dt = torch.promote_types(W.dtype, torch.float32)  # at least fp32 for the sums; never lower than the input
     W32, A32, B32 = W.to(dt), A.to(dt), B.to(dt)
-    if w_sq is None:
-        w_sq = W32.square().sum(dim=1)  # (out,)
+    # ‖W_j‖² is not cached, although W is frozen: a cache cannot see in-place writes to W (load_state_dict,
+    # merge) without the private Tensor._version, and this one read of W (a reduction with no temporary)
+    # measured ~1% of the W·Aᵀ product next to it.
+    w_sq = torch.linalg.vector_norm(W32, dim=1).square()  # (out,)
     cross = (B32 * (W32 @ A32.T)).sum(dim=1)  # (out,)
     lora_sq = ((B32 @ (A32 @ A32.T)) * B32).sum(dim=1)  # (out,)
     # Cancellation can push a true zero slightly negative in floating point.
     return (w_sq + 2 * scaling * cross + scaling**2 * lora_sq).clamp_min(0).sqrt()
 
 
-_LAST_MASK: dict = {}
+class _LastMask(threading.local):
+    """The last dropout keep-mask drawn in this thread: the input it was drawn for (held weakly, so it
+    never keeps an activation alive) and the adapters that have used it."""
+
+    x: weakref.ref | None = None
+    p: float = -1.0
+    mask: torch.Tensor | None = None
+    users: weakref.WeakSet | None = None
 
 
-def _shared_dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """A keep-mask (bool, 1 byte per element) for dropout on ``x``, shared by every adapter that reads
-    the very same input tensor in this forward (q/k/v read one hidden state, gate/up another).
+_LAST_MASK = _LastMask()
 
-    Drawing random numbers dominates dropout's cost on CPU, so sharing cuts 7 draws per LLaMA
-    block to 4. Each module still drops with probability p; the masks of q, k and v are the same
-    draw (peft draws them independently), which changes no expectation. The input is held by a
-    weak reference, so the cache never keeps an activation alive.
+
+def _shared_dropout_mask(x: torch.Tensor, p: float, user: nn.Module) -> torch.Tensor:
+    """A keep-mask (bool, 1 byte per element) for dropout on ``x``, shared by the adapters that read the
+    very same input tensor in one forward (q/k/v read one hidden state, gate/up another).
+
+    Drawing random numbers dominates dropout's cost on CPU, so sharing cuts 7 draws per LLaMA block to 4.
+    Each module still drops with probability p; the masks of q, k and v are the same draw (peft draws
+    them independently), which changes no expectation.
+
+    Where one forward ends is not visible from a layer, so the cache records who used a mask: an adapter
+    that asks again for the same tensor (the next step on an input that is still alive, a layer called
+    twice) gets a fresh draw, which the adapters after it share. No adapter is ever handed the same draw
+    twice, so dropout never repeats across steps; and a recomputation under gradient checkpointing (random
+    state restored) draws where the forward it repeats drew, hence the same masks. Only identity is
+    compared, never the private ``Tensor._version``: a mask does not depend on x's values, so an in-place
+    change to x between two readers changes nothing about dropout.
     """
-    ref = _LAST_MASK.get("x")
-    if ref is not None and ref() is x and _LAST_MASK["p"] == p and _LAST_MASK["version"] == x._version:
-        return _LAST_MASK["mask"]
+    last = _LAST_MASK
+    same_input = last.x is not None and last.x() is x and last.p == p and last.mask.shape == x.shape
+    if same_input and user not in last.users:
+        last.users.add(user)
+        return last.mask
     # Integer draws are ~40% cheaper than float ones on CPU; the threshold is exact to 2^-31.
     mask = torch.empty(x.shape, dtype=torch.int32, device=x.device).random_() >= int(p * 2**31)  # True = keep
-    _LAST_MASK.update(x=weakref.ref(x), p=p, version=x._version, mask=mask)
+    last.x, last.p, last.mask, last.users = weakref.ref(x), p, mask, weakref.WeakSet([user])
     return mask
 
 
@@ -91,8 +118,9 @@ class LoraLinear(Adapter):
         self.lora_magnitude_vector = nn.Parameter(torch.ones(out_f, dtype=dtype)) if use_dora else None
         # The fused kernels need a plain dense nn.Linear base; anything else takes the generic path.
         self.fuses_base = type(base_layer) is nn.Linear
-        self._w_sq_cache: tuple[tuple[int, int], torch.Tensor] | None = None
         self._merge_norm: torch.Tensor | None = None
+        # Set by merged_inference() only; forward then takes merged_forward where it can.
+        self.run_merged = False
 
     def init_magnitude(self, base_layer: nn.Module) -> None:
         """DoRA starts with m = ‖W + s B A‖_row, so the wrapped layer initially equals the base."""
@@ -102,16 +130,8 @@ class LoraLinear(Adapter):
                 norm = dora_weight_norm(W, self.lora_A.to(W.device), self.lora_B.to(W.device), self.scaling)
                 self.lora_magnitude_vector.copy_(norm.to(self.lora_magnitude_vector.dtype))
 
-    def _weight_sq(self, W: torch.Tensor) -> torch.Tensor:
-        # ‖W‖² per row is constant while W is frozen; recompute only when W's storage or version changes.
-        key = (W.data_ptr(), W._version)
-        if self._w_sq_cache is None or self._w_sq_cache[0] != key:
-            self._w_sq_cache = (key, W.detach().float().square().sum(dim=1))
-        return self._w_sq_cache[1]
-
     def _norm(self, W: torch.Tensor) -> torch.Tensor:
-        w_sq = self._weight_sq(W) if W.requires_grad is False else None
-        return dora_weight_norm(W.detach(), self.lora_A.detach(), self.lora_B.detach(), self.scaling, w_sq)
+        return dora_weight_norm(W.detach(), self.lora_A.detach(), self.lora_B.detach(), self.scaling)
 
     def _dropping(self) -> bool:
         return self.training and self.dropout_p > 0
@@ -127,36 +147,56 @@ class LoraLinear(Adapter):
         )
 
     def forward(self, x: torch.Tensor, base_layer: nn.Module, base_out: torch.Tensor | None) -> torch.Tensor:
+        # Which path never depends on the input's size: merged only where the caller asked for it.
+        if self.run_merged and base_out is None and self._can_fuse(x, base_layer):
+            return self.merged_forward(x, base_layer)
+        return self.low_rank_forward(x, base_layer, base_out)
+
+    def low_rank_forward(self, x: torch.Tensor, base_layer: nn.Module, base_out: torch.Tensor | None) -> torch.Tensor:
+        """y = W x + b + s · B A dropout(x) (DoRA: rescaled per row): the training path, and inference's default.
+
+        The same computation for any number of tokens. It runs as one fused autograd function
+        (:mod:`deltatune.methods.lora_kernels`) when the base is a frozen, plain ``nn.Linear`` in the
+        adapter's dtype and its output is not computed yet; otherwise as autograd on the plain expression,
+        on top of ``base_out`` (computed here when None).
+        """
         if base_out is None and self._can_fuse(x, base_layer):
             return self._fused(x, base_layer)
         if base_out is None:
             base_out = base_layer(x)
         return self._generic(x, base_layer, base_out)
 
-    def _merges_on_the_fly(self, x: torch.Tensor, W: torch.Tensor) -> bool:
-        # Inference on many tokens. The low-rank path re-reads x and re-writes y, N·(in + 2·out)
-        # floats, in two skinny matmuls that are memory-bound on CPUs (+8-15% of the base matmul at
-        # r=16, measured); forming W' = W + s·B·A moves 2·in·out floats whatever N is. Take the
-        # smaller. Training (autograd) and decode steps (small N) keep the low-rank path.
-        if torch.is_grad_enabled() or self._dropping():
-            return False
-        out_f, in_f = W.shape
-        return (x.numel() // in_f) * (in_f + 2 * out_f) > 2 * in_f * out_f
+    def merged_forward(self, x: torch.Tensor, base_layer: nn.Linear) -> torch.Tensor:
+        """Inference only: y = W' x + b with W' = :meth:`merged_weight`, formed for this call.
 
-    def _effective_weight(self, base: nn.Linear) -> torch.Tensor:
-        """W + s·B·A, times DoRA's per-row m / ‖W + s·B·A‖: the layer as one matrix, without touching W."""
-        W = torch.addmm(base.weight, self.lora_B, self.lora_A, alpha=self.scaling)  # (out, in), a new tensor
+        The low-rank path re-reads x and re-writes y, N·(in + 2·out) floats, in two skinny matmuls that are
+        memory-bound on CPUs (+8-15% of the base matmul at r=16, measured); forming W' moves 2·in·out floats
+        whatever the token count N. So W' pays on many tokens per call (batched scoring) and loses on few
+        (decode steps): a choice for the caller, made through :func:`merged_inference`. The stored weight is
+        never modified. The result equals :meth:`low_rank_forward`'s up to W' being rounded to W's dtype.
+
+        Raises:
+            RuntimeError: autograd is on or dropout is active; W' has neither.
+        """
+        if torch.is_grad_enabled() or self._dropping():
+            raise RuntimeError(
+                "LoraLinear.merged_forward is for inference: autograd is on or dropout is active (training mode "
+                "with lora_dropout > 0). Run it inside merged_inference(model) after model.eval(), or use low_rank_forward"
+            )
+        return F.linear(x, self.merged_weight(base_layer), base_layer.bias)
+
+    def merged_weight(self, base_layer: nn.Linear) -> torch.Tensor:
+        """W + s·B·A, times DoRA's per-row m / ‖W + s·B·A‖: the layer as one (out, in) matrix, a new tensor."""
+        W = torch.addmm(base_layer.weight, self.lora_B, self.lora_A, alpha=self.scaling)  # (out, in)
         if self.use_dora:
-            W.mul_((self.lora_magnitude_vector / self._norm(base.weight).to(W.dtype))[:, None])
+            W.mul_((self.lora_magnitude_vector / self._norm(base_layer.weight).to(W.dtype))[:, None])
         return W
 
     def _fused(self, x: torch.Tensor, base: nn.Linear) -> torch.Tensor:
-        if self._merges_on_the_fly(x, base.weight):
-            return F.linear(x, self._effective_weight(base), base.bias)
         if self.use_dora:
             scale = self.lora_magnitude_vector / self._norm(base.weight).to(x.dtype)  # (out,), norm detached
             return dora_linear(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, scale, self.lora_magnitude_vector)
-        mask = _shared_dropout_mask(x, self.dropout_p) if self._dropping() else None
+        mask = _shared_dropout_mask(x, self.dropout_p, self) if self._dropping() else None
         return lora_linear(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, mask, 1 / (1 - self.dropout_p))
 
     def _generic(self, x: torch.Tensor, base: nn.Module, base_out: torch.Tensor) -> torch.Tensor:
@@ -219,6 +259,46 @@ class LoraEmbedding(Adapter):
 
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
         return self.scaling * (self.lora_B @ self.lora_A)  # (dim, vocab): the (out, in) view
+
+
+# ---- inference -------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def merged_inference(model: nn.Module) -> Iterator[nn.Module]:
+    """Run every LoRA/DoRA linear layer of ``model`` as one matrix, W + s·B·A, under ``torch.no_grad()``.
+
+    For code that scores many tokens per forward (``deltatune eval``'s loss, first-token accuracy, the
+    trainer's eval loss): there one matmul with the merged weight is cheaper than the low-rank path (see
+    :meth:`LoraLinear.merged_forward`). Not for token-by-token decoding, where forming the weight on
+    every call costs more than it saves. Outputs equal the default path's up to the merged weight's
+    rounding to the base dtype, whatever the batch; nothing is merged into the stored weights, and on
+    exit every layer is as it was (the context nests). Layers whose base is not a plain ``nn.Linear`` in
+    the adapter's dtype (Conv1D, 4-bit, under autocast) or that run several adapters at once keep the
+    low-rank path. The switch is on the layers, so it holds for every thread using ``model`` meanwhile.
+
+    Args:
+        model: a module holding LoRA layers: a PeftModel, its base model; without any, this is ``no_grad``.
+
+    Yields:
+        ``model``.
+
+    Raises:
+        ValueError: a LoRA layer would apply dropout (training mode with ``lora_dropout > 0``).
+    """
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    if any(layer._dropping() for layer in layers):
+        raise ValueError(
+            "merged_inference runs LoRA layers without dropout, but the model is in training mode with "
+            "lora_dropout > 0; call model.eval() before entering it"
+        )
+    before = [layer.run_merged for layer in layers]
+    try:
+        for layer in layers:
+            layer.run_merged = True
+        with torch.no_grad():
+            yield model
+    finally:
+        for layer, was in zip(layers, before):
+            layer.run_merged = was
 
 
 # ---- construction ----------------------------------------------------------------------------------

@@ -161,12 +161,19 @@ class PrefixEncoder(nn.Module):
 
     @property
     def saved_shape(self) -> tuple[int, int]:
+        """The shape of the table saved as ``prompt_embeddings``: ``(num_virtual_tokens, num_layers * 2 * token_dim)``."""
         return self.table_shape
 
     def table_to_save(self) -> torch.Tensor:
+        """The prefix table saved as ``prompt_embeddings`` (peft's key); with ``prefix_projection`` the MLP's output, as peft saves it."""
         return self()
 
     def load_problem(self, shape: tuple[int, ...]) -> str | None:
+        """Why a saved table of ``shape`` cannot be loaded into this encoder, or None when it can.
+
+        A projected encoder (``prefix_projection=True``, training) cannot take a saved table: the MLP that made
+        it is not saved, so only an inference copy (``is_trainable=False``) can load it.
+        """
         if self.projected:
             return (
                 "prompt_embeddings is the projected prefix table; the MLP (prefix_projection=True) that produced it "
@@ -180,6 +187,7 @@ class PrefixEncoder(nn.Module):
         return None
 
     def load_table(self, table: torch.Tensor) -> None:
+        """Copy a saved ``prompt_embeddings`` table into the encoder's table, in its dtype."""
         self.embedding.weight.copy_(table.to(self.embedding.weight.dtype))
 
 

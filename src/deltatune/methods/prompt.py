@@ -97,12 +97,15 @@ class PromptEmbedding(nn.Module):
 
     @property
     def saved_shape(self) -> tuple[int, int]:
+        """The shape of the table saved as ``prompt_embeddings``: the prompt's own, ``(rows, token_dim)``."""
         return tuple(self.embedding.weight.shape)
 
     def table_to_save(self) -> torch.Tensor:
+        """The prompt table, saved as ``prompt_embeddings`` (peft's key)."""
         return self.embedding.weight
 
     def load_problem(self, shape: tuple[int, ...]) -> str | None:
+        """Why a saved table of ``shape`` cannot be loaded into this prompt (the message names both shapes), or None when it can."""
         if shape != self.saved_shape:
             return (
                 f"shape mismatch at prompt_embeddings: checkpoint {shape} vs model {self.saved_shape} "
@@ -111,6 +114,7 @@ class PromptEmbedding(nn.Module):
         return None
 
     def load_table(self, table: torch.Tensor) -> None:
+        """Copy a saved ``prompt_embeddings`` table into the prompt, in the prompt's dtype."""
         self.embedding.weight.copy_(table.to(self.embedding.weight.dtype))
 
 
@@ -177,6 +181,7 @@ def insert_prompt(peft_model, config: PromptTuningConfig, encoder: PromptEmbeddi
 
 
 def prepare_prompt_config(config: PromptTuningConfig, model: nn.Module) -> PromptTuningConfig:
+    """``config`` with the dimension fields left as None (``token_dim``, ``num_layers``, ...) read from ``model``'s config."""
     return fill_model_dims(config, model)
 
 

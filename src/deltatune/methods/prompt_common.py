@@ -356,16 +356,28 @@ def _inputs_for_base(peft_model, adapter_name: str, insert: InsertFn, inserts_to
     return insert(peft_model, config, encoders(peft_model)[adapter_name], kwargs, fresh)
 
 
-def make_forward(insert: InsertFn, inserts_tokens: bool) -> Callable:
-    """The ``Method.forward`` hook: adjust the inputs, insert the virtual tokens, run the base model.
+def make_model_inputs(insert: InsertFn, inserts_tokens: bool) -> Callable:
+    """The ``Method.model_inputs`` hook: the base model's inputs for one forward, virtual tokens added.
 
-    A forward given a non-empty cache is a decoding step: the cache already holds the virtual tokens.
+    Prompt tuning returns ``inputs_embeds`` with the prompt in front (and, for per-token tasks, ``labels``
+    with ``-100`` in front); prefix tuning returns a pre-filled cache and ``position_ids`` shifted past it.
+    Either way the attention mask gains ``num_virtual_tokens`` ones in front. A non-empty cache is a
+    decoding step: the cache already holds the virtual tokens.
     """
+
+    def model_inputs(peft_model, adapter_name: str, kwargs: dict) -> dict:
+        kwargs = _keyword_inputs((), kwargs)
+        return _inputs_for_base(peft_model, adapter_name, insert, inserts_tokens, kwargs, generating=False)
+
+    return model_inputs
+
+
+def make_forward(model_inputs: Callable) -> Callable:
+    """The ``Method.forward`` hook: the base model run on ``model_inputs``' result."""
 
     def forward(peft_model, adapter_name: str, *args, **kwargs):
         kwargs = _keyword_inputs(args, kwargs)
-        base_kwargs = _inputs_for_base(peft_model, adapter_name, insert, inserts_tokens, kwargs, generating=False)
-        return peft_model.base_model.model(**base_kwargs)
+        return peft_model.base_model.model(**model_inputs(peft_model, adapter_name, kwargs))
 
     return forward
 
@@ -433,11 +445,12 @@ def register_prompt_method(
     def attach(peft_model, config, adapter_name: str) -> None:
         attach_encoder(peft_model, config, adapter_name, build_encoder(config, peft_model.base_model.model))
 
+    model_inputs = make_model_inputs(insert, inserts_tokens)
     return register_method(
         Method(
             peft_type, config_cls, None,
             attach=attach, detach=detach, state_dict=state_dict, load_state_dict=load_state_dict,
-            forward=make_forward(insert, inserts_tokens), generate=make_generate(insert, inserts_tokens),
-            refresh=refresh, prepare_config=prepare_config,
+            forward=make_forward(model_inputs), model_inputs=model_inputs,
+            generate=make_generate(insert, inserts_tokens), refresh=refresh, prepare_config=prepare_config,
         )
     )

@@ -65,15 +65,14 @@ CPU_OVERHEAD_FRACTION = 0.02
 def resolve_loss(setup: TrainSetup, config: Any) -> str:
     """``fused`` or ``standard``: which loss a training run of ``setup`` computes.
 
-    ``auto`` follows :func:`deltatune.train.loss.causal_lm_loss`: fused for supported families,
-    standard for prompt-learning methods (they change the sequence in the wrapper's forward) and
-    for families whose logits are post-processed.
+    ``auto`` follows :func:`deltatune.train.loss.causal_lm_loss`: fused for supported families
+    (prompt and prefix tuning included), standard for families whose logits are post-processed.
     """
     if setup.loss != "auto":
         return setup.loss
     from deltatune.train.loss import _LOGIT_MODIFIERS, SUPPORTED_MODEL_TYPES
 
-    if setup.is_prompt_learning or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+    if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         return "standard"
     if any(getattr(config, name, None) is not None for name in _LOGIT_MODIFIERS):
         return "standard"
@@ -167,10 +166,11 @@ def _logits_bytes(setup: TrainSetup, config: Any, loss: str) -> tuple[int, str]:
     vocab, hidden = config.vocab_size, config.hidden_size
     b, dt = setup.dtype_bytes, getattr(torch, setup.dtype)
     tokens = setup.batch_size * setup.seq_len
-    trunk_out = tokens * hidden * b  # the final hidden state, alive while the loss runs
+    # Prompt tuning's virtual tokens are positions of the sequence (they carry no label of their own).
+    positions = setup.batch_size * (setup.seq_len + (setup.num_virtual_tokens if setup.method == "prompt" else 0))
+    trunk_out = positions * hidden * b  # the final hidden state, alive while the loss runs
     if loss == "standard":
-        if setup.method == "prompt":
-            tokens = setup.batch_size * (setup.seq_len + setup.num_virtual_tokens)
+        tokens = positions
         upcast = 4 if b != 4 else 0
         # logits in the compute dtype, their fp32 copy, the saved log-softmax, and in backward its
         # gradient and the logits' gradient (fp32)

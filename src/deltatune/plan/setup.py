@@ -20,8 +20,8 @@ OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 
 LOSSES = ("auto", "fused", "standard")
 """``fused``: deltatune's chunked linear+cross-entropy (logits never materialised); ``standard``:
-transformers' loss on full logits; ``auto``: fused where the trainer uses it (causal LMs that are
-not prompt-learning)."""
+transformers' loss on full logits; ``auto``: fused where the trainer uses it (causal LMs of the
+families in ``deltatune.train.loss.SUPPORTED_MODEL_TYPES``)."""
 
 DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 """Compute dtypes and their bytes per element."""
@@ -123,14 +123,17 @@ class TrainSetup:
 
     @property
     def is_lora_family(self) -> bool:
+        """True for the methods that train LoRA factors: ``lora``, ``dora``, ``rslora``, ``qlora``."""
         return self.method in ("lora", "dora", "rslora", "qlora")
 
     @property
     def is_prompt_learning(self) -> bool:
+        """True for the methods that add virtual tokens or prefixes to the inputs: ``prompt``, ``prefix``."""
         return self.method in ("prompt", "prefix")
 
     @property
     def dtype_bytes(self) -> int:
+        """Bytes per element of the compute dtype (``dtype``)."""
         return DTYPES[self.dtype]
 
 

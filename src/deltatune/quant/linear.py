@@ -176,7 +176,7 @@ class Linear4bit(_QuantLinear):
         double_quant: quantize the absmax constants too (QLoRA double quantization).
         compute_dtype: dtype of the matmul; inputs are cast to it and outputs back.
         use_compile: dequantize tiles with a ``torch.compile``-d kernel (see :mod:`.kernels`).
-        device: where the buffers live.
+        device (torch.device | str | None): where the buffers live.
         bias_dtype: dtype of the bias (float32 by default).
     """
 

@@ -184,7 +184,7 @@ def load_quantized(model_name_or_path: str | os.PathLike, config: QuantConfig | 
         dtype: dtype for the parameters that stay dense (embeddings, norms, head, biases); default:
             as stored in the checkpoint.
         device: where parameters and quantized buffers are created.
-        **kw: passed to ``transformers.AutoConfig.from_pretrained`` (e.g. ``trust_remote_code``).
+        **kw (Any): passed to ``transformers.AutoConfig.from_pretrained`` (e.g. ``trust_remote_code``).
 
     Returns:
         The model in eval mode.

@@ -72,9 +72,11 @@ class LayerBank:
 
     @property
     def occupied(self) -> set[int]:
+        """The slots that hold an adapter's weights in this layer (LoRA factors or IA³/DoRA vectors)."""
         return set().union(*self.uses.values())
 
     def fits(self, w: SlotWeights) -> bool:
+        """Whether ``w`` was made for a layer of this bank's shape and kind (out, in, embedding or not)."""
         return (w.out_features, w.in_features, w.embedding) == (self.out_features, self.in_features, self.embedding)
 
     # ---- writing -------------------------------------------------------------------------------
@@ -188,6 +190,7 @@ class AdapterBank:
 
     @property
     def registered(self) -> list[str]:
+        """The names that can be requested: every adapter registered, resident in a slot or not."""
         return list(self._sources)
 
     def register(self, name: str, source: AdapterSource) -> None:

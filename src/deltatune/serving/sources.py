@@ -105,6 +105,7 @@ class FolderSource:
         self._pending: dict[str, SlotWeights] | None = self.read()
 
     def read(self) -> dict[str, SlotWeights]:
+        """{module path: its weights in bank form}, read from the folder (the first read was done when registered)."""
         pending, self._pending = getattr(self, "_pending", None), None
         if pending is not None:
             return pending
@@ -112,6 +113,7 @@ class FolderSource:
         return {name: slot_weights(a, self.model.get_submodule(name), name) for name, a in adapters.items()}
 
     def signature(self) -> Hashable:
+        """Always None: a folder on disk is taken as fixed once registered."""
         return None  # a file on disk is taken as fixed once registered
 
 
@@ -155,6 +157,7 @@ class PeftModelSource:
         return own, base
 
     def read(self) -> dict[str, SlotWeights]:
+        """{module path: its weights in bank form}, taken from the live model; remembers what it read."""
         weights = {p: slot_weights(h.adapters[self.name], h.base_layer, p) for p, h in self._mine()}
         own, base = self._tensors()
         self._read_state = (_identities(own, base), _watch_bits(own))

@@ -69,6 +69,7 @@ class MergedAdapterSwitcher:
         self.adapters[name] = dict(adapters)
 
     def remove(self, name: str) -> None:
+        """Forget adapter ``name``; if it is the merged one, the base weights are restored first."""
         if self.current == name:
             self.switch(None)
         del self.adapters[name]
@@ -105,6 +106,7 @@ class MergedAdapterSwitcher:
             bias.copy_(b)
 
     def pristine_paths(self) -> Iterable[str]:
+        """The paths of the layers whose original weights are kept (those touched by a merge so far)."""
         return self._pristine.keys()
 
 

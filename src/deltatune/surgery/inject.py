@@ -17,6 +17,7 @@ from deltatune.surgery.targets import resolve_modules_to_save, resolve_targets
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in place of the submodule at dotted path ``name`` of ``model``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -56,6 +57,14 @@ def inject_adapter_in_model(config: PeftConfig, model: nn.Module, adapter_name: 
 
 
 def add_modules_to_save(model: nn.Module, keys, adapter_name: str) -> list[str]:
+    """Give ``adapter_name`` a trainable full copy of each module that ``keys`` selects (peft's ``modules_to_save``).
+
+    A module is wrapped in a :class:`ModulesToSaveWrapper` the first time; a wrapper already there gets
+    one more copy. A newly wrapped module starts with ``adapter_name`` active.
+
+    Returns:
+        The dotted paths of the selected modules.
+    """
     names = resolve_modules_to_save(model, keys)
     for name in names:
         module = model.get_submodule(name)
@@ -68,6 +77,7 @@ def add_modules_to_save(model: nn.Module, keys, adapter_name: str) -> list[str]:
 
 
 def adapted_layers(model: nn.Module) -> Iterable[tuple[str, AdaptedLayer]]:
+    """The ``(path, layer)`` pairs of every :class:`AdaptedLayer` in ``model``, found by type."""
     return ((n, m) for n, m in model.named_modules() if isinstance(m, AdaptedLayer))
 
 
@@ -82,6 +92,7 @@ def upcast_adapter(model: nn.Module, adapter_name: str) -> None:
 
 
 def save_wrappers(model: nn.Module) -> Iterable[tuple[str, ModulesToSaveWrapper]]:
+    """The ``(path, wrapper)`` pairs of every :class:`ModulesToSaveWrapper` in ``model``."""
     return ((n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper))
 
 
@@ -110,6 +121,7 @@ def mark_trainable(model: nn.Module, trainable: Iterable[str], bias: str = "none
 
 
 def set_active(model: nn.Module, names: tuple[str, ...]) -> None:
+    """Make ``names`` the active adapters of every adapted layer and ``modules_to_save`` wrapper of ``model``."""
     for _, host in adapted_layers(model):
         host.set_active(names)
     for _, wrapper in save_wrappers(model):
@@ -117,11 +129,13 @@ def set_active(model: nn.Module, names: tuple[str, ...]) -> None:
 
 
 def set_disabled(model: nn.Module, disabled: bool) -> None:
+    """Bypass (``disabled=True``) or restore every adapted layer and ``modules_to_save`` wrapper of ``model``."""
     for _, m in list(adapted_layers(model)) + list(save_wrappers(model)):
         m.disabled = disabled
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove ``adapter_name`` from every layer and wrapper of ``model``; a wrapper left without adapters is replaced by the module it wrapped."""
     for _, host in list(adapted_layers(model)):
         if adapter_name in host.adapters:
             host.remove(adapter_name)

@@ -63,6 +63,12 @@ def pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
 
 
 def layer_index(name: str, layers_pattern: Sequence[str] | str | None) -> int | None:
+    """The block index in module path ``name`` (``model.layers.3.mlp`` -> 3), or None.
+
+    Args:
+        name: a dotted module path.
+        layers_pattern: the name(s) of the block list (``layers``, ``h``, ...); None tries the usual ones.
+    """
     patterns = (layers_pattern,) if isinstance(layers_pattern, str) else (layers_pattern or LAYER_PATTERNS)
     for pattern in patterns:
         m = re.match(rf"(?:.*\.)?{pattern}\.(\d+)(?:\.|$)", name)

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
 
+from deltatune.methods.lora import merged_inference
 from deltatune.train.loss import causal_lm_loss
 from deltatune.train.trainer import FusedLossTrainer
+
 
 class NonFiniteLossError(RuntimeError):
     """The training loss (or, at a checkpoint, a trainable parameter) became NaN or infinite."""
@@ -26,23 +26,6 @@ class NonFiniteLossError(RuntimeError):
         super().__init__(message)
         self.step = step
         """The optimizer step (1-based) at which it happened."""
-
-
-def _method_hook(model: nn.Module, name: str) -> Any:
-    """The active adapter's method hook ``name`` (e.g. AdaLoRA's ``forward``), or None."""
-    configs = getattr(model, "peft_config", None)
-    active = getattr(model, "active_adapter", None)
-    if not configs or active not in configs:
-        return None
-    from deltatune.methods.base import get_method
-
-    return getattr(get_method(configs[active].peft_type), name, None)
-
-
-def _is_prompt_learning(model: nn.Module) -> bool:
-    configs = getattr(model, "peft_config", None) or {}
-    config = configs.get(getattr(model, "active_adapter", None))
-    return bool(getattr(config, "is_prompt_learning", False))
 
 
 def nonfinite_parameters(model: nn.Module, limit: int = 3) -> list[str]:
@@ -61,17 +44,10 @@ class AdapterTrainer(FusedLossTrainer):
 
     Also: a NaN/inf training loss raises :class:`NonFiniteLossError` before the optimizer step
     (so the weights and the last checkpoint stay good); the eval loss uses the fused loss too
-    (only supervised positions are projected onto the vocabulary); methods with their own
-    forward (prompt and prefix tuning insert virtual tokens, AdaLoRA adds its orthogonality
-    penalty to the loss) train through the model's forward; prompt methods also evaluate through it.
+    (only supervised positions are projected onto the vocabulary), without AdaLoRA's training
+    penalty. Every method trains through the fused loss: :func:`causal_lm_loss` runs prompt and
+    prefix tuning's virtual tokens and adds AdaLoRA's orthogonality penalty, as the model's forward does.
     """
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if _method_hook(model, "forward") is not None:
-            # The fused path calls the trunk directly and would skip the method's own forward: the
-            # virtual tokens of prompt/prefix tuning, AdaLoRA's orthogonality term.
-            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -81,13 +57,12 @@ class AdapterTrainer(FusedLossTrainer):
         return loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        if not prediction_loss_only or "labels" not in inputs or _is_prompt_learning(model):
-            # Virtual tokens exist only in the model's forward. (AdaLoRA's forward adds a training penalty,
-            # which the eval loss should leave out: the fused loss is the plain language-model loss.)
+        if not prediction_loss_only or "labels" not in inputs:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss, _ = causal_lm_loss(model, **inputs)
+        with merged_inference(model), self.compute_loss_context_manager():  # whole rows: merged LoRA weights pay
+            # The plain language-model loss: AdaLoRA's orthogonality penalty is for training only.
+            loss, _ = causal_lm_loss(model, **inputs, regularize=False)
         return loss.detach(), None, None
 
     # ---- checkpoints: the adapter only -----------------------------------------------------------------

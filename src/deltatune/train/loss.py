@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deltatune.model import PeftModel
+
 DEFAULT_MEMORY_BUDGET = 64 * 2**20
 """Bytes one chunk's logits (and its gradient, computed in place) may take; picks the chunk size."""
 
@@ -243,7 +245,7 @@ def causal_lm_loss(
     model: nn.Module, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
     labels: Tensor | None = None, position_ids: Tensor | None = None, *, num_items_in_batch: Tensor | int | None = None,
     shift_labels: Tensor | None = None, ignore_index: int = -100, chunk_size: int | None = None,
-    recompute: bool = False, **kw,
+    recompute: bool = False, regularize: bool = True, **kw,
 ) -> tuple[Tensor, int]:
     """Next-token loss of a transformers CausalLM without materialising (tokens, vocab) logits.
 
@@ -251,8 +253,13 @@ def causal_lm_loss(
     applies :func:`fused_linear_cross_entropy` with the output embedding's weight. Families in
     :data:`SUPPORTED_MODEL_TYPES` (llama, mistral, qwen2/3, gpt2, phi, phi3, gemma, olmo, smollm3,
     ...) take this path; a model whose config scales or softcaps logits, an unlisted family, a
-    prompt-learning PEFT wrapper or a DDP/FSDP wrapper falls back to the model's own loss, with a
-    warning once per reason.
+    prompt-learning or AdaLoRA wrapper from HF peft or a DDP/FSDP wrapper falls back to the model's
+    own loss, with a warning once per reason.
+
+    A deltatune :class:`~deltatune.model.PeftModel` gives the value of its own ``forward(...).loss``:
+    the trunk runs on :meth:`~deltatune.model.PeftModel.model_inputs` (prompt tuning's virtual tokens
+    with ``-100`` labels in front, prefix tuning's pre-filled cache), and
+    :meth:`~deltatune.model.PeftModel.loss_penalty` (AdaLoRA's orthogonality term) is added.
 
     Args:
         model: a transformers CausalLM, or a PEFT wrapper whose ``get_base_model()`` returns one.
@@ -267,33 +274,54 @@ def causal_lm_loss(
         ignore_index: label value excluded from the loss.
         chunk_size: tokens per chunk for the fused loss; default from the memory budget.
         recompute: see :func:`fused_linear_cross_entropy`.
+        regularize: add the adapter's training penalty (AdaLoRA's orthogonality term), as the
+            model's own forward does. False gives the plain language-model loss, for evaluation.
         **kw: passed to the trunk (e.g. ``token_type_ids``, ``inputs_embeds``).
 
     Returns:
         ``(loss, num_tokens)``: the mean (or ``num_items_in_batch``-normalised) loss, and the number
-        of supervised tokens in this batch.
+        of supervised tokens in this batch (virtual tokens' positions included, if they predict one).
+
+    Raises:
+        ValueError: with no targets to learn, or with ``shift_labels`` under prompt tuning (its virtual
+            tokens need targets in front, which only ``labels`` get).
     """
-    shifted = shift_labels
-    if shifted is None:
-        if labels is None:
-            if input_ids is None:
-                raise ValueError("causal_lm_loss needs labels, shift_labels or input_ids to know the targets.")
-            labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, ignore_index)
-        # Standard causal shift: position t predicts token t+1; the last position has no target.
-        shifted = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]  # (B, T)
+    if shift_labels is None and labels is None:
+        if input_ids is None:
+            raise ValueError("causal_lm_loss needs labels, shift_labels or input_ids to know the targets.")
+        labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, ignore_index)
+    inputs = dict(kw, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
+    ours = isinstance(model, PeftModel)
+    if ours:
+        # PeftModel.forward is its user model's forward on these inputs, plus loss_penalty() on the loss.
+        inputs = model.model_inputs(**inputs)
+    labels = inputs.pop("labels")
+    # Standard causal shift: position t predicts token t+1; the last position has no target.
+    shifted = shift_labels if shift_labels is not None else F.pad(labels, (0, 1), value=ignore_index)[..., 1:]  # (B, T)
     supervised = shifted != ignore_index  # (B, T)
     lm = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-    blocker = _fusion_blocker(model, lm)
+    blocker = _fusion_blocker(model, lm, regularize)
     if blocker is not None:
         _warn_once(blocker)
-        return _model_loss(model, input_ids, attention_mask, labels, position_ids, shift_labels,
-                           num_items_in_batch, int(supervised.sum()), **kw)
-    kw.setdefault("use_cache", False)  # a KV cache is dead weight in a training forward
+        loss = _model_loss(lm if ours else model, inputs, labels, shift_labels, num_items_in_batch)
+    else:
+        loss = _fused_loss(lm, inputs, shifted, supervised, num_items_in_batch, ignore_index, chunk_size, recompute)
+    penalty = model.loss_penalty() if ours and regularize else None
+    return (loss if penalty is None else loss + penalty), int(supervised.sum())
+
+
+def _fused_loss(lm, inputs, shifted, supervised, num_items_in_batch, ignore_index, chunk_size, recompute) -> Tensor:
+    """The trunk on ``inputs``, then the fused head and cross-entropy on the supervised positions."""
+    inputs.setdefault("use_cache", False)  # a KV cache is dead weight in a training forward
     # base_model (named by base_model_prefix) is the module the head's own forward calls; unlike
     # get_decoder() it is defined the same way in transformers 4.x and 5.x.
-    out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
-    hidden = out[0][supervised]  # (n, H): only supervised positions reach the projection
-    targets = shifted[supervised]  # (n,)
+    hidden = lm.base_model(**inputs)[0]  # (B, T, H)
+    if hidden.shape[:2] != shifted.shape:
+        raise ValueError(
+            f"the model's trunk returned {hidden.shape[1]} positions for targets of length {shifted.shape[1]}: an "
+            "adapter that inserts virtual tokens (prompt tuning) puts -100 in front of labels, which shift_labels "
+            "cannot get; pass labels (unshifted) instead of shift_labels")
+    hidden, targets = hidden[supervised], shifted[supervised]  # (n, H), (n,): only these reach the projection
     head = lm.get_output_embeddings()
     if _is_plain_linear(head):
         loss_sum = fused_linear_cross_entropy(hidden, head.weight, targets, bias=head.bias, ignore_index=ignore_index,
@@ -302,8 +330,7 @@ def causal_lm_loss(
         # An adapter wraps the head (LoRA on lm_head, modules_to_save): only its own forward gives
         # the right logits, so run it on the supervised rows, (n, V), not all (B*T, V).
         loss_sum = F.cross_entropy(head(hidden).float(), targets, reduction="sum")
-    n = targets.numel()
-    return loss_sum / (num_items_in_batch if num_items_in_batch is not None else max(n, 1)), n
+    return loss_sum / (num_items_in_batch if num_items_in_batch is not None else max(targets.numel(), 1))
 
 
 def _is_plain_linear(module: nn.Module | None) -> bool:
@@ -313,14 +340,19 @@ def _is_plain_linear(module: nn.Module | None) -> bool:
             and not module._forward_hooks and not module._forward_pre_hooks)
 
 
-def _fusion_blocker(model: nn.Module, lm: nn.Module) -> str | None:
+def _fusion_blocker(model: nn.Module, lm: nn.Module, regularize: bool) -> str | None:
     """Why the fused path would not reproduce this model's loss, or None if it does."""
     cfg = getattr(lm, "config", None)
     if cfg is None or getattr(lm, "base_model", lm) is lm:
         return (f"{type(model).__name__} is not a transformers model with a head on a trunk (a DDP/FSDP "
                 "wrapper? calling its trunk directly would bypass the wrapper's hooks)")
-    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
-        return "prompt-learning adapters add virtual tokens in the wrapper's forward"
+    # HF peft's own PeftModel (ours answers model_inputs and loss_penalty instead): what its forward adds
+    # is out of reach, so its loss is the one to use.
+    peft_config = None if isinstance(model, PeftModel) else getattr(model, "active_peft_config", None)
+    if getattr(peft_config, "is_prompt_learning", False):
+        return "peft's prompt-learning adapters add virtual tokens in the wrapper's forward"
+    if regularize and getattr(getattr(peft_config, "peft_type", None), "value", None) == "ADALORA":
+        return "peft's AdaLoRA adds its orthogonality penalty to the loss in the wrapper's forward"
     model_type = getattr(cfg, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         return f"model_type {model_type!r} is not in deltatune.train.loss.SUPPORTED_MODEL_TYPES"
@@ -339,11 +371,11 @@ def _warn_once(reason: str) -> None:
                       stacklevel=3)
 
 
-def _model_loss(model, input_ids, attention_mask, labels, position_ids, shift_labels, num_items_in_batch, n, **kw):
+def _model_loss(model, inputs, labels, shift_labels, num_items_in_batch):
     """The standard path: the model's forward with labels (logit processing, aux losses and all)."""
+    inputs = dict(inputs, labels=labels)
     if shift_labels is not None:  # ForCausalLMLoss reads them from kwargs; labels only switch the loss on
-        labels, kw["shift_labels"] = shift_labels, shift_labels
+        inputs["labels"] = inputs["shift_labels"] = shift_labels
     if num_items_in_batch is not None:
-        kw["num_items_in_batch"] = num_items_in_batch
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels, **kw)
-    return out.loss, n
+        inputs["num_items_in_batch"] = num_items_in_batch
+    return model(**inputs).loss

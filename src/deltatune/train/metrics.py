@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from deltatune.data.templates import generation_prompt, resolve_template
+from deltatune.methods.lora import merged_inference
 
 SCORINGS = ("auto", "first_token", "greedy")
 """Accepted values of ``scoring``."""
@@ -201,8 +202,11 @@ def _score(model, tokenizer, ds, n, gold_all, labels, template, scoring, max_new
         from tqdm.auto import tqdm
 
         groups = tqdm(groups, desc=f"accuracy ({scoring})", leave=False)
+    # First-token scoring forwards whole prompts, where each LoRA layer's merged weight costs less than
+    # its low-rank path; greedy decoding runs a token per step, where forming it every call costs more.
+    scope = merged_inference(model) if scoring == "first_token" else torch.no_grad()
     try:
-        with torch.no_grad():
+        with scope:
             for group in groups:
                 if scoring == "first_token":
                     preds = _predict_first_token_batch(model, tokenizer, [prompts[i] for i in group], labels, device)

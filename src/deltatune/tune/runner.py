@@ -39,7 +39,8 @@ def run_trial(config_tree: Mapping[str, Any], report: Report) -> float:
     Raises:
         ValueError: the config has no evaluation during training (``train.eval_steps: 0`` or
             ``data.eval_size: 0``), or the run ended without an eval loss.
-        Whatever ``report`` raises (``optuna.TrialPruned``), and training errors.
+        optuna.TrialPruned: passed on from ``report`` when the pruner stops the trial; training
+            errors are passed on as they are.
     """
     import time
     from pathlib import Path
