@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from deltatune.config import TaskType
+from deltatune.methods.base import layer_dims
 from deltatune.surgery.targets import iter_layers, output_head
 
 _TASK_AUTO_CLASSES = {
@@ -130,17 +131,6 @@ def describe(config: Any, model: nn.Module) -> Architecture:
     )
 
 
-def layer_shape(layer: nn.Module) -> tuple[int, int]:
-    """(in, out) of a wrappable layer as the math sees it: nn.Linear, GPT-2's Conv1D (stored (in, out)),
-    nn.Embedding (vocab -> dim) and quantized linears that carry in/out_features."""
-    if hasattr(layer, "in_features") and hasattr(layer, "out_features"):
-        return int(layer.in_features), int(layer.out_features)
-    if isinstance(layer, nn.Embedding):
-        return int(layer.num_embeddings), int(layer.embedding_dim)
-    weight = layer.weight  # Conv1D: (in, out)
-    return int(weight.shape[0]), int(weight.shape[1])
-
-
 @dataclass(frozen=True)
 class LayerGroup:
     """Wrappable layers that differ only in their block index, e.g. every block's ``q_proj``."""
@@ -171,7 +161,7 @@ def layer_groups(model: nn.Module, layer_types: tuple[type, ...]) -> list[LayerG
         if not isinstance(module, layer_types):
             continue
         pattern = re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "*", name)
-        fan_in, fan_out = layer_shape(module)
+        fan_out, fan_in = layer_dims(module)
         key = (pattern, type(module).__name__, fan_in, fan_out, module is head)
         groups.setdefault(key, []).append(name)
     return [LayerGroup(p, kind, i, o, len(names), is_head) for (p, kind, i, o, is_head), names in groups.items()]

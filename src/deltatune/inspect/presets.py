@@ -20,7 +20,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from deltatune.config import LoraConfig
-from deltatune.inspect.architecture import layer_shape
+from deltatune.methods.base import layer_dims
 from deltatune.surgery.targets import pattern_value, resolve_targets
 
 PRESET_NAMES = ("qv", "attention", "attention+mlp", "all-linear")
@@ -98,7 +98,7 @@ def lora_parameter_count(model: nn.Module, config: LoraConfig, targets: Sequence
     total = 0
     for name in names:
         layer = model.get_submodule(name)
-        fan_in, fan_out = layer_shape(getattr(layer, "base_layer", layer))
+        fan_out, fan_in = layer_dims(getattr(layer, "base_layer", layer))
         r = pattern_value(config.rank_pattern, name, config.r)
         total += r * (fan_in + fan_out) + (fan_out if config.use_dora and not isinstance(layer, nn.Embedding) else 0)
     return total

@@ -22,7 +22,7 @@ from torch import nn
 
 from deltatune.config import PeftType
 from deltatune.methods.adalora_config import AdaLoraConfig  # re-exported: the public import path
-from deltatune.methods.base import linear_layer_types, Adapter, Method, dense_weight, register_method, adapter_dtype
+from deltatune.methods.base import linear_layer_types, Adapter, Method, register_method, adapter_dtype, layer_dims
 
 RANKNUM_EPS = 1e-5  # peft divides by (ranknum + 1e-5); kept so merged weights match peft's bit for bit
 E_KEY = ".lora_E"  # rank_pattern keys are "<module path>.lora_E", as peft writes them
@@ -57,7 +57,7 @@ class SVDAdapter(Adapter):
 
     def __init__(self, base_layer: nn.Module, init_r: int, lora_alpha: float, dropout: float, init_weights: bool) -> None:
         super().__init__()
-        out_f, in_f = _shape(base_layer)
+        out_f, in_f = layer_dims(base_layer)
         dtype = adapter_dtype(base_layer)
         self.init_r, self.dropout_p = init_r, dropout
         self.scaling = svd_scaling(lora_alpha, init_r)
@@ -105,13 +105,6 @@ class SVDAdapter(Adapter):
         self.lora_A = nn.Parameter(self.lora_A[keep].clone(), requires_grad=grad)  # (r', in)
         self.lora_E = nn.Parameter(self.lora_E[keep].clone(), requires_grad=grad)  # (r', 1)
         self.lora_B = nn.Parameter(self.lora_B[:, keep].clone(), requires_grad=grad)  # (out, r')
-
-
-def _shape(layer: nn.Module) -> tuple[int, int]:
-    if hasattr(layer, "in_features") and hasattr(layer, "out_features"):
-        return layer.out_features, layer.in_features
-    w = dense_weight(layer)
-    return w.shape[0], w.shape[1]
 
 
 def make_svd_adapter(config: AdaLoraConfig, base_layer: nn.Module, module_name: str) -> SVDAdapter:

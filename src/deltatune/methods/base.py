@@ -70,6 +70,18 @@ def dense_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> torch.Te
     return w if dtype is None else w.to(dtype)
 
 
+def layer_dims(layer: nn.Module) -> tuple[int, int]:
+    """(out, in) of a layer as the linear map the math sees: nn.Linear and quantized linears (their
+    ``out/in_features``), GPT-2's Conv1D (stored (in, out)), nn.Embedding (one-hot ids to vectors: (dim,
+    vocab)), a convolution's (out, in) channels. Reads shapes only, so meta-device models work."""
+    if hasattr(layer, "in_features") and hasattr(layer, "out_features"):
+        return int(layer.out_features), int(layer.in_features)
+    if isinstance(layer, nn.Embedding):
+        return int(layer.embedding_dim), int(layer.num_embeddings)
+    shape = layer.weight.shape
+    return (int(shape[1]), int(shape[0])) if _stores_transposed(layer) else (int(shape[0]), int(shape[1]))
+
+
 @torch.no_grad()
 def adapter_dtype(layer: nn.Module) -> torch.dtype:
     """The dtype a new adapter on ``layer`` is created in: the layer's float weight dtype, or a quantized

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.config import LoraConfig, PeftType
-from deltatune.methods.base import Adapter, Method, dense_weight, register_method, set_dense_weight, adapter_dtype
+from deltatune.methods.base import Adapter, Method, dense_weight, register_method, set_dense_weight, adapter_dtype, layer_dims
 from deltatune.methods.lora_init import init_factors
 from deltatune.methods.lora_kernels import dora_linear, lora_linear
 from deltatune.surgery.targets import pattern_value
@@ -108,7 +108,7 @@ class LoraLinear(Adapter):
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool) -> None:
         super().__init__()
-        out_f, in_f = _shape(base_layer)
+        out_f, in_f = layer_dims(base_layer)
         dtype = adapter_dtype(base_layer)
         self.r, self.lora_alpha, self.use_dora = r, alpha, use_dora
         self.scaling = lora_scaling(alpha, r, use_rslora)
@@ -302,13 +302,6 @@ def merged_inference(model: nn.Module) -> Iterator[nn.Module]:
 
 
 # ---- construction ----------------------------------------------------------------------------------
-def _shape(layer: nn.Module) -> tuple[int, int]:
-    if hasattr(layer, "in_features") and hasattr(layer, "out_features"):
-        return layer.out_features, layer.in_features
-    w = dense_weight(layer)
-    return w.shape[0], w.shape[1]
-
-
 def make_lora_adapter(config: LoraConfig, base_layer: nn.Module, module_name: str) -> Adapter:
     """Build and initialise one LoRA adapter for ``base_layer`` (may move the base weight for PiSSA/OLoRA)."""
     r = pattern_value(config.rank_pattern, module_name, config.r)

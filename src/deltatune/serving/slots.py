@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deltatune.methods.base import Adapter, dense_weight
+from deltatune.methods.base import Adapter, dense_weight, layer_dims
 from deltatune.methods.ia3 import IA3Scale
 from deltatune.methods.lora import LoraEmbedding, LoraLinear, dora_weight_norm
 
@@ -49,16 +49,6 @@ class SlotWeights:
         return 0 if self.A is None else self.A.shape[0]
 
 
-def layer_shape(layer: nn.Module) -> tuple[int, int]:
-    """(out, in) of a layer as a linear map (an embedding maps one-hot ids: (dim, vocab))."""
-    if isinstance(layer, nn.Embedding):
-        return layer.embedding_dim, layer.num_embeddings
-    if hasattr(layer, "in_features") and hasattr(layer, "out_features"):
-        return layer.out_features, layer.in_features
-    out_f, in_f = dense_weight(layer).shape
-    return out_f, in_f
-
-
 @torch.no_grad()
 def slot_weights(adapter: Adapter, base_layer: nn.Module, where: str = "") -> SlotWeights:
     """Convert one trained adapter into bank form. The base layer is read (DoRA's norm), never changed.
@@ -66,7 +56,7 @@ def slot_weights(adapter: Adapter, base_layer: nn.Module, where: str = "") -> Sl
     Raises:
         ValueError: the adapter's type cannot be served in a mixed batch.
     """
-    out_f, in_f = layer_shape(base_layer)
+    out_f, in_f = layer_dims(base_layer)
     if isinstance(adapter, LoraLinear):
         A, B = adapter.lora_A.detach().clone(), adapter.lora_B.detach().clone()
         slot = SlotWeights(out_f, in_f, A=A, B=B, scaling=float(adapter.scaling))
