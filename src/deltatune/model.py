@@ -147,8 +147,8 @@ class PeftModel(PushToHubMixin, nn.Module):
         return list(self._active)
 
     def _prepare_config(self, config: PeftConfig) -> PeftConfig:
-        # SEQ_CLS trains the classifier head in full, as peft does ('classifier' or 'score').
-        if config.task_type == TaskType.SEQ_CLS and hasattr(config, "modules_to_save"):
+        # SEQ_CLS and TOKEN_CLS train the classifier head in full, as peft does ('classifier' or 'score').
+        if config.task_type in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS) and hasattr(config, "modules_to_save"):
             extra = [n for n in CLASSIFIER_NAMES if n not in (config.modules_to_save or ())]
             config = config.replace(modules_to_save=tuple(config.modules_to_save or ()) + tuple(extra))
         base = self.base_model.model
