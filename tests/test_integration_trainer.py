@@ -233,3 +233,26 @@ def test_forward_shows_the_base_model_signature(task):
     model = get_peft_model(base, LoraConfig(r=2, target_modules=targets, task_type=task))
     assert inspect.signature(model.forward) == inspect.signature(base.forward)
     assert "token_type_ids" in inspect.signature(model.forward).parameters or task != "SEQ_CLS"
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_trainer_accepts_a_bitsandbytes_model_with_a_deltatune_lora(bits, tmp_path):
+    # transformers refuses "purely quantized models" unless it sees an adapter model (item 8)
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32) if bits == 4 else BitsAndBytesConfig(load_in_8bit=True)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quant)
+    assert base.is_quantized
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    ids = torch.randint(3, 90, (8, 12), generator=torch.Generator().manual_seed(0))
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4),
+                      train_dataset=data)
+    trainer.train()
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters() if n in before)
+    assert len(before) == 8 and all("adapters.default.lora_" in n for n in before)
+    saved = tmp_path / "out" / "checkpoint-2"
+    assert (saved / "adapter_model.safetensors").exists() and not (saved / "model.safetensors").exists()
