@@ -10,6 +10,7 @@ import torch
 from deltatune import PeftModel, PeftModelForSeq2SeqLM, get_peft_model
 from deltatune.methods.prefix import PrefixTuningConfig, decoder_prefix
 from deltatune.methods.prompt import PromptTuningConfig
+from deltatune.methods.prompt_common import cache_argument
 from test_prompt_common import perturb_trainable
 from tiny import input_ids, tiny_gpt2, tiny_t5
 from tolerances import assert_close
@@ -139,8 +140,10 @@ def test_manual_decoding_with_the_returned_cache_matches_a_full_forward(kind):
         full = pm(input_ids=X, attention_mask=MASK, decoder_input_ids=DECODER_IDS).logits[:, -1]
         first = pm(input_ids=X, attention_mask=MASK, decoder_input_ids=DECODER_IDS[:, :-1], use_cache=True)
         # a decoding step: the encoder's outputs already hold the prompt, the cache already the prefix
+        # the cache's name is transformers' (``cache`` from 5.25 on, ``past_key_values`` before)
+        name = cache_argument(pm.get_base_model())
         step = pm(input_ids=X, attention_mask=MASK, encoder_outputs=(first.encoder_last_hidden_state,),
-                  decoder_input_ids=DECODER_IDS[:, -1:], cache=first.cache, use_cache=True).logits[:, -1]
+                  decoder_input_ids=DECODER_IDS[:, -1:], use_cache=True, **{name: getattr(first, name)}).logits[:, -1]
     assert_close(step, full, tier="reordered")  # cached attention sums in another order
 
 
