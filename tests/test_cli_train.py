@@ -47,6 +47,9 @@ def test_run_writes_adapter_config_metrics_plot_and_tensorboard(full_run, tiny_r
     assert metrics["final"]["scoring"] == "first_token" and metrics["final"]["total"] == 6
     assert len(metrics["train"]["train_loss"]) == 6 and len(metrics["train"]["eval_loss"]) == 2
     assert metrics["train"]["tokens_per_s"] > 0
+    from deltatune.train.precision import choose_precision
+
+    assert metrics["bf16"] is choose_precision("auto").bf16  # train.bf16=auto: what this machine supports
     # Checkpoints hold the adapter, not the base model's weights.
     ckpt = full_run / "checkpoint-3"
     assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()

@@ -66,7 +66,7 @@ def test_input_gradient_equals_dense_gradient_and_nothing_dense_is_saved():
 def test_worker_thread_tiles_equal_serial_tiles_and_work_in_inference_mode():
     layer = Linear4bit.from_linear(_linear(512, 256))
     layer.tile_rows = 32  # 8 tiles, split between the conftest's 2 torch threads
-    rows, x = layer._make_dequant_rows(), _x(3, 512)
+    rows, x = layer._make_dequant_rows(layer.compute_dtype), _x(3, 512)
     serial = tiled_linear(x, rows, 256, 32, parallel=False)
     assert torch.equal(tiled_linear(x, rows, 256, 32, parallel=True), serial)
     with torch.inference_mode():

@@ -2,7 +2,10 @@
 
 Code written for peft runs after changing ``from peft import ...`` to ``from deltatune import ...``.
 """
+from deltatune._version import __version__
 from deltatune.config import LoraConfig, PeftConfig, PeftType, TaskType
+from deltatune.io.checkpoint import set_peft_model_state_dict as _set_state_dict
+from deltatune.methods.base import get_method as _get_method
 from deltatune.model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -24,7 +27,6 @@ from deltatune.methods.prefix import PrefixTuningConfig
 
 from deltatune import integrations as _integrations
 
-__version__ = "0.1.0"
 
 # transformers, accelerate and TRL recognise adapter models by peft's classes; make them recognise ours too.
 _integrations.install()
@@ -48,15 +50,12 @@ def get_peft_model_state_dict(model, state_dict=None, adapter_name: str = "defau
 
 def set_peft_model_state_dict(model, peft_model_state_dict, adapter_name: str = "default"):
     """peft's function: load peft-format tensors into an existing adapter (all or nothing)."""
-    from deltatune.io.checkpoint import set_peft_model_state_dict as _set
-    from deltatune.methods.base import get_method
-
     config = model.peft_config[adapter_name]
-    own = get_method(config.peft_type).load_state_dict  # prompts and other non-layer methods load themselves
+    own = _get_method(config.peft_type).load_state_dict  # prompts and other non-layer methods load themselves
     if own is not None:
         own(model, peft_model_state_dict, adapter_name)
     else:
-        _set(model.base_model.model, peft_model_state_dict, adapter_name, config)
+        _set_state_dict(model.base_model.model, peft_model_state_dict, adapter_name, config)
 
 
 def __getattr__(name):

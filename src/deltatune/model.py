@@ -13,10 +13,12 @@ from typing import Any, Iterator
 from torch import nn
 from transformers.utils import PushToHubMixin
 
+from deltatune._version import __version__
 from deltatune.config import PeftConfig, TaskType
 from deltatune.forward_signature import presents_base_signature
 from deltatune.io import checkpoint as ckpt
 from deltatune.io.config_io import load_config
+from deltatune.methods.base import get_method
 from deltatune.quant.linear import quantized_parameter_count
 from deltatune.surgery import inject
 from deltatune.surgery.layer import AdaptedLayer
@@ -69,8 +71,6 @@ class PeftModel(PushToHubMixin, nn.Module):
     # ---- forward / generate --------------------------------------------------------------------
     def _method_hook(self, hook: str):
         """The active adapter's method hook (e.g. prompt tuning's forward), unless adapters are disabled."""
-        from deltatune.methods.base import get_method
-
         if not self._active or self._disabled:
             return None
         return getattr(get_method(self.peft_config[self._active[0]].peft_type), hook)
@@ -155,8 +155,6 @@ class PeftModel(PushToHubMixin, nn.Module):
         name = getattr(getattr(base, "config", None), "_name_or_path", None)
         if config.base_model_name_or_path is None and name:
             config = config.replace(base_model_name_or_path=name)
-        from deltatune.methods.base import get_method
-
         prepare = get_method(config.peft_type).prepare_config
         return prepare(config, base) if prepare is not None else config
 
@@ -184,8 +182,6 @@ class PeftModel(PushToHubMixin, nn.Module):
         self._refresh()
 
     def _inject(self, config: PeftConfig, adapter_name: str) -> None:
-        from deltatune.methods.base import get_method
-
         method = get_method(config.peft_type)
         check_modules_to_save(self.base_model.model, getattr(config, "modules_to_save", None))
         hook = getattr(method, "attach", None)
@@ -219,8 +215,6 @@ class PeftModel(PushToHubMixin, nn.Module):
         trainable = [n for n in self._active if not self.peft_config[n].inference_mode]
         bias = self.peft_config[self._active[0]].bias if self._active and hasattr(self.peft_config[self._active[0]], "bias") else "none"
         inject.mark_trainable(model, trainable, bias)
-        from deltatune.methods.base import get_method
-
         for peft_type in {c.peft_type for c in self.peft_config.values()}:
             hook = get_method(peft_type).refresh
             if hook is not None:
@@ -239,8 +233,6 @@ class PeftModel(PushToHubMixin, nn.Module):
         """
         if adapter_name not in self.peft_config:
             raise ValueError(f"no adapter named {adapter_name!r}; this model has {sorted(self.peft_config)}")
-        from deltatune.methods.base import get_method
-
         method = get_method(self.peft_config[adapter_name].peft_type)
         detach = getattr(method, "detach", None)
         if detach is not None:
@@ -360,7 +352,6 @@ class PeftModel(PushToHubMixin, nn.Module):
     def _write_model_card(self, save_directory: str | os.PathLike) -> None:
         from transformers import PreTrainedModel
 
-        from deltatune import __version__
         from deltatune.io.model_card import write_model_card
 
         base = self.get_base_model()
@@ -385,8 +376,6 @@ class PeftModel(PushToHubMixin, nn.Module):
         Returns:
             ``{key: tensor}``, each tensor a detached CPU copy of its own (tied weights are not shared).
         """
-        from deltatune.methods.base import get_method
-
         config = self.peft_config[adapter_name]
         method = get_method(config.peft_type)
         own = getattr(method, "state_dict", None)
@@ -437,8 +426,6 @@ class PeftModel(PushToHubMixin, nn.Module):
             raise
 
     def _load_weights(self, folder: Path, adapter_name: str, sd: dict | None = None) -> None:
-        from deltatune.methods.base import get_method
-
         sd = ckpt.load_weights(folder) if sd is None else sd
         config = self.peft_config[adapter_name]
         own = getattr(get_method(config.peft_type), "load_state_dict", None)

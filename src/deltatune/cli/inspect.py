@@ -17,6 +17,8 @@ from typing import Any
 
 def register(subparsers: Any) -> None:
     """Add the ``inspect`` subcommand."""
+    from deltatune.surgery.presets import PRESET_NAMES  # the preset table `deltatune plan` reads too
+
     p = subparsers.add_parser(
         "inspect",
         help="Show a model's layers and target presets, or check an adapter folder.",
@@ -29,7 +31,7 @@ def register(subparsers: Any) -> None:
                    "--adapter the base model the adapter names)")
     p.add_argument("--r", type=int, default=16, help="LoRA rank for the preset parameter counts (default 16)")
     p.add_argument("--targets", default=None,
-                   help="dry run: comma list of module names, a preset (qv, attention, attention+mlp) or all-linear")
+                   help=f"dry run: comma list of module names or a preset ({', '.join(PRESET_NAMES)})")
     p.add_argument("--target-regex", default=None, help="dry run: a regex matched against full module paths")
     p.add_argument("--exclude", default=None, help="dry run: comma list of module names never to wrap")
     p.add_argument("--layers", default=None, help="dry run: comma list of block indices to wrap (layers_to_transform)")

@@ -18,11 +18,6 @@ from typing import Any, Sequence
 
 from deltatune.cli.export import base_model_for, read_adapter_config
 
-# Combination types (deltatune.combine.weighted.COMBINATION_TYPES), listed here so --help stays light.
-METHODS = (
-    "svd", "linear", "cat", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd",
-    "magnitude_prune", "magnitude_prune_svd",
-)
 NEW_ADAPTER = "default"  # saved at the root of --out, as peft does for 'default'
 
 
@@ -77,8 +72,10 @@ def merge_adapters(
     weights = list(weights) if weights is not None else [1.0 / len(folders)] * len(folders)
     if len(weights) != len(folders):
         raise ValueError(f"got {len(folders)} adapters but {len(weights)} --weights; pass one weight per adapter")
-    if method not in METHODS:
-        raise ValueError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
+    from deltatune.combine.weighted import COMBINATION_TYPES
+
+    if method not in COMBINATION_TYPES:
+        raise ValueError(f"--method {method!r}: expected one of {', '.join(COMBINATION_TYPES)}")
     check_output_folder(out, force)  # fail before the (slow) model load
     configs = [read_adapter_config(f) for f in folders]
     for folder, config in zip(folders, configs):
@@ -101,6 +98,9 @@ def merge_adapters(
 
 def register(subparsers: Any) -> None:
     """Add the ``merge`` subcommand."""
+    # The combination types are the combine package's own (imported only when ``merge`` is the command).
+    from deltatune.combine.weighted import COMBINATION_TYPES
+
     p = subparsers.add_parser(
         "merge", help="Combine adapters into a new adapter (linear, cat, svd, ties, dare, ...).",
         description="Combines LoRA adapters with peft's add_weighted_adapter semantics and writes a new "
@@ -109,7 +109,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter folders to combine")
     p.add_argument("--weights", nargs="+", type=float, default=None,
                    help="one weight per adapter, negative to subtract (default: 1/n each)")
-    p.add_argument("--method", choices=METHODS, default="svd",
+    p.add_argument("--method", choices=COMBINATION_TYPES, default="svd",
                    help="combination type (default svd; cat and svd are exact, linear/ties/... approximate)")
     p.add_argument("--density", type=float, default=None, help="fraction kept, for ties/dare/magnitude_prune")
     p.add_argument("--svd-rank", type=int, default=None, help="rank of the *_svd result (default: largest input rank)")

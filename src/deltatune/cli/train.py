@@ -23,11 +23,13 @@ Outputs in output_dir: adapter/ (peft format), config.yaml, metrics.json, loss.p
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``train`` subcommand."""
+    from deltatune.methods.base import method_names  # the registry: every method.name, variants included
+
     parser = subparsers.add_parser(
         "train", help="Fine-tune a model with an adapter (default: SmolLM2-135M-Instruct on BBC news topics).",
         description="Fine-tune a causal LM with a PEFT adapter. With no arguments, runs the default job: LoRA on "
                     "SmolLM2-135M-Instruct classifying BBC news articles into five topics, scoring accuracy "
-                    "before and after.",
+                    f"before and after. Methods (method.name): {', '.join(method_names())}.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value",

@@ -18,6 +18,8 @@ from deltatune.config import PeftConfig, PeftType
 from deltatune.io.checkpoint import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, set_peft_model_state_dict
 from deltatune.io.config_io import CONFIG_NAME, config_from_dict, read_config_json
 from deltatune.inspect.architecture import meta_model
+from deltatune.methods.base import get_method
+from deltatune.model import get_peft_model
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -119,9 +121,6 @@ def load_problems(files: AdapterFiles, config: PeftConfig, model_config: Any) ->
     Runs the same steps as ``PeftModel.from_pretrained`` (attach, then the method's all-or-nothing
     loader) on a meta-device model with meta tensors of the saved shapes.
     """
-    from deltatune.methods.base import get_method
-    from deltatune.model import get_peft_model
-
     model = meta_model(model_config, config.task_type)
     try:
         with torch.device("meta"):

@@ -1,16 +1,7 @@
 """Target presets per model family, and the exact number of LoRA parameters each one trains.
 
-A preset is a ``target_modules`` list for :class:`deltatune.LoraConfig`. The four presets follow the
-usual progression (Hu et al., 2021, section 7.1 trains W_q and W_v; QLoRA, Dettmers et al., 2023,
-found every linear layer necessary to match full fine-tuning):
-
-* ``qv``: the query and value projections (peft's default; fused QKV layers for GPT-2, Falcon, BLOOM),
-* ``attention``: every attention projection,
-* ``attention+mlp``: attention plus the feed-forward layers,
-* ``all-linear``: every Linear/Conv1D except the output head.
-
-Names that occur in both attention and MLP (GPT-2's ``c_proj``, Falcon's ``dense``) are written
-with their parent (``attn.c_proj``), which the suffix rule of ``target_modules`` matches exactly.
+The presets themselves (``qv``, ``attention``, ``attention+mlp``, ``all-linear``) are the one table in
+:mod:`deltatune.surgery.presets`, which ``deltatune plan`` reads too; this module sizes them for a model.
 """
 from __future__ import annotations
 
@@ -21,70 +12,9 @@ from torch import nn
 
 from deltatune.config import LoraConfig
 from deltatune.methods.base import layer_dims
+# The preset table lives with target resolution; re-exported here, where the inspection API names it.
+from deltatune.surgery.presets import FAMILY_PRESETS, PRESET_NAMES, presets_for  # noqa: F401
 from deltatune.surgery.targets import pattern_value, resolve_targets
-
-PRESET_NAMES = ("qv", "attention", "attention+mlp", "all-linear")
-"""Preset names, smallest first."""
-
-_LLAMA = {
-    "qv": ("q_proj", "v_proj"),
-    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "attention+mlp": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-}
-
-
-def _fused_qkv(attention_out: str) -> dict[str, tuple[str, ...]]:
-    """Falcon, BLOOM (``self_attention.dense``) and GPT-NeoX (``attention.dense``): one fused
-    query_key_value projection per block."""
-    return {
-        "qv": ("query_key_value",),
-        "attention": ("query_key_value", attention_out),
-        "attention+mlp": ("query_key_value", attention_out, "dense_h_to_4h", "dense_4h_to_h"),
-    }
-
-
-FAMILY_PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
-    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
-    "gemma": _LLAMA, "gemma2": _LLAMA,
-    "gpt2": {
-        "qv": ("c_attn",),
-        "attention": ("c_attn", "attn.c_proj"),
-        "attention+mlp": ("c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
-    },
-    "phi": {
-        "qv": ("q_proj", "v_proj"),
-        "attention": ("q_proj", "k_proj", "v_proj", "self_attn.dense"),
-        "attention+mlp": ("q_proj", "k_proj", "v_proj", "self_attn.dense", "fc1", "fc2"),
-    },
-    "phi3": {
-        "qv": ("qkv_proj",),
-        "attention": ("qkv_proj", "o_proj"),
-        "attention+mlp": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
-    },
-    "falcon": _fused_qkv("self_attention.dense"), "bloom": _fused_qkv("self_attention.dense"),
-    "gpt_neox": _fused_qkv("attention.dense"),
-    "opt": {
-        "qv": ("q_proj", "v_proj"),
-        "attention": ("q_proj", "k_proj", "v_proj", "out_proj"),
-        "attention+mlp": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
-    },
-    "bert": {
-        "qv": ("query", "value"),
-        "attention": ("query", "key", "value", "attention.output.dense"),
-        # "output.dense" also matches attention.output.dense, which this preset includes anyway.
-        "attention+mlp": ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
-    },
-}
-FAMILY_PRESETS["roberta"] = FAMILY_PRESETS["bert"]
-"""model_type -> preset name -> ``target_modules``. ``all-linear`` applies to every family."""
-
-
-def presets_for(model_type: str) -> dict[str, tuple[str, ...] | str]:
-    """The presets known for ``model_type``, in :data:`PRESET_NAMES` order; always includes ``all-linear``."""
-    known = FAMILY_PRESETS.get(model_type, {})
-    out: dict[str, tuple[str, ...] | str] = {name: known[name] for name in PRESET_NAMES if name in known}
-    out["all-linear"] = "all-linear"
-    return out
 
 
 def lora_parameter_count(model: nn.Module, config: LoraConfig, targets: Sequence[str] | None = None) -> int:

@@ -13,6 +13,8 @@ from deltatune.inspect.adapter_check import AdapterFiles
 from deltatune.inspect.architecture import Architecture, LayerGroup
 from deltatune.inspect.presets import PresetRow
 from deltatune.inspect.servers import Finding
+from deltatune.model import get_peft_model
+from deltatune.surgery.inject import adapted_layers
 
 
 def _table(rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
@@ -81,9 +83,6 @@ def dry_run(model: nn.Module, config: PeftConfig) -> DryRun:
     Raises:
         ValueError: the config's targets do not resolve on this model (the message lists what exists).
     """
-    from deltatune.model import get_peft_model
-    from deltatune.surgery.inject import adapted_layers
-
     with torch.device("meta"):
         peft_model = get_peft_model(model, config)
     trainable, total = peft_model.get_nb_trainable_parameters()

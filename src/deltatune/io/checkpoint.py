@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from deltatune.io.atomic import atomic_write_files, finish_interrupted_save
+from deltatune.io.config_io import CONFIG_NAME, config_json
 from deltatune.surgery.inject import adapted_layers, save_wrappers
 from deltatune.surgery.layer import AdaptedLayer
 
@@ -183,8 +184,6 @@ def save_adapter(state_dict: dict[str, torch.Tensor], config: Any, folder: str |
                  auto_mapping: dict[str, str] | None = None) -> Path:
     """Write an adapter's weights and ``adapter_config.json`` as one step (see the module docstring).
     ``auto_mapping`` goes into the config file as peft writes it (the base model's class, for ``AutoPeftModel``)."""
-    from deltatune.io.config_io import CONFIG_NAME, config_json
-
     name, write, other = _weights_writer(state_dict, safe_serialization)
     text = config_json(config, auto_mapping)
 

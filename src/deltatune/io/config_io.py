@@ -24,6 +24,7 @@ from typing import Any
 
 from deltatune.config import PeftConfig, PeftType, type_name
 from deltatune.io.atomic import atomic_write_text, finish_interrupted_save
+from deltatune.methods.base import get_method
 
 CONFIG_NAME = "adapter_config.json"
 _ANY = object()
@@ -46,8 +47,6 @@ def _inert(key: str, value: Any) -> bool:
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> PeftConfig:
     """Build the right config class from a peft-style dict; see the module docstring for unknown keys."""
-    from deltatune.methods.base import get_method
-
     if "peft_type" not in data:
         raise ValueError(f"{source}: no 'peft_type' key; this is not an adapter_config.json written by peft or deltatune")
     try:

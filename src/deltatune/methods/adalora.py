@@ -22,7 +22,7 @@ from torch import nn
 
 from deltatune.config import PeftType
 from deltatune.methods.adalora_config import AdaLoraConfig  # re-exported: the public import path
-from deltatune.methods.base import linear_layer_types, Adapter, Method, register_method, adapter_dtype, layer_dims
+from deltatune.methods.base import LLAMA_LINEAR, linear_layer_types, Adapter, Method, register_method, adapter_dtype, layer_dims
 
 RANKNUM_EPS = 1e-5  # peft divides by (ranknum + 1e-5); kept so merged weights match peft's bit for bit
 E_KEY = ".lora_E"  # rank_pattern keys are "<module path>.lora_E", as peft writes them
@@ -284,6 +284,9 @@ register_method(Method(
     PeftType.ADALORA, AdaLoraConfig, make_svd_adapter, layer_types=_supported_types(), attach=_attach,
     detach=_detach, state_dict=_state_dict, load_state_dict=_load_state_dict, forward=_forward, loss_penalty=_penalty,
     prepare_config=prepare_adalora_config,
+    name="adalora", train_preset=types.MappingProxyType(
+        {"init_r": 12, "target_r": 8, "lora_alpha": 16, "target_modules": list(LLAMA_LINEAR)}),
+    default_targets=types.MappingProxyType(ADALORA_DEFAULT_TARGETS), merges=True,
 ))
 
 

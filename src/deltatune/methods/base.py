@@ -6,8 +6,10 @@ saved or deleted without touching the base weights.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, ClassVar
+import importlib
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -111,9 +113,33 @@ def linear_layer_types() -> tuple[type, ...]:
     return (nn.Linear, Conv1D, *quantized_linear_types())
 
 
+_EMPTY: Mapping[str, Any] = types.MappingProxyType({})
+
+LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""Every linear layer of a LLaMA block: what ``deltatune train``'s presets adapt (its default model is
+LLaMA-shaped)."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A name under which a method is chosen (``deltatune train``'s ``method.name``, ``plan --method``).
+
+    Every method has one for its own name; LoRA also has ``dora``, ``rslora`` and ``qlora``, the same
+    method with an option fixed or the base model quantized.
+    """
+
+    name: str
+    """The name users type (``lora``, ``dora``...)."""
+    fixed: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    """Options the name implies (``dora`` -> ``use_dora: true``); setting them otherwise is an error."""
+    quantized: bool = False
+    """Quantize the base model's linear layers to 4 bits first (QLoRA)."""
+
+
 @dataclass(frozen=True)
 class Method:
-    """A registered adapter method: which config it reads and how it builds one layer's adapter."""
+    """A registered adapter method: which config it reads, how it builds one layer's adapter, and the
+    facts every list of methods derives from (names, presets, default targets, what it supports)."""
 
     peft_type: PeftType
     config_cls: type[PeftConfig]
@@ -139,9 +165,36 @@ class Method:
     # (config, model) -> config with model-dependent defaults filled in (e.g. IA³'s per-family targets);
     # runs before targets are resolved, and its result is what gets saved.
     prepare_config: Callable | None = None
+    # Facts. The CLI, ``deltatune train``'s method table and ``deltatune plan`` read them from here.
+    name: str = ""
+    """The method's own name (``lora``, ``ia3``...); defaults to ``peft_type``'s value in lower case."""
+    variants: tuple[Variant, ...] = ()
+    """Other names for this method with some options fixed (LoRA: ``dora``, ``rslora``, ``qlora``)."""
+    train_preset: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    """Options ``deltatune train`` uses when the user sets none (written into the run's config file)."""
+    default_targets: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    """model_type -> the targets used when ``target_modules`` is None (peft's per-family defaults; IA³:
+    a ``(target_modules, feedforward_modules)`` pair)."""
+    merges: bool = False
+    """Whether ``merge_and_unload`` can fold the adapter into the base weights."""
+    servable: bool = False
+    """Whether it can be served in mixed batches (per-row adapters from a bank, :mod:`deltatune.serving`)."""
+    wraps_forward: bool = False
+    """Whether it changes the model's inputs rather than its layers (prompt and prefix tuning)."""
+    plannable: bool = False
+    """Whether ``deltatune plan`` counts and estimates it."""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            object.__setattr__(self, "name", str(getattr(self.peft_type, "value", self.peft_type)).lower())
+
+    def named(self) -> tuple[Variant, ...]:
+        """The method's own name first, then its variants."""
+        return (Variant(self.name), *self.variants)
 
 
 METHODS: dict[PeftType, Method] = {}
+"""The registry: peft_type -> :class:`Method`. A method module registers itself when imported."""
 
 
 def register_method(method: Method) -> Method:
@@ -159,12 +212,31 @@ METHOD_MODULES = {
 
 
 def get_method(peft_type: PeftType | str) -> Method:
+    """The registered method for ``peft_type``, importing its module on first use.
+
+    Raises:
+        ValueError: no method has that ``peft_type`` (the message lists the known ones).
+    """
+    if peft_type in METHODS:
+        return METHODS[peft_type]
     try:
         peft_type = PeftType(peft_type)
     except ValueError:
-        raise ValueError(f"unknown peft_type {peft_type!r}; deltatune supports {[t.value for t in PeftType]}") from None
+        known = [t.value for t in PeftType] + [str(getattr(t, "value", t)) for t in METHODS if t not in METHOD_MODULES]
+        raise ValueError(f"unknown peft_type {peft_type!r}; deltatune supports {known}") from None
     if peft_type not in METHODS:
-        import importlib
-
         importlib.import_module(f"deltatune.methods.{METHOD_MODULES[peft_type]}")
     return METHODS[peft_type]
+
+
+def all_methods() -> list[Method]:
+    """Every method: the built-in ones in :data:`METHOD_MODULES` order (imported now if they were not),
+    then any registered since (a plugin, a test's toy method) in registration order."""
+    builtin = [get_method(t) for t in METHOD_MODULES]
+    return builtin + [m for t, m in METHODS.items() if t not in METHOD_MODULES]
+
+
+def method_names() -> dict[str, tuple[Method, Variant]]:
+    """Every name a user can pick a method by (``lora``, ``dora``, ``qlora``, ``ia3``...), in order, with
+    its method and variant."""
+    return {v.name: (m, v) for m in all_methods() for v in m.named()}

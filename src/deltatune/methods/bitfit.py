@@ -233,5 +233,6 @@ def attach_bitfit(peft_model: nn.Module, config: BitFitConfig, adapter_name: str
 
 
 register_method(
-    Method(PeftType.BITFIT, BitFitConfig, make_adapter=None, layer_types=supported_types(), attach=attach_bitfit)
+    Method(PeftType.BITFIT, BitFitConfig, make_adapter=None, layer_types=supported_types(), attach=attach_bitfit,
+           name="bitfit", merges=True)
 )

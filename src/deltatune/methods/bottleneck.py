@@ -21,6 +21,7 @@ Not in peft. On disk (``peft_type`` "BOTTLENECK") each adapted module ``<m>`` st
 from __future__ import annotations
 
 import math
+import types
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Sequence
 
@@ -197,5 +198,6 @@ register_method(
     Method(
         PeftType.BOTTLENECK, BottleneckConfig, make_bottleneck_adapter,
         layer_types=_supported_types(), prepare_config=prepare_bottleneck_config,
+        name="bottleneck", default_targets=types.MappingProxyType(PLACEMENTS), plannable=True,
     )
 )

@@ -12,6 +12,7 @@ On disk each vector is ``base_model.model.<module>.ia3_l``, shaped (out, 1) for 
 from __future__ import annotations
 
 import re
+import types
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
@@ -249,5 +250,8 @@ def _supported_types() -> tuple[type, ...]:
 
 
 register_method(
-    Method(PeftType.IA3, IA3Config, make_ia3_adapter, layer_types=_supported_types(), prepare_config=prepare_ia3_config)
+    Method(
+        PeftType.IA3, IA3Config, make_ia3_adapter, layer_types=_supported_types(), prepare_config=prepare_ia3_config,
+        name="ia3", default_targets=types.MappingProxyType(IA3_DEFAULTS), merges=True, servable=True, plannable=True,
+    )
 )

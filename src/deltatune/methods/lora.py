@@ -17,15 +17,16 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import types
 import weakref
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from deltatune.config import LoraConfig, PeftType
-from deltatune.methods.base import Adapter, Method, dense_weight, register_method, set_dense_weight, adapter_dtype, layer_dims
+from deltatune.methods.base import LLAMA_LINEAR, Adapter, Method, Variant, dense_weight, register_method, set_dense_weight, adapter_dtype, layer_dims
 from deltatune.methods.lora_init import init_factors
 from deltatune.methods.lora_kernels import dora_linear, lora_linear
 from deltatune.surgery.targets import pattern_value
@@ -339,6 +340,32 @@ def prepare_lora_config(config: LoraConfig, model: nn.Module) -> LoraConfig:
     return config.replace(target_modules=list(default_targets(model, PeftType.LORA)))
 
 
+# peft's default targets per model family when target_modules is None.
+LORA_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
+    "qwen3": ("q_proj", "v_proj"), "gemma": ("q_proj", "v_proj"), "phi": ("q_proj", "v_proj"),
+    "phi3": ("qkv_proj",), "gpt2": ("c_attn",), "bert": ("query", "value"), "roberta": ("query", "value"),
+    "falcon": ("query_key_value",), "bloom": ("query_key_value",), "gpt_neox": ("query_key_value",),
+    "opt": ("q_proj", "v_proj"), "t5": ("q", "v"), "mt5": ("q", "v"), "bart": ("q_proj", "v_proj"),
+    "gptj": ("q_proj", "v_proj"),
+}
+
+LORA_PRESET: Mapping[str, Any] = types.MappingProxyType(
+    {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": list(LLAMA_LINEAR)}
+)
+"""Default LoRA options of ``deltatune train``: rank 8 on every linear layer of the blocks (the
+default model is LLaMA-shaped; for other families set ``method.target_modules``, or ``all-linear``)."""
+
 register_method(
-    Method(PeftType.LORA, LoraConfig, make_lora_adapter, layer_types=_supported_types(), prepare_config=prepare_lora_config)
+    Method(
+        PeftType.LORA, LoraConfig, make_lora_adapter, layer_types=_supported_types(), prepare_config=prepare_lora_config,
+        name="lora",
+        variants=(
+            Variant("dora", types.MappingProxyType({"use_dora": True})),
+            Variant("rslora", types.MappingProxyType({"use_rslora": True})),
+            Variant("qlora", quantized=True),
+        ),
+        train_preset=LORA_PRESET, default_targets=types.MappingProxyType(LORA_DEFAULT_TARGETS),
+        merges=True, servable=True, plannable=True,
+    )
 )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import types
 from dataclasses import dataclass
 from typing import ClassVar, Iterator, Sequence
 
@@ -264,4 +265,7 @@ def attach_partial(peft_model: nn.Module, config: PartialConfig, adapter_name: s
     inject.add_modules_to_save(model, names, adapter_name)
 
 
-register_method(Method(PeftType.PARTIAL, PartialConfig, make_adapter=None, attach=attach_partial))
+register_method(Method(
+    PeftType.PARTIAL, PartialConfig, make_adapter=None, attach=attach_partial,
+    name="partial", train_preset=types.MappingProxyType({"layers_to_train": "last:2"}),
+))

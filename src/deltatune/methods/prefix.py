@@ -289,5 +289,5 @@ def _fit_decoder(config: PrefixTuningConfig, cfg: Any, given_token_dim: int | No
 
 register_prompt_method(
     PeftType.PREFIX_TUNING, PrefixTuningConfig, build_prefix_encoder, prepare_prefix_config,
-    insert_prefix, inserts_tokens=False,
+    insert_prefix, inserts_tokens=False, name="prefix", train_preset={"num_virtual_tokens": 20},
 )

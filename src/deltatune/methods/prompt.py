@@ -187,5 +187,5 @@ def prepare_prompt_config(config: PromptTuningConfig, model: nn.Module) -> Promp
 
 register_prompt_method(
     PeftType.PROMPT_TUNING, PromptTuningConfig, build_prompt_embedding, prepare_prompt_config,
-    insert_prompt, inserts_tokens=True,
+    insert_prompt, inserts_tokens=True, name="prompt", train_preset={"num_virtual_tokens": 20},
 )

@@ -18,9 +18,10 @@ learning keeps the user's model itself as ``base_model``).
 from __future__ import annotations
 
 import inspect
+import types
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -439,6 +440,8 @@ def register_prompt_method(
     prepare_config: Callable[[PromptLearningConfig, nn.Module], PromptLearningConfig],
     insert: InsertFn,
     inserts_tokens: bool,
+    name: str,
+    train_preset: Mapping[str, Any],
 ) -> Method:
     """Register a prompt-learning method: its encoder builder and insert function, shared hooks otherwise."""
 
@@ -452,5 +455,6 @@ def register_prompt_method(
             attach=attach, detach=detach, state_dict=state_dict, load_state_dict=load_state_dict,
             forward=make_forward(model_inputs), model_inputs=model_inputs,
             generate=make_generate(insert, inserts_tokens), refresh=refresh, prepare_config=prepare_config,
+            name=name, train_preset=types.MappingProxyType(dict(train_preset)), wraps_forward=True, plannable=True,
         )
     )

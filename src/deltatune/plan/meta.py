@@ -15,6 +15,7 @@ from torch import nn
 
 from deltatune.plan.setup import TrainSetup, peft_config_for
 from deltatune.quant.linear import quantized_parameter_count
+from deltatune.surgery.layer import AdaptedLayer
 
 
 def load_model_config(model: Any) -> Any:
@@ -150,7 +151,6 @@ def _quantized_weights(model: nn.Module, setup: TrainSetup) -> set[int]:
     unless tied to another parameter, as :func:`deltatune.quant.plan_quantization` decides."""
     from deltatune.quant import QuantConfig
     from deltatune.quant.model import tied_parameter_names
-    from deltatune.surgery.layer import AdaptedLayer
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     qc = QuantConfig(blocksize=setup.quant_blocksize, double_quant=setup.double_quant)

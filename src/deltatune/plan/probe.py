@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from deltatune.methods.base import get_method
 from deltatune.models.checkpointing import enable_activation_checkpointing
 from deltatune.plan.setup import TrainSetup
 
@@ -209,7 +210,6 @@ def _warm_imports(model_source: Any, setup: TrainSetup) -> None:
     """Import every module the steps will need, so module code is part of the baseline."""
     from transformers import AutoModelForCausalLM
 
-    from deltatune.methods.base import get_method
     from deltatune.plan.meta import load_model_config
 
     AutoModelForCausalLM._model_mapping[type(load_model_config(model_source))]  # imports modeling_<family>

@@ -8,11 +8,42 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
-METHODS = ("lora", "dora", "rslora", "qlora", "ia3", "prompt", "prefix", "bottleneck", "full")
-"""Method names ``plan`` understands; ``qlora`` is LoRA on an NF4 base, ``full`` trains everything."""
+from deltatune.config import PeftType
+from deltatune.methods.base import method_names
+from deltatune.surgery.presets import GENERIC_PRESETS, family_preset
+from deltatune.surgery.targets import linear_layer_names
+
+
+class _PlanMethods(Sequence):
+    """The names of the registered methods marked ``plannable`` (with their variants), then ``full``;
+    read from the registry on every access, so a method registered later is plannable too."""
+
+    def _names(self) -> tuple[str, ...]:
+        return (*(n for n, (m, _) in method_names().items() if m.plannable), "full")
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._names()[i]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __repr__(self) -> str:
+        return repr(self._names())
+
+
+METHODS: Sequence[str] = _PlanMethods()
+"""Method names ``plan`` understands (lora, dora, rslora, qlora, ia3, prompt, prefix, bottleneck, full);
+``qlora`` is LoRA on an NF4 base, ``full`` trains everything."""
 
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 """``adamw``: two fp32 moments per trainable parameter; ``adamw8bit``: blockwise 8-bit moments;
@@ -26,15 +57,10 @@ families in ``deltatune.train.loss.SUPPORTED_MODEL_TYPES``)."""
 DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 """Compute dtypes and their bytes per element."""
 
-TARGET_PRESETS: dict[str, tuple[str, ...] | str] = {
-    "all-linear": "all-linear",
-    "attention": ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "c_attn", "query", "key",
-                  "value", "Wqkv", "out_proj", "Wo"),
-    "qv": ("q_proj", "v_proj", "query", "value", "c_attn", "qkv_proj", "query_key_value", "Wqkv"),
-    "mlp": ("gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc", "w1", "w2", "w3",
-            "dense_h_to_4h", "dense_4h_to_h"),
-}
-"""Named target sets. Each name list is filtered to the layer names a given model has."""
+TARGET_PRESETS: dict[str, tuple[str, ...] | str] = GENERIC_PRESETS
+"""Named target sets (``qv``, ``attention``, ``mlp``, ``attention+mlp``, ``all-linear``): a known family's
+come from :data:`deltatune.surgery.presets.FAMILY_PRESETS`, the table ``deltatune inspect`` shows; for
+other families these name lists are filtered to the layer names a given model has."""
 
 
 @dataclass(frozen=True)
@@ -124,12 +150,12 @@ class TrainSetup:
     @property
     def is_lora_family(self) -> bool:
         """True for the methods that train LoRA factors: ``lora``, ``dora``, ``rslora``, ``qlora``."""
-        return self.method in ("lora", "dora", "rslora", "qlora")
+        return self.method != "full" and method_names()[self.method][0].peft_type == PeftType.LORA
 
     @property
     def is_prompt_learning(self) -> bool:
         """True for the methods that add virtual tokens or prefixes to the inputs: ``prompt``, ``prefix``."""
-        return self.method in ("prompt", "prefix")
+        return self.method != "full" and method_names()[self.method][0].wraps_forward
 
     @property
     def dtype_bytes(self) -> int:
@@ -140,13 +166,12 @@ class TrainSetup:
 def resolve_target_names(model: Any, targets: str) -> tuple[str, ...] | str:
     """Turn a preset or a comma-separated list into ``target_modules`` for ``model``.
 
-    Presets keep only the names the model has (``attention`` on LLaMA is q/k/v/o_proj).
+    A preset is the model family's entry of the preset table (what ``deltatune inspect`` shows); for a
+    family not in it, the usual layer names filtered to those the model has.
 
     Raises:
         ValueError: the preset matches no layer of this model.
     """
-    from deltatune.surgery.targets import linear_layer_names
-
     from torch import nn
     from transformers.pytorch_utils import Conv1D
 
@@ -155,6 +180,9 @@ def resolve_target_names(model: Any, targets: str) -> tuple[str, ...] | str:
         return "all-linear"
     if spec is None:
         return tuple(t.strip() for t in re.split(r"[,\s]+", targets) if t.strip())
+    family = family_preset(getattr(getattr(model, "config", None), "model_type", None), targets.strip())
+    if family is not None:
+        return family
     present = linear_layer_names(model, (nn.Linear, Conv1D))
     chosen = tuple(name for name in present if name in spec)
     if not chosen:
@@ -176,26 +204,32 @@ def peft_config_for(setup: TrainSetup, model: Any) -> Any:
         A ``LoraConfig``, ``IA3Config``, ``PromptTuningConfig``, ``PrefixTuningConfig`` or
         ``BottleneckConfig``; None when ``setup.method == "full"``.
     """
-    from deltatune import BottleneckConfig, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig
-
-    m = setup.method
-    if m == "full":
+    if setup.method == "full":
         return None
-    if m in ("prompt", "prefix"):
-        cls = PromptTuningConfig if m == "prompt" else PrefixTuningConfig
+    method, variant = method_names()[setup.method]
+    cls = method.config_cls
+    if method.wraps_forward:
         return cls(num_virtual_tokens=setup.num_virtual_tokens, task_type="CAUSAL_LM")
-    if m == "ia3":
+    if method.peft_type == PeftType.IA3:
         # "all-linear" (the default) means IA3's own per-family defaults (k, v and down_proj on LLaMA);
         # named targets scale the inputs of the MLP layers among them, the outputs of the others.
         if setup.targets.strip() == "all-linear":
-            return IA3Config(task_type="CAUSAL_LM")
+            return cls(task_type="CAUSAL_LM")
         targets = resolve_target_names(model, setup.targets)
-        feedforward = tuple(t for t in targets if t in TARGET_PRESETS["mlp"])
-        return IA3Config(target_modules=targets, feedforward_modules=feedforward, task_type="CAUSAL_LM")
-    if m == "bottleneck":
-        return BottleneckConfig(bottleneck_size=setup.r, task_type="CAUSAL_LM")
-    return LoraConfig(
-        r=setup.r, lora_alpha=setup.alpha, lora_dropout=setup.lora_dropout,
-        target_modules=resolve_target_names(model, setup.targets), use_dora=m == "dora", use_rslora=m == "rslora",
-        task_type="CAUSAL_LM",
-    )
+        mlp = family_preset(getattr(getattr(model, "config", None), "model_type", None), "mlp") or ()
+        feedforward = tuple(t for t in targets if t in mlp or t in TARGET_PRESETS["mlp"])
+        return cls(target_modules=targets, feedforward_modules=feedforward, task_type="CAUSAL_LM")
+    if method.peft_type == PeftType.BOTTLENECK:
+        return cls(bottleneck_size=setup.r, task_type="CAUSAL_LM")
+    if method.peft_type == PeftType.LORA:
+        return cls(
+            r=setup.r, lora_alpha=setup.alpha, lora_dropout=setup.lora_dropout,
+            target_modules=resolve_target_names(model, setup.targets), task_type="CAUSAL_LM", **variant.fixed,
+        )
+    # Any other registered method: its train preset, with the rank and targets of the setup where it has them.
+    values: dict[str, Any] = {**method.train_preset, **variant.fixed, "task_type": "CAUSAL_LM"}
+    if "r" in cls.field_names():
+        values["r"] = setup.r
+    if "target_modules" in cls.field_names():
+        values["target_modules"] = resolve_target_names(model, setup.targets)
+    return cls(**values)

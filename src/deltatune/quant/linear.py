@@ -80,11 +80,12 @@ class _QuantLinear(nn.Module):
     def requantize_(self, weight: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def _make_dequant_rows(self):
+    def _make_dequant_rows(self, dtype: torch.dtype):
+        """The tile function of :func:`quant_linear`: rows ``start:stop`` of W, dequantized to ``dtype``."""
         raise NotImplementedError
 
-    def _out_scale(self) -> torch.Tensor | None:
-        """Per-output-feature factor applied after the matmul (row-wise formats), or None."""
+    def _out_scale(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """Per-output-feature factor applied after the matmul (row-wise formats), in ``dtype``, or None."""
         return None
 
     # --- shared -------------------------------------------------------------------------------
@@ -101,18 +102,25 @@ class _QuantLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features in its last dim, this layer expects {self.in_features}")
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)  # (N, in)
-        if self.cache_weight:
-            if self._weight_cache is None or self._weight_cache.device != x.device:
-                self._weight_cache = self.dequantize_weight(self.compute_dtype)
-            y = F.linear(x2, self._weight_cache)
-        else:
-            # torch.compile-d kernels are not safe to call from several threads at once
-            y = quant_linear(x2, self._make_dequant_rows, self.out_features, self.tile_rows,
-                             self._out_scale(), parallel=not self.use_compile)  # (N, out)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.view(*lead, self.out_features).to(x.dtype)
+        device = x.device.type
+        # Under autocast (a bf16 run) the tiles are dequantized straight to the autocast dtype and the whole
+        # layer runs in it with autocast off: autocast would otherwise cast inside the tiled kernel, and its
+        # in-place backward cannot mix dtypes.
+        autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else self.compute_dtype
+        with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
+            x2 = x.reshape(-1, self.in_features).to(dtype)  # (N, in)
+            if self.cache_weight:
+                if self._weight_cache is None or self._weight_cache.device != x.device or self._weight_cache.dtype != dtype:
+                    self._weight_cache = self.dequantize_weight(dtype)
+                y = F.linear(x2, self._weight_cache)
+            else:
+                # torch.compile-d kernels are not safe to call from several threads at once
+                y = quant_linear(x2, lambda: self._make_dequant_rows(dtype), self.out_features, self.tile_rows,
+                                 self._out_scale(dtype), parallel=not self.use_compile)  # (N, out)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        return y.view(*lead, self.out_features).to(dtype if autocast else x.dtype)
 
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) / .half() would round the fp32 quantization constants; keep their dtype
@@ -240,8 +248,8 @@ class Linear4bit(_QuantLinear):
         """Number of quantized weight values (out * in)."""
         return self.in_features * self.out_features
 
-    def _make_dequant_rows(self):
-        state, n_in, dtype = self.quant_state, self.in_features, self.compute_dtype
+    def _make_dequant_rows(self, dtype: torch.dtype):
+        state, n_in = self.quant_state, self.in_features
         if self.use_compile:
             return compiled_dequant_rows(state, n_in, dtype)
 
@@ -301,17 +309,17 @@ class Linear8bit(_QuantLinear):
         """The dense weight (out, in) in ``dtype`` (default: the compute dtype)."""
         return dequantize_int8(self.quant_state, dtype or self.compute_dtype)
 
-    def _make_dequant_rows(self):
-        q, dtype = self.qweight, self.compute_dtype
+    def _make_dequant_rows(self, dtype: torch.dtype):
+        q = self.qweight
 
         def rows(start: int, stop: int) -> torch.Tensor:
             return q[start:stop].to(dtype)  # (rows, in); int8 values are exact in every float dtype
 
         return rows
 
-    def _out_scale(self) -> torch.Tensor:
+    def _out_scale(self, dtype: torch.dtype) -> torch.Tensor:
         # W = Q diag(s) row-wise, so x W^T = (x Q^T) * s: the scale moves out of the tiles
-        return (self.row_absmax * INV_127).to(self.compute_dtype)
+        return (self.row_absmax * INV_127).to(dtype)
 
 
 QuantLinear = (Linear4bit, Linear8bit)

@@ -12,17 +12,10 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from torch import nn
 
+from deltatune.config import PeftType
+from deltatune.methods.base import get_method
 from deltatune.surgery.layer import AdaptedLayer, ModulesToSaveWrapper
 
-# peft's default targets per model family when target_modules is None.
-DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
-    "qwen3": ("q_proj", "v_proj"), "gemma": ("q_proj", "v_proj"), "phi": ("q_proj", "v_proj"),
-    "phi3": ("qkv_proj",), "gpt2": ("c_attn",), "bert": ("query", "value"), "roberta": ("query", "value"),
-    "falcon": ("query_key_value",), "bloom": ("query_key_value",), "gpt_neox": ("query_key_value",),
-    "opt": ("q_proj", "v_proj"), "t5": ("q", "v"), "mt5": ("q", "v"), "bart": ("q_proj", "v_proj"),
-    "gptj": ("q_proj", "v_proj"),
-}
 LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 
 
@@ -106,9 +99,11 @@ def _no_match_error(model: nn.Module, entry: str, layer_types: tuple[type, ...])
 
 
 def _default_targets(model: nn.Module, layer_types: tuple[type, ...]) -> tuple[str, ...]:
+    # peft's LoRA defaults per family, declared by the LoRA method, serve every layer method.
+    defaults = get_method(PeftType.LORA).default_targets
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in DEFAULT_TARGETS:
-        return DEFAULT_TARGETS[model_type]
+    if model_type in defaults:
+        return defaults[model_type]
     raise ValueError(
         f"target_modules is not set and deltatune has no default for model type {model_type!r}; "
         f"pass target_modules=[...] or 'all-linear'. Layers that can be targeted: "
@@ -118,8 +113,6 @@ def _default_targets(model: nn.Module, layer_types: tuple[type, ...]) -> tuple[s
 
 def default_targets(model: nn.Module, peft_type: Any) -> tuple[str, ...]:
     """peft's default ``target_modules`` for the model's family (an error naming the layers if none)."""
-    from deltatune.methods.base import get_method
-
     return _default_targets(model, get_method(peft_type).layer_types)
 
 
@@ -130,8 +123,6 @@ def resolve_targets(model: nn.Module, config: Any) -> list[str]:
         ValueError: nothing matches, a ``target_modules`` entry matches nothing, or a matched module
             is of a type the method cannot wrap. The message lists the layers that do exist.
     """
-    from deltatune.methods.base import get_method
-
     layer_types = get_method(config.peft_type).layer_types
     spec = config.target_modules if config.target_modules is not None else _default_targets(model, layer_types)
     head = output_head(model)

@@ -60,7 +60,8 @@ class AdapterTrainer(FusedLossTrainer):
         if not prediction_loss_only or "labels" not in inputs:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
-        with merged_inference(model), self.compute_loss_context_manager():  # whole rows: merged LoRA weights pay
+        # whole rows: merged LoRA weights pay; the run's autocast, as in training (see FusedLossTrainer)
+        with merged_inference(model), self.compute_loss_context_manager(), self.accelerator.autocast():
             # The plain language-model loss: AdaLoRA's orthogonality penalty is for training only.
             loss, _ = causal_lm_loss(model, **inputs, regularize=False)
         return loss.detach(), None, None

@@ -69,8 +69,8 @@ class TrainSection:
     optim: str = "adamw_torch"
     """Optimizer (transformers' ``optim`` names)."""
     bf16: bool | str = "auto"
-    """bfloat16 mixed precision: true, false, or ``auto`` (on where CUDA supports bf16, off on CPU,
-    where it is slower than fp32 for models this small)."""
+    """bfloat16 autocast: true, false, or ``auto`` (on where the device multiplies bf16 natively: CUDA with
+    bf16, CPUs with AVX512-BF16 or AMX; off elsewhere). Adapters and optimizer state stay fp32."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (slower)."""
     eval_steps: int | None = None

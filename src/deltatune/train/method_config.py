@@ -10,30 +10,18 @@ from __future__ import annotations
 
 import types
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
-from deltatune.config import LoraConfig, PeftConfig
+from deltatune.config import PeftConfig
 from deltatune.methods.adalora import AdaLoraConfig
-from deltatune.methods.bitfit import BitFitConfig
-from deltatune.methods.bottleneck import BottleneckConfig
-from deltatune.methods.ia3 import IA3Config
-from deltatune.methods.partial import PartialConfig
-from deltatune.methods.prefix import PrefixTuningConfig
-from deltatune.methods.prompt import PromptTuningConfig
+from deltatune.methods.base import LLAMA_LINEAR, method_names  # noqa: F401  (LLAMA_LINEAR re-exported)
+from deltatune.methods.lora import LORA_PRESET  # noqa: F401  (re-exported: the default method's options)
 from deltatune.train.config_check import ConfigError, check_section, did_you_mean
-
-LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-LORA_PRESET: Mapping[str, Any] = types.MappingProxyType(
-    {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": list(LLAMA_LINEAR)}
-)
-"""Default LoRA options of ``deltatune train``: rank 8 on every linear layer of the blocks (the
-default model is LLaMA-shaped; for other families set ``method.target_modules``, or ``all-linear``)."""
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """How a ``method.name`` maps onto a config class."""
+    """How a ``method.name`` maps onto a config class (built from the method registry)."""
 
     config_cls: type[PeftConfig]
     """The adapter config class whose fields are the method's options."""
@@ -45,20 +33,30 @@ class MethodSpec:
     """Quantize the base model's linear layers to 4 bits first (QLoRA)."""
 
 
-METHODS: dict[str, MethodSpec] = {
-    "lora": MethodSpec(LoraConfig, LORA_PRESET),
-    "dora": MethodSpec(LoraConfig, LORA_PRESET, {"use_dora": True}),
-    "rslora": MethodSpec(LoraConfig, LORA_PRESET, {"use_rslora": True}),
-    "qlora": MethodSpec(LoraConfig, LORA_PRESET, quantized=True),
-    "adalora": MethodSpec(AdaLoraConfig, {"init_r": 12, "target_r": 8, "lora_alpha": 16,
-                                          "target_modules": list(LLAMA_LINEAR)}),
-    "ia3": MethodSpec(IA3Config),
-    "prompt": MethodSpec(PromptTuningConfig, {"num_virtual_tokens": 20}),
-    "prefix": MethodSpec(PrefixTuningConfig, {"num_virtual_tokens": 20}),
-    "bottleneck": MethodSpec(BottleneckConfig),
-    "bitfit": MethodSpec(BitFitConfig),
-    "partial": MethodSpec(PartialConfig, {"layers_to_train": "last:2"}),
-}
+class _MethodTable(Mapping[str, MethodSpec]):
+    """``method.name`` -> :class:`MethodSpec`, read from :func:`deltatune.methods.base.method_names` on
+    every access, so a method registered later (a plugin) is a ``method.name`` too."""
+
+    def _specs(self) -> dict[str, MethodSpec]:
+        return {
+            name: MethodSpec(method.config_cls, method.train_preset, variant.fixed, variant.quantized)
+            for name, (method, variant) in method_names().items()
+        }
+
+    def __getitem__(self, name: str) -> MethodSpec:
+        return self._specs()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs())
+
+    def __len__(self) -> int:
+        return len(self._specs())
+
+    def __repr__(self) -> str:
+        return f"METHODS({', '.join(self)})"
+
+
+METHODS: Mapping[str, MethodSpec] = _MethodTable()
 """Every method ``deltatune train`` can run, by ``method.name``."""
 
 

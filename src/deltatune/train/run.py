@@ -15,7 +15,6 @@ import contextlib
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +23,7 @@ from transformers import TrainerCallback
 
 from deltatune.data import prepare_datasets, validate_data
 from deltatune.data.pipeline import PreparedData, load_examples
+from deltatune.methods.base import get_method
 from deltatune.models import load_model_and_tokenizer
 from deltatune.models.checkpointing import enable_activation_checkpointing
 from deltatune.train import outputs
@@ -31,26 +31,8 @@ from deltatune.train.config import TrainConfig
 from deltatune.train.config_check import ConfigError, did_you_mean
 from deltatune.train.metrics import describe, score_accuracy
 from deltatune.train.outputs import OutputPlan, check_output_dir, plan_output_dir, resume_plan
-
-
-class TrainingStopped(RuntimeError):
-    """The run stopped early for a reason the user must act on (e.g. a NaN loss); the message says which."""
-
-
-@dataclass
-class RunResult:
-    """What :func:`run_training` returns."""
-
-    output_dir: Path
-    """The run's folder."""
-    status: str
-    """``completed`` or ``interrupted`` (a resumable checkpoint was written)."""
-    metrics: dict[str, Any] = field(default_factory=dict)
-    """Everything written to ``metrics.json``."""
-    checkpoint: Path | None = None
-    """The newest resumable checkpoint (after an interruption: the one to resume from)."""
-    model: Any = field(default=None, repr=False)
-    """The trained ``PeftModel`` (in memory; ``output_dir/adapter`` holds its saved adapter)."""
+# The session's result types are re-exported here, the public path of a run's API.
+from deltatune.train.session import RunResult, TrainingSession, TrainingStopped, is_main_process  # noqa: F401
 
 
 def load_tokenizer(name_or_path: str) -> Any:
@@ -126,7 +108,6 @@ def check_quantized_support(config: TrainConfig) -> None:
     if not config.method.spec.quantized:
         return
     from deltatune.config import PeftType
-    from deltatune.methods.base import get_method
 
     try:
         from deltatune.quant import Linear4bit, Linear8bit
@@ -167,7 +148,6 @@ def check_targets(config: TrainConfig, peft_config: Any) -> None:
     """
     from deltatune.config import TaskType
     from deltatune.inspect.architecture import meta_model
-    from deltatune.methods.base import get_method
     from deltatune.models import model_config
     from deltatune.surgery.targets import resolve_targets
 
@@ -264,11 +244,6 @@ class RunFolder(TrainerCallback):
                                             else f"its files in {self.output_dir} are removed"))
 
 
-def is_main_process() -> bool:
-    """True on rank 0 of a ``torchrun`` / ``accelerate launch`` job, and in a plain single process."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def load_model(config: TrainConfig, log: Callable[[str], None] = print) -> Any:
     """The base model, quantized to 4 bits for QLoRA and with gradient checkpointing if asked."""
     # Under torchrun each rank loads onto its own GPU (LOCAL_RANK), not all onto cuda:0.
@@ -303,8 +278,6 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
         FileNotFoundError, ValueError: bad data, model or output folder (before any model is loaded).
         TrainingStopped: the loss became NaN/inf; the message names the step and the last good checkpoint.
     """
-    from deltatune.train.session import TrainingSession
-
     started = time.perf_counter()
     if config.output_dir is None:
         raise ValueError("run_training needs config.output_dir; load_train_config leaves it None, so set it first.")
@@ -326,7 +299,7 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
     if plan.checkpoint is not None and config.method.name == "adalora":
         raise ValueError("--resume is not supported for AdaLoRA: its rank allocator's importance scores are not "
                          "checkpointed and saved adapters hold only the kept ranks. Start the run again.")
-    session = TrainingSession(config, output_dir, tokenizer, prepared, peft_config, steps, log)
+    session = TrainingSession(config, output_dir, tokenizer, prepared, peft_config, steps, log, load_model=load_model)
     if not main:
         return session.run(plan.checkpoint, accuracy, started)
     folder = RunFolder(output_dir, plan, log)

@@ -1,18 +1,48 @@
 """One training session of a run: load, score, wrap, train (or resume), save, score, report."""
 from __future__ import annotations
 
+import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from deltatune.data.pipeline import PreparedData
+from deltatune.methods.adalora_alloc import AdaLoraCallback
+from deltatune.model import get_peft_model
 from deltatune.train import outputs
 from deltatune.train.adapter_trainer import AdapterTrainer, NonFiniteLossError
 from deltatune.train.callbacks import GracefulInterrupt, RunRecorder, StepBoundary
 from deltatune.train.config import TrainConfig
 from deltatune.train.metrics import describe, score_accuracy
+from deltatune.train.precision import choose_precision
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped early for a reason the user must act on (e.g. a NaN loss); the message says which."""
+
+
+@dataclass
+class RunResult:
+    """What :func:`deltatune.train.run.run_training` returns."""
+
+    output_dir: Path
+    """The run's folder."""
+    status: str
+    """``completed`` or ``interrupted`` (a resumable checkpoint was written)."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """Everything written to ``metrics.json``."""
+    checkpoint: Path | None = None
+    """The newest resumable checkpoint (after an interruption: the one to resume from)."""
+    model: Any = field(default=None, repr=False)
+    """The trained ``PeftModel`` (in memory; ``output_dir/adapter`` holds its saved adapter)."""
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of a ``torchrun`` / ``accelerate launch`` job, and in a plain single process."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def training_arguments(config: TrainConfig, output_dir: Path, steps: int, has_eval: bool) -> Any:
@@ -24,7 +54,7 @@ def training_arguments(config: TrainConfig, output_dir: Path, steps: int, has_ev
     eval_steps = (max(1, steps // 4) if t.eval_steps is None else t.eval_steps) if has_eval else 0
     save_steps = (eval_steps or max(1, steps // 4)) if t.save_steps is None else t.save_steps
     cuda = torch.cuda.is_available()
-    bf16 = (cuda and torch.cuda.is_bf16_supported()) if t.bf16 == "auto" else bool(t.bf16)
+    bf16 = choose_precision(t.bf16, cuda).bf16
     tensorboard = t.tensorboard and is_tensorboard_available()
     if t.tensorboard and not tensorboard:
         print("note: tensorboard is not installed, so no TensorBoard logs are written; "
@@ -46,13 +76,27 @@ def training_arguments(config: TrainConfig, output_dir: Path, steps: int, has_ev
     )
 
 
+def drop_autocast_wrapper(trainer: AdapterTrainer) -> None:
+    """Give the trained model back its own forward.
+
+    For bf16 (or fp16) accelerate replaces ``model.forward`` with an autocast wrapper and leaves it there
+    after training, so the returned model, its accuracy scoring and any later use would silently run in
+    bf16. Inference precision is chosen where inference runs, not inherited from training.
+    """
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    if "forward" in vars(model) and "_original_forward" not in vars(model):
+        del model.forward  # unwrap_model rebinds PeftModel's own forward as an attribute; the class's is the same
+
+
 class TrainingSession:
     """Holds what one call of :func:`deltatune.train.run.run_training` builds, phase by phase."""
 
     def __init__(self, config: TrainConfig, output_dir: Path, tokenizer: Any, prepared: PreparedData,
-                 peft_config: Any, steps: int, log: Callable[[str], None]) -> None:
+                 peft_config: Any, steps: int, log: Callable[[str], None], *,
+                 load_model: Callable[[TrainConfig, Callable[[str], None]], Any]) -> None:
         self.config, self.output_dir, self.tokenizer = config, output_dir, tokenizer
         self.prepared, self.peft_config, self.steps, self.log = prepared, peft_config, steps, log
+        self.load_model = load_model  # (config, log) -> the base model: run.load_model, passed in by the run
         self.metrics: dict[str, Any] = {"status": "running", "model": config.model, "method": config.method.name,
                                         "output_dir": str(output_dir), "timings": {}}
         self.callbacks: list[Any] = []  # extra Trainer callbacks (run_training's RunFolder)
@@ -61,13 +105,10 @@ class TrainingSession:
     def run(self, checkpoint: Path | None, accuracy: bool, started: float):
         from transformers import set_seed
 
-        from deltatune.model import get_peft_model
-        from deltatune.train.run import RunResult, is_main_process, load_model
-
         timings = self.metrics["timings"]
         timings["data_s"] = time.perf_counter() - started
         t0 = time.perf_counter()
-        model = load_model(self.config, self.log)
+        model = self.load_model(self.config, self.log)
         timings["load_model_s"] = time.perf_counter() - t0
         if checkpoint is not None:
             previous = outputs.read_metrics(self.output_dir)
@@ -86,6 +127,9 @@ class TrainingSession:
                  f"({100 * trainable / total:.3f}%); {self.steps} steps of {self.config.train.batch_size} x "
                  f"{self.config.train.grad_accum} rows on {torch.get_num_threads()} CPU threads"
                  if not torch.cuda.is_available() else f"method {self.config.method.name}: {trainable:,d} trainable")
+        precision = choose_precision(self.config.train.bf16)
+        self.log(str(precision))
+        self.metrics.update(bf16=precision.bf16)
         status = self.train(peft_model, checkpoint)
         if status == "completed" and is_main_process():
             peft_model.save_pretrained(self.output_dir / outputs.ADAPTER_DIR)
@@ -112,8 +156,6 @@ class TrainingSession:
         recorder, interrupt, boundary = RunRecorder(), GracefulInterrupt(), StepBoundary()
         callbacks = [recorder, interrupt, boundary]
         if self.config.method.name == "adalora":
-            from deltatune.methods.adalora_alloc import AdaLoraCallback
-
             callbacks.append(AdaLoraCallback())
         trainer = AdapterTrainer(model=peft_model, args=args, train_dataset=self.prepared.train,
                                  eval_dataset=evaluation, data_collator=self.prepared.collator, callbacks=callbacks)
@@ -141,6 +183,7 @@ class TrainingSession:
                 self.save_on_interrupt(trainer, boundary)
         if interrupt.stopped_at is not None and trainer.state.global_step < self.steps:
             status = "interrupted"
+        drop_autocast_wrapper(trainer)
         self.record_training(trainer, recorder)
         if status == "interrupted":
             where = outputs.last_checkpoint(self.output_dir)
@@ -160,8 +203,6 @@ class TrainingSession:
             self.log(f"no checkpoint written at the interruption: {err}")
 
     def non_finite(self, err: NonFiniteLossError):
-        from deltatune.train.run import TrainingStopped
-
         # The newest checkpoint can hold finite but exploded weights (the step before the NaN): set such
         # ones aside, so the one named here is also the one --resume takes.
         good, bad = outputs.usable_checkpoint(self.output_dir)
@@ -195,8 +236,6 @@ class TrainingSession:
     def finish(self, status: str) -> None:
         """Write ``metrics.json`` and ``loss.png`` with the given status."""
         self.metrics["status"] = status
-        from deltatune.train.run import is_main_process
-
         if not is_main_process():  # under torchrun only rank 0 writes metrics.json and loss.png
             return
         self.metrics["peak_rss_mb"] = outputs.peak_rss_bytes() / 2**20

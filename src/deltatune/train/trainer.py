@@ -32,7 +32,10 @@ class FusedLossTrainer(Trainer):
         has_labels = "labels" in inputs or "shift_labels" in inputs
         if return_outputs or self.label_smoother is not None or self.compute_loss_func is not None or not has_labels:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss, _ = causal_lm_loss(model, **inputs, num_items_in_batch=num_items_in_batch)
+        # accelerate applies mixed precision by wrapping the model's forward in autocast; the fused loss runs
+        # the trunk itself, so it enters the same autocast here (a no-op without bf16/fp16)
+        with self.accelerator.autocast():
+            loss, _ = causal_lm_loss(model, **inputs, num_items_in_batch=num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # As in Trainer.compute_loss: the count was summed over ranks while DDP averages the
             # gradients over them, so the per-rank loss is scaled back up by the rank count.

@@ -41,12 +41,11 @@ def _fmt(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def write_best_config(study: Any, job: Any, path: Path) -> Path | None:
-    """Write the best trial's train config as YAML (validated), or return None if none completed."""
+def write_best_config(study: Any, tree: dict[str, Any] | None, path: Path) -> Path | None:
+    """Write ``tree``, the best trial's train config (:func:`deltatune.tune.study.best_tree`), as YAML
+    (validated), or return None if no trial completed (``tree`` is None)."""
     from deltatune.plan.config_writer import render_yaml, write_yaml_checked
-    from deltatune.tune.study import best_tree
 
-    tree = best_tree(study, job)
     if tree is None:
         return None
     best = study.best_trial

@@ -47,7 +47,7 @@ def run_trial(config_tree: Mapping[str, Any], report: Report) -> float:
 
     from deltatune.train import outputs
     from deltatune.train.config import TrainConfig
-    from deltatune.train.run import check_output_dir, prepare_data, total_steps, wants_accuracy
+    from deltatune.train.run import check_output_dir, load_model, prepare_data, total_steps, wants_accuracy
     from deltatune.train.session import TrainingSession
 
     _quiet()
@@ -79,7 +79,8 @@ def run_trial(config_tree: Mapping[str, Any], report: Report) -> float:
             trainer.remove_callback(PrinterCallback)  # the study prints one line per trial instead
             return (trainer, *rest)
 
-    session = TrialSession(config, output_dir, tokenizer, prepared, peft_config, steps, log=lambda _msg: None)
+    session = TrialSession(config, output_dir, tokenizer, prepared, peft_config, steps, log=lambda _msg: None,
+                           load_model=load_model)
     result = session.run(None, accuracy, started)
     if result.status != "completed":  # Ctrl-C: a partial run is no result
         raise KeyboardInterrupt

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from deltatune.tune.report import plot_history, trials_table, write_best_config
 from deltatune.tune.runner import Runner, load_runner
 from deltatune.tune.space import Param, parse_space, to_layer
 
@@ -292,12 +293,10 @@ def run_study(job: TuneJob, n_trials: int, output_dir: str | Path, storage: str 
         except KeyboardInterrupt:
             interrupted = True
             log("interrupted: finished trials are stored; run the same command again to resume the study")
-    from deltatune.tune.report import plot_history, trials_table, write_best_config
-
     log("\n" + trials_table(study))
     ran = len(finished_trials(study)) - done
     result = TuneResult(study=study, ran=ran, recovered=recovered, interrupted=interrupted)
-    result.best_config = write_best_config(study, job, output_dir / "best.yaml")
+    result.best_config = write_best_config(study, best_tree(study, job), output_dir / "best.yaml")
     result.history_png = plot_history(study, output_dir / "history.png")
     if result.best_config is not None:
         best = study.best_trial
