@@ -5,7 +5,7 @@ import torch
 from deltatune import LoraConfig, get_peft_model
 from deltatune.cli.main import main
 from deltatune.models import load_model_and_tokenizer
-from test_train_support import tiny_run_files  # noqa: F401
+from support_train import tiny_run_files  # noqa: F401
 
 
 class _Evil:

@@ -9,8 +9,8 @@ import deltatune as dt
 from deltatune.cli.eval import eval_loss
 from deltatune.cli.main import main
 from deltatune.data import Collator
-from test_cli_generate_support import write_tiny_model
-from test_data_support import write_jsonl
+from support_cli_generate import write_tiny_model
+from support_data import write_jsonl
 
 CONFIG = """\
 model: {model}

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import deltatune as dt
 from deltatune.cli.main import main
-from test_cli_export_support import adapter_logits, ids, write_adapter, write_model
+from support_cli_export import adapter_logits, ids, write_adapter, write_model
 from tolerances import assert_close
 
 

@@ -7,7 +7,7 @@ import torch
 import deltatune as dt
 from deltatune.cli.generate import SamplingOptions, build_prompt, generate_text, load_for_generation
 from deltatune.cli.main import main
-from test_cli_generate_support import write_tiny_model
+from support_cli_generate import write_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_sampling_options_validate_and_map_to_generate_kwargs():
 
 
 def test_build_prompt_applies_the_chat_template_unless_raw():
-    from test_data_support import tiny_tokenizer
+    from support_data import tiny_tokenizer
 
     tok = tiny_tokenizer()
     assert build_prompt(tok, "Hi", system="Be brief.") == (

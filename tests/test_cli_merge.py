@@ -10,7 +10,7 @@ import deltatune as dt
 from deltatune.cli.merge import adapter_names
 from deltatune.cli.main import main
 from deltatune.models import load_model_and_tokenizer
-from test_cli_export_support import ids, write_adapter, write_model
+from support_cli_export import ids, write_adapter, write_model
 from tolerances import assert_close
 
 

@@ -11,7 +11,7 @@ import deltatune.train.trainer as fused_trainer
 from deltatune.cli.main import main
 from deltatune.model import PeftModel
 from deltatune.train.session import TrainingSession
-from test_train_support import base_args, logged_losses, tiny_run_files, write_jsonl  # noqa: F401
+from support_train import base_args, logged_losses, tiny_run_files, write_jsonl  # noqa: F401
 from tolerances import assert_close
 
 
@@ -138,7 +138,7 @@ def no_model_load(monkeypatch):
 
 @pytest.mark.parametrize("case", ["missing_file", "missing_column", "empty", "template", "no_label"])
 def test_data_errors_are_reported_before_the_model_is_loaded(case, tiny_run_files, tmp_path, no_model_load, capsys):
-    from test_train_support import save_tiny_model
+    from support_train import save_tiny_model
 
     data, extra, expected = tmp_path / "data.jsonl", [], None
     if case == "missing_file":

@@ -1,7 +1,7 @@
 """data.on_bad_rows: rows without an answer or a label stop the run (naming file and row) or are dropped and counted."""
 import datasets
 import pytest
-from test_data_support import tiny_tokenizer, write_jsonl
+from support_data import tiny_tokenizer, write_jsonl
 
 from deltatune.data import DataConfig, prepare_datasets, validate_data
 from deltatune.data.formats import BadRow, normalize, normalize_row

@@ -2,7 +2,7 @@
 from collections import Counter
 
 import pytest
-from test_data_support import tiny_tokenizer
+from support_data import tiny_tokenizer
 
 from deltatune.data.bbc import BBC_SIZE, BBC_TOPICS, build_bbc_datasets, load_articles, stratified_split, truncate_to_tokens
 

@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_data_support import chat_rows, tiny_tokenizer, write_jsonl
+from support_data import chat_rows, tiny_tokenizer, write_jsonl
 
 from deltatune.data import DataConfig, IGNORE_INDEX, prepare_datasets, validate_data
 

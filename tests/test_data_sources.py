@@ -3,7 +3,7 @@ import json
 
 import datasets
 import pytest
-from test_data_support import write_jsonl
+from support_data import write_jsonl
 
 from deltatune.data.sources import load_source
 

@@ -1,6 +1,6 @@
 """Rendering: the tokenizer's chat template split into trainable parts, and the built-in templates."""
 import pytest
-from test_data_support import tiny_tokenizer
+from support_data import tiny_tokenizer
 
 from deltatune.data.templates import TemplateError, generation_prompt, render_segments, resolve_template
 

@@ -1,6 +1,6 @@
 """Label masking and truncation."""
 import datasets
-from test_data_support import tiny_tokenizer
+from support_data import tiny_tokenizer
 
 from deltatune.data.templates import render_segments
 from deltatune.data.tokenize import IGNORE_INDEX, tokenize_dataset, tokenize_segments

@@ -99,8 +99,8 @@ def test_deltatune_train_under_torchrun_matches_one_process(tmp_path):
     # matmuls round differently for the two batch shapes (measured 1e-4 on these losses), which would
     # hide a real difference of that size
     from deltatune.cli.main import main
-    from test_cli_generate_support import write_tiny_model
-    from test_data_support import chat_rows, write_jsonl
+    from support_cli_generate import write_tiny_model
+    from support_data import chat_rows, write_jsonl
 
     write_tiny_model(tmp_path / "tiny")
     write_jsonl(tmp_path / "data.jsonl", chat_rows(24))

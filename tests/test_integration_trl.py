@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import deltatune as dt
-from test_data_support import chat_rows, tiny_tokenizer
+from support_data import chat_rows, tiny_tokenizer
 
 trl = pytest.importorskip("trl")
 peft = pytest.importorskip("peft")

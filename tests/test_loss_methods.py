@@ -23,7 +23,7 @@ from deltatune.train.loss import causal_lm_loss
 from deltatune.train.config import load_train_config
 from deltatune.train.run import run_training
 from deltatune.train.trainer import FusedLossTrainer
-from test_train_support import tiny_run_files  # noqa: F401  (fixture)
+from support_train import tiny_run_files  # noqa: F401  (fixture)
 from tiny import input_ids, tiny_llama
 from tolerances import assert_close
 

@@ -10,7 +10,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from test_data_support import tiny_tokenizer
+from support_data import tiny_tokenizer
 from tolerances import assert_close
 
 from deltatune.models import MODEL_REGISTRY, ModelSpec, load_model_and_tokenizer, model_config, resolve_model_path

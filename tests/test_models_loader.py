@@ -1,7 +1,7 @@
 """Model loading from local folders, the registry, the cache helpers and the tokenizer fixes."""
 import pytest
 import torch
-from test_data_support import tiny_tokenizer
+from support_data import tiny_tokenizer
 from tiny import tiny_llama
 
 from deltatune.models import (

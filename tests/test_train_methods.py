@@ -11,7 +11,7 @@ from deltatune.models import load_model_and_tokenizer
 from deltatune.train.config import load_train_config
 from deltatune.train.method_config import METHODS
 from deltatune.train.run import run_training
-from test_train_support import tiny_run_files  # noqa: F401  (fixture)
+from support_train import tiny_run_files  # noqa: F401  (fixture)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 METHOD_EXAMPLES = [EXAMPLES / f"{name}.yaml" for name in METHODS]  # other yaml files serve other commands

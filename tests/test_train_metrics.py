@@ -5,7 +5,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
 from deltatune.train.metrics import describe, first_tokens_distinct, score_accuracy
-from test_data_support import tiny_tokenizer
+from support_data import tiny_tokenizer
 
 TOPICS = ["business", "sports", "tech"]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from deltatune.tune.space import parse_space, to_layer
-from test_tune_support import write_tune_file
+from support_tune import write_tune_file
 
 optuna = pytest.importorskip("optuna")
 TESTS = Path(__file__).parent
@@ -42,8 +42,8 @@ def test_missing_optuna_names_the_extra(monkeypatch, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_job(tmp_path_factory):
-    from test_data_support import write_jsonl
-    from test_train_support import save_tiny_model, topic_rows
+    from support_data import write_jsonl
+    from support_train import save_tiny_model, topic_rows
 
     root = tmp_path_factory.mktemp("tune")
     base = {"model": str(save_tiny_model(root / "model")),
@@ -98,7 +98,7 @@ def test_killed_study_resumes_without_repeating_finished_trials(tmp_path):
     path = write_tune_file(tmp_path / "quick.yaml", {"method": {"name": "lora", "r": 8}},
                            {"r": {"choices": [4, 8, 16]}, "lr": {"type": "float", "low": 1e-4, "high": 1e-2,
                                                                  "log": True}},
-                           {"pruner": "none", "runner": "test_tune_support:quick_runner"})
+                           {"pruner": "none", "runner": "support_tune:quick_runner"})
     out, db = tmp_path / "out", tmp_path / "out" / "study.db"
     cmd = [sys.executable, "-m", "deltatune.cli.main", "tune", str(path), "--trials", "4", "--output-dir", str(out),
            "--study", "quick"]

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import deltatune
-from test_data_support import tiny_tokenizer
+from support_data import tiny_tokenizer
 
 LIBS = [peft, deltatune]
 LIB_IDS = ["peft", "deltatune"]

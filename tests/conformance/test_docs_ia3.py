@@ -20,7 +20,7 @@ from transformers import (AutoModelForSeq2SeqLM, AutoTokenizer, MT5Config, MT5Fo
                           T5ForConditionalGeneration, default_data_collator, get_linear_schedule_with_warmup)
 
 from docs_support import issue18, load_causal_lm, local_llama, oracle, ours, perturb, same_start
-from test_data_support import tiny_tokenizer
+from support_data import tiny_tokenizer
 from tolerances import assert_close
 
 X = torch.tensor([[5, 6, 7, 8, 9]])

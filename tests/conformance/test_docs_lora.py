@@ -24,7 +24,7 @@ from torch import nn
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from docs_support import bug, imp, issue18, llama_config, load_causal_lm, local_llama, oracle, ours, perturb, same_start
-from test_data_support import tiny_tokenizer
+from support_data import tiny_tokenizer
 from tolerances import assert_close
 
 X = torch.tensor([[5, 6, 7, 8, 9, 10]])

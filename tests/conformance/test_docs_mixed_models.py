@@ -16,7 +16,7 @@ import torch
 from transformers import AutoTokenizer, LlamaForSequenceClassification
 
 from docs_support import bug, issue18, llama_config, load_causal_lm, local_llama, oracle, ours
-from test_data_support import tiny_tokenizer
+from support_data import tiny_tokenizer
 from tolerances import assert_close
 
 SENTENCES = [

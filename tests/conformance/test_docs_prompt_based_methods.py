@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer, BloomConfig, BloomForCausalLM, default_data_collator, get_linear_schedule_with_warmup
 
 from docs_support import bug, issue18, oracle, ours, same_start
-from test_data_support import tiny_tokenizer
+from support_data import tiny_tokenizer
 from tolerances import assert_close
 
 TWEETS = [

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_data_support import tiny_tokenizer, write_jsonl
+from support_data import tiny_tokenizer, write_jsonl
 
 TOPICS = ("business", "sports", "tech")
 
@@ -73,10 +73,3 @@ def logged_losses(output_dir: Path) -> dict[int, float]:
     """{step: training loss} from the run's metrics.json."""
     metrics = json.loads((Path(output_dir) / "metrics.json").read_text())
     return {int(step): loss for step, loss in metrics["train"]["train_loss"]}
-
-
-def test_tiny_model_folder_loads_with_the_deltatune_loader(tiny_run_files):
-    from deltatune.models import load_model_and_tokenizer
-
-    model, tok = load_model_and_tokenizer(tiny_run_files["model"])
-    assert model.config.vocab_size == len(tok) and tok.chat_template

@@ -61,19 +61,3 @@ def chat_rows(n: int = 6) -> list[dict]:
         }
         for i in range(n)
     ]
-
-
-def test_tiny_tokenizer_round_trips_text_and_keeps_specials_whole():
-    tok = tiny_tokenizer()
-    text = "<|im_start|>user\nHello, how are you?<|im_end|>\n"
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    assert tok.decode(ids) == text
-    assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>")
-    assert tok.eos_token == tok.pad_token == "<|im_end|>"
-    assert tok("hi")["input_ids"][0] != tok.bos_token_id  # no BOS prepended
-
-
-def test_tiny_tokenizer_renders_chatml():
-    tok = tiny_tokenizer()
-    out = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
-    assert out == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"

@@ -26,9 +26,3 @@ def quick_runner(config_tree, report) -> float:
 def write_tune_file(path: Path, base: dict, search: dict, tune: dict) -> Path:
     path.write_text(yaml.safe_dump({**base, "search": search, "tune": tune}, sort_keys=False))
     return path
-
-
-def test_quick_runner_reports_every_step():
-    seen = []
-    value = quick_runner({"train": {"lr": 1e-3}, "method": {"r": 4}}, lambda step, v: seen.append(step))
-    assert seen == [1, 2, 3] and value == 0.25

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltatune as dt
 from deltatune.models import load_model_and_tokenizer
-from test_data_support import tiny_tokenizer
+from support_data import tiny_tokenizer
 
 
 def write_model(folder: Path, tied: bool = False, seed: int = 0) -> Path:
@@ -53,9 +53,3 @@ def adapter_logits(model_folder: Path, adapter: Path) -> torch.Tensor:
     peft_model = dt.PeftModel.from_pretrained(model, adapter)
     with torch.no_grad():
         return peft_model(ids()).logits
-
-
-def test_adapter_records_its_base_folder(tmp_path):
-    folder = write_model(tmp_path / "m")
-    adapter = write_adapter(folder, tmp_path / "a", dt.LoraConfig(r=2, target_modules=["q_proj"]))
-    assert dt.LoraConfig.from_pretrained(str(adapter)).base_model_name_or_path == str(folder)
