@@ -256,3 +256,21 @@ def test_trainer_accepts_a_bitsandbytes_model_with_a_deltatune_lora(bits, tmp_pa
     assert len(before) == 8 and all("adapters.default.lora_" in n for n in before)
     saved = tmp_path / "out" / "checkpoint-2"
     assert (saved / "adapter_model.safetensors").exists() and not (saved / "model.safetensors").exists()
+
+
+def test_a_model_whose_forward_accelerate_wrapped_still_copies_and_pickles():
+    # accelerate keeps the bound forward as model._original_forward under mixed precision; Trainer and TRL
+    # deep-copy such models (reference models, EMA) and users torch.save them
+    import copy
+    import io
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    model._original_forward = model.forward
+    twin = copy.deepcopy(model)
+    assert twin._original_forward.__self__ is twin
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        assert_close(loaded._original_forward(input_ids()).logits, model(input_ids()).logits)

@@ -49,7 +49,14 @@ class _SignedForward:
         return self._model
 
     def __getattr__(self, name: str):
+        if name.startswith("_") and name not in ("__name__", "__qualname__"):
+            # private and dunder names are never delegated: copy and pickle probe ``__setstate__`` & co. on
+            # an instance whose slots are not filled yet, where delegating would recurse
+            raise AttributeError(name)
         return getattr(self._bound, name)
+
+    def __reduce__(self):
+        return (_SignedForward, (self._bound, self._model))
 
 
 class presents_base_signature:
