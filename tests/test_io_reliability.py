@@ -69,7 +69,7 @@ def test_a_save_killed_at_any_rename_loads_as_the_old_or_the_new_adapter_never_a
 
 
 def test_completing_an_interrupted_save_warns_and_a_foreign_journal_is_refused(tmp_path):
-    from deltatune.io.atomic import JOURNAL_NAME
+    from deltatune.atomic import JOURNAL_NAME
 
     old, new = _model(seed=0), _model(seed=1, alpha=32)
     old.save_pretrained(tmp_path)

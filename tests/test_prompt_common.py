@@ -219,8 +219,6 @@ def test_prompt_learning_does_not_mix_with_other_methods():
 
 
 def test_loading_a_wrong_checkpoint_names_the_problem_and_loads_nothing():
-    from deltatune.methods.prompt_common import load_state_dict
-
     sd = get_peft_model(tiny_bert_cls(), PromptTuningConfig(num_virtual_tokens=3, task_type="SEQ_CLS")).get_adapter_state_dict("default")
     other = get_peft_model(tiny_bert_cls(), PromptTuningConfig(num_virtual_tokens=5, task_type="SEQ_CLS"))
     perturb_trainable(other)
@@ -228,7 +226,7 @@ def test_loading_a_wrong_checkpoint_names_the_problem_and_loads_nothing():
     sd.pop("base_model.classifier.bias")
     sd["base_model.extra"] = torch.zeros(1)
     with pytest.raises(ValueError) as err:
-        load_state_dict(other, sd, "default")
+        other.load_adapter_state_dict(sd, "default")
     for expected in (r"missing: base_model.classifier.bias", "unexpected: base_model.extra",
                      "prompt_embeddings: checkpoint (3, 32) vs model (5, 32)", "nothing was loaded"):
         assert expected in str(err.value)

@@ -157,7 +157,7 @@ def test_an_unchanged_adapter_is_not_read_again_even_with_nans():
     with torch.no_grad():
         next(iter(_adapter_a(pm).values()))[0, 0] = float("nan")  # NaN != NaN: compared bit for bit instead
         pm(input_ids=x, adapter_names=["a", "b"])
-        bank = vars(pm)["_serving_state"].bank
+        bank = pm.mixed_batches.bank
         loads = bank.loads
         for _ in range(3):
             pm(input_ids=x, adapter_names=["b", "a"])
@@ -172,5 +172,5 @@ def test_refresh_bank_drops_the_cached_copies():
     with torch.no_grad():
         out = pm(input_ids=x, adapter_names=["a", "b"]).logits
         refresh_bank(pm)
-        assert vars(pm)["_serving_state"].bank.resident == []
+        assert pm.mixed_batches.bank.resident == []
         assert_close(pm(input_ids=x, adapter_names=["a", "b"]).logits, out)

@@ -4,8 +4,6 @@ Code written for peft runs after changing ``from peft import ...`` to ``from del
 """
 from deltatune._version import __version__
 from deltatune.config import LoraConfig, PeftConfig, PeftType, TaskType
-from deltatune.io.checkpoint import set_peft_model_state_dict as _set_state_dict
-from deltatune.methods.base import get_method as _get_method
 from deltatune.model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -26,6 +24,7 @@ from deltatune.methods.prompt import PromptTuningConfig, PromptTuningInit
 from deltatune.methods.prefix import PrefixTuningConfig
 
 from deltatune import integrations as _integrations
+from deltatune import methods as _methods  # noqa: F401 (registers the built-in methods)
 
 
 # transformers, accelerate and TRL recognise adapter models by peft's classes; make them recognise ours too.
@@ -50,12 +49,7 @@ def get_peft_model_state_dict(model, state_dict=None, adapter_name: str = "defau
 
 def set_peft_model_state_dict(model, peft_model_state_dict, adapter_name: str = "default"):
     """peft's function: load peft-format tensors into an existing adapter (all or nothing)."""
-    config = model.peft_config[adapter_name]
-    own = _get_method(config.peft_type).load_state_dict  # prompts and other non-layer methods load themselves
-    if own is not None:
-        own(model, peft_model_state_dict, adapter_name)
-    else:
-        _set_state_dict(model.base_model.model, peft_model_state_dict, adapter_name, config)
+    model.load_adapter_state_dict(peft_model_state_dict, adapter_name)
 
 
 def __getattr__(name):

@@ -1,18 +1,35 @@
 """Adapter configurations: frozen dataclasses, validated when constructed, with peft's field names.
 
-Reading and writing ``adapter_config.json`` lives in :mod:`deltatune.io.config_io`; this module only
-knows how to turn a config into a plain dict and back.
+Reading ``adapter_config.json`` is here too, because what a file may hold is part of what a valid config
+is. Newer peft versions write keys deltatune does not model. A key at its inert value (e.g.
+``"eva_config": null``) is accepted silently; any other unknown key is reported in a warning that
+names it; a known peft feature switched on that we do not implement is an error, because loading it
+would silently give different outputs.
+
+Values are checked against the config class's type hints before the config is built: JSON has real
+types, so ``"use_rslora": "false"`` (a string) or ``"lora_alpha": true`` is refused with the file, the key
+and the expected type, instead of loading as a truthy string or as 1.0. Unlike the training CLI's YAML,
+no string is read as a number here.
+
+Writing the file is :mod:`deltatune.io.config_io`'s.
 """
 from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib
+import json
+import os
 import re
 import types
 import typing
+import warnings
 from collections import abc
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
+
+from deltatune.atomic import finish_interrupted_save
 
 
 class PeftType(str, enum.Enum):
@@ -78,6 +95,21 @@ def _check(cond: bool, message: str) -> None:
         raise ValueError(message)
 
 
+_CONFIG_CLASSES: dict[Any, type["PeftConfig"]] = {}
+"""peft_type -> its config class; each concrete config class adds itself when defined."""
+
+
+def config_class(peft_type: Any) -> type["PeftConfig"]:
+    """The config class for ``peft_type`` (the built-in methods are imported first if they were not).
+
+    Raises:
+        KeyError: no config class has that ``peft_type``.
+    """
+    if peft_type not in _CONFIG_CLASSES:
+        importlib.import_module("deltatune.methods")
+    return _CONFIG_CLASSES[peft_type]
+
+
 @dataclass(frozen=True)
 class PeftConfig:
     """Fields every adapter config shares. Subclasses set ``peft_type``."""
@@ -105,6 +137,11 @@ class PeftConfig:
             object.__setattr__(self, f.name, _as_tuple(getattr(self, f.name)))
         _check_regexes(self)
         self.validate()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "peft_type" in cls.__dict__:  # a concrete config: the class a file with this peft_type is read as
+            _CONFIG_CLASSES[cls.peft_type] = cls
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the bad field; subclasses extend this."""
@@ -137,8 +174,6 @@ class PeftConfig:
     @classmethod
     def from_pretrained(cls, path: str, subfolder: str | None = None) -> "PeftConfig":
         """Read ``adapter_config.json`` from a folder (peft's ``PeftConfig.from_pretrained``)."""
-        from deltatune.io.config_io import load_config
-
         return load_config(path, subfolder=subfolder)
 
 
@@ -231,3 +266,129 @@ def type_name(hint: Any) -> str:
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return "one of " + ", ".join(repr(m.value) for m in hint)
     return getattr(hint, "__name__", str(hint))
+
+
+# ---- reading adapter_config.json ------------------------------------------------------------------------
+CONFIG_NAME = "adapter_config.json"
+_ANY = object()
+# Keys peft writes that carry no meaning for the methods we implement, with their inert values.
+PEFT_INERT_KEYS: dict[str, Any] = {
+    "auto_mapping": _ANY, "peft_version": _ANY, "megatron_core": _ANY, "qalora_group_size": _ANY,
+    "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None, "eva_config": None,
+    "kasa_config": None, "lora_ga_config": None, "megatron_config": None, "monteclora_config": None,
+    "velora_config": None, "trainable_token_indices": None, "layer_replication": None,
+    "target_parameters": None, "use_bdlora": None, "loftq_config": {}, "ensure_weight_tying": False,
+    "lora_bias": False, "use_qalora": False, "runtime_config": _ANY, "num_transformer_submodules": _ANY,
+    "num_attention_heads": _ANY, "num_layers": _ANY, "token_dim": _ANY, "modules_to_save": None,
+}
+
+
+def _inert(key: str, value: Any) -> bool:
+    expected = PEFT_INERT_KEYS.get(key, object())
+    return expected is _ANY or value == expected or (expected == {} and value in (None, {}))
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> PeftConfig:
+    """Build the right config class from a peft-style dict; see the module docstring for unknown keys."""
+    if "peft_type" not in data:
+        raise ValueError(f"{source}: no 'peft_type' key; this is not an adapter_config.json written by peft or deltatune")
+    try:
+        peft_type = PeftType(data["peft_type"])
+    except ValueError:
+        raise ValueError(
+            f"{source}: peft_type {data['peft_type']!r} is not supported by deltatune "
+            f"(supported: {[t.value for t in PeftType]})"
+        ) from None
+    cls = config_class(peft_type)
+    known = cls.field_names()
+    kwargs = {k: v for k, v in data.items() if k in known}
+    rest = {k: v for k, v in data.items() if k not in known and k != "peft_type"}
+    active = {k: v for k, v in rest.items() if k in PEFT_INERT_KEYS and not _inert(k, v)}
+    if active:
+        raise ValueError(
+            f"{source}: this adapter uses peft features deltatune does not implement: "
+            + ", ".join(f"{k}={v!r}" for k, v in active.items())
+            + ". Loading it would give different outputs; re-train or convert it without them."
+        )
+    unknown = sorted(k for k in rest if k not in PEFT_INERT_KEYS)
+    if unknown:
+        warnings.warn(
+            f"{source}: ignoring config keys deltatune does not know (written by a newer peft?): {', '.join(unknown)}",
+            stacklevel=3,
+        )
+    check_types(cls, kwargs, source)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: {err}") from None
+
+
+# ---- value types ---------------------------------------------------------------------------------------
+def fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value has the type ``hint`` asks for; an int counts as a float, a bool as neither."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(fits(value, a) for a in args)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):
+        return not isinstance(value, bool) and isinstance(value, (int, float) if hint is float else int)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return isinstance(value, hint) or value in {m.value for m in hint}
+    if origin in (list, tuple, abc.Sequence):
+        return isinstance(value, (list, tuple)) and (not args or all(fits(v, args[0]) for v in value))
+    if origin in (dict, abc.Mapping):
+        return isinstance(value, abc.Mapping) and (not args or all(fits(k, args[0]) and fits(v, args[1]) for k, v in value.items()))
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def check_types(cls: type, values: dict[str, Any], source: str) -> None:
+    """Raise ``ValueError`` for the first value of ``values`` whose type does not fit ``cls``'s field.
+
+    Raises:
+        ValueError: naming the file, the key, the expected type and the value found.
+    """
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key in hints and not fits(value, hints[key]):
+            raise ValueError(
+                f"{source}: key {key!r} must be {type_name(hints[key])}; got {value!r} ({type(value).__name__}). "
+                "Fix the value in the file (JSON writes true/false, null and numbers without quotes), "
+                "or save the adapter again."
+            )
+
+
+def read_config_json(path: str | os.PathLike, subfolder: str | None = None) -> tuple[Path, dict]:
+    """``(file, parsed JSON)`` of an adapter folder's config (or of a config file given directly).
+
+    Raises:
+        FileNotFoundError: there is no config file there.
+        ValueError: the file is not valid JSON.
+    """
+    folder = Path(path) / subfolder if subfolder else Path(path)
+    file = folder / CONFIG_NAME if folder.is_dir() else folder
+    finish_interrupted_save(file.parent)  # weights and config of one save, never of two
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"no {CONFIG_NAME} at {folder}; pass the folder that save_pretrained wrote "
+            "(a non-default adapter lives in a subfolder named after it)"
+        )
+    try:
+        return file, json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+
+
+def load_config(path: str | os.PathLike, subfolder: str | None = None) -> PeftConfig:
+    """The config saved in an adapter folder (``adapter_config.json``), as its method's config class.
+
+    Raises:
+        FileNotFoundError: there is no config file there.
+        ValueError: the file is not valid JSON, or holds a value or key that deltatune refuses (named).
+    """
+    file, data = read_config_json(path, subfolder)
+    return config_from_dict(data, source=str(file))

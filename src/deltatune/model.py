@@ -11,15 +11,21 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.utils import PushToHubMixin
 
 from deltatune._version import __version__
 from deltatune.config import PeftConfig, TaskType
 from deltatune.forward_signature import presents_base_signature
+from deltatune.combine.adapters import add_weighted_adapter
 from deltatune.io import checkpoint as ckpt
 from deltatune.io.config_io import load_config
-from deltatune.methods.base import get_method
+from deltatune.io.model_card import write_model_card
+from deltatune.methods.base import Method, Site
+from deltatune.methods.lora_init import mutated_to_lora_on_save
 from deltatune.quant.linear import quantized_parameter_count
+from deltatune.registry import get_method
+from deltatune.serving.mixed import MixedBatches
 from deltatune.surgery import inject
 from deltatune.surgery.layer import AdaptedLayer
 from deltatune.surgery.targets import CLASSIFIER_NAMES, check_modules_to_save
@@ -31,7 +37,26 @@ class PeftModel(PushToHubMixin, nn.Module):
     """A model with one or more adapters. Build with :func:`get_peft_model` or :meth:`from_pretrained`.
 
     ``push_to_hub`` (transformers' mixin, as in peft) uploads what :meth:`save_pretrained` writes: the adapter.
+
+    It holds all adapter state itself, in the attributes below, and hands each adapter's method a
+    :class:`deltatune.methods.base.Site` (plain modules and the config), never itself.
     """
+
+    base_model: AdapterModel
+    """peft's tuner; its ``.model`` is the user's model with the wrapped layers inside."""
+    peft_config: dict[str, PeftConfig]
+    """adapter name -> config, in the order the adapters were added."""
+    prompt_encoder: nn.ModuleDict
+    """adapter name -> the adapter's own module outside the layers (prompt and prefix tuning), as in
+    peft; created with the first such adapter."""
+    _active: tuple[str, ...]
+    """The active adapters' names (``set_adapter``)."""
+    _disabled: bool
+    """True between ``disable_adapter_layers()`` and ``enable_adapter_layers()`` (and in ``disable_adapter()``)."""
+    _method_state: dict[str, dict[str, Any]]
+    """adapter name -> its method's run-time state (:attr:`Site.state`)."""
+    mixed_batches: MixedBatches
+    """The bank and lock of ``adapter_names=[...]`` requests (:mod:`deltatune.serving.mixed`)."""
 
     def __init__(
         self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", autocast_adapter_dtype: bool = True
@@ -40,7 +65,9 @@ class PeftModel(PushToHubMixin, nn.Module):
         self.base_model = AdapterModel(model, self)
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: tuple[str, ...] = ()
-        self._disabled = False  # disable_adapter_layers() / inside disable_adapter()
+        self._disabled = False
+        self._method_state = {}
+        self.mixed_batches = MixedBatches()
         self.add_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
         self.set_adapter(adapter_name)
 
@@ -69,25 +96,33 @@ class PeftModel(PushToHubMixin, nn.Module):
         return self.base_model.model
 
     # ---- forward / generate --------------------------------------------------------------------
-    def _method_hook(self, hook: str):
-        """The active adapter's method hook (e.g. prompt tuning's forward), unless adapters are disabled."""
-        if not self._active or self._disabled:
-            return None
-        return getattr(get_method(self.peft_config[self._active[0]].peft_type), hook)
+    def _method(self, adapter_name: str) -> Method:
+        return get_method(self.peft_config[adapter_name].peft_type)
+
+    def _site(self, adapter_name: str) -> Site:
+        """What the adapter's method sees of it: the user's model, the name, the config, its own module."""
+        own = self._modules.get("prompt_encoder")
+        return Site(
+            self.base_model.model, adapter_name, self.peft_config[adapter_name],
+            own[adapter_name] if own is not None and adapter_name in own else None,
+            self._method_state.setdefault(adapter_name, {}),
+        )
+
+    def _running(self) -> str | None:
+        """The adapter whose method runs the forward: the first active one, unless adapters are disabled."""
+        return self._active[0] if self._active and not self._disabled else None
 
     @presents_base_signature
     def forward(self, *args, **kwargs):
         # one adapter per row (see deltatune.serving), unless inside disable_adapter(): that wins, as in peft
         if kwargs.get("adapter_names") is not None and not self._disabled:
-            from deltatune.serving.server import peft_forward
-
-            return peft_forward(self, kwargs.pop("adapter_names"), args, kwargs)
+            return self.mixed_batches.forward(self.base_model.model, self.peft_config, kwargs.pop("adapter_names"), args, kwargs)
         kwargs.pop("adapter_names", None)
-        with self._serialised():
-            hook = self._method_hook("forward")
-            if hook is not None:
-                return hook(self, self._active[0], *args, **kwargs)
-            return self.base_model.model(*args, **kwargs)
+        with self.mixed_batches.serialised():  # a plain call waits for an adapter_names request in flight
+            name = self._running()
+            if name is None:
+                return self.base_model.model(*args, **kwargs)
+            return self._method(name).forward(self._site(name), *args, **kwargs)
 
     def model_inputs(self, **kwargs: Any) -> dict[str, Any]:
         """The keyword inputs :meth:`forward` hands the user's model (:attr:`model`) for ``kwargs``.
@@ -97,22 +132,14 @@ class PeftModel(PushToHubMixin, nn.Module):
         tuning pre-fills the cache; both extend the attention mask. Code that runs the model's trunk itself
         (the fused loss, :func:`deltatune.train.loss.causal_lm_loss`) starts from these.
         """
-        hook = self._method_hook("model_inputs")
-        return kwargs if hook is None else hook(self, self._active[0], kwargs)
+        name = self._running()
+        return kwargs if name is None else self._method(name).model_inputs(self._site(name), kwargs)
 
     def loss_penalty(self) -> Any:
         """The term :meth:`forward` adds to a loss computed from labels (AdaLoRA's orthogonality penalty
         while it trains), as a scalar tensor, or None."""
-        hook = self._method_hook("loss_penalty")
-        return None if hook is None else hook(self, self._active[0])
-
-    def _serialised(self):
-        """After an ``adapter_names`` request, plain calls wait for the one in flight (it disables the wrappers)."""
-        if "_serving_state" not in vars(self):
-            return contextlib.nullcontext()
-        from deltatune.serving.server import serialised
-
-        return serialised(self)
+        name = self._running()
+        return None if name is None else self._method(name).loss_penalty(self._site(name))
 
     def generate(self, *args, **kwargs):
         """Generate with the user's model's ``generate``, through the active adapter.
@@ -125,15 +152,13 @@ class PeftModel(PushToHubMixin, nn.Module):
             What the user's model's ``generate`` returns.
         """
         if kwargs.get("adapter_names") is not None and not self._disabled:  # see forward
-            from deltatune.serving.server import peft_generate
-
-            return peft_generate(self, kwargs.pop("adapter_names"), args, kwargs)
+            return self.mixed_batches.generate(self.base_model.model, self.peft_config, kwargs.pop("adapter_names"), args, kwargs)
         kwargs.pop("adapter_names", None)
-        with self._serialised():
-            hook = self._method_hook("generate")
-            if hook is not None:
-                return hook(self, self._active[0], *args, **kwargs)
-            return self.base_model.model.generate(*args, **kwargs)
+        with self.mixed_batches.serialised():
+            name = self._running()
+            if name is None:
+                return self.base_model.model.generate(*args, **kwargs)
+            return self._method(name).generate(self._site(name), *args, **kwargs)
 
     # ---- adapters --------------------------------------------------------------------------------
     @property
@@ -155,8 +180,7 @@ class PeftModel(PushToHubMixin, nn.Module):
         name = getattr(getattr(base, "config", None), "_name_or_path", None)
         if config.base_model_name_or_path is None and name:
             config = config.replace(base_model_name_or_path=name)
-        prepare = get_method(config.peft_type).prepare_config
-        return prepare(config, base) if prepare is not None else config
+        return get_method(config.peft_type).prepare(config, base)
 
     def add_adapter(
         self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False, autocast_adapter_dtype: bool = True
@@ -175,20 +199,18 @@ class PeftModel(PushToHubMixin, nn.Module):
         config = self._prepare_config(peft_config)
         if self.peft_config and config.peft_type != next(iter(self.peft_config.values())).peft_type:
             _check_mixable(next(iter(self.peft_config.values())), config)
-        self._inject(config, adapter_name)
+        method = get_method(config.peft_type)
+        method.check_addable(config, adapter_name, self.peft_config)
+        check_modules_to_save(self.base_model.model, getattr(config, "modules_to_save", None))
+        own = method.attach(self.base_model.model, config, adapter_name)
+        if own is not None:
+            if "prompt_encoder" not in self._modules:
+                self.prompt_encoder = nn.ModuleDict()
+            self.prompt_encoder[adapter_name] = own
         if autocast_adapter_dtype:
             inject.upcast_adapter(self.base_model.model, adapter_name)
         self.peft_config[adapter_name] = config
         self._refresh()
-
-    def _inject(self, config: PeftConfig, adapter_name: str) -> None:
-        method = get_method(config.peft_type)
-        check_modules_to_save(self.base_model.model, getattr(config, "modules_to_save", None))
-        hook = getattr(method, "attach", None)
-        if hook is not None:
-            hook(self, config, adapter_name)  # methods that are not one adapter per layer (prompts, prefixes)
-            return
-        inject.inject_adapter_in_model(config, self.base_model.model, adapter_name)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Make the named adapter (or several at once) active and trainable; every other one is bypassed and frozen.
@@ -215,10 +237,9 @@ class PeftModel(PushToHubMixin, nn.Module):
         trainable = [n for n in self._active if not self.peft_config[n].inference_mode]
         bias = self.peft_config[self._active[0]].bias if self._active and hasattr(self.peft_config[self._active[0]], "bias") else "none"
         inject.mark_trainable(model, trainable, bias)
-        for peft_type in {c.peft_type for c in self.peft_config.values()}:
-            hook = get_method(peft_type).refresh
-            if hook is not None:
-                hook(self, trainable)
+        for peft_type in dict.fromkeys(c.peft_type for c in self.peft_config.values()):
+            sites = [self._site(n) for n, c in self.peft_config.items() if c.peft_type == peft_type]
+            get_method(peft_type).refresh(sites, trainable)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter: its layers, its weights and its config.
@@ -233,11 +254,12 @@ class PeftModel(PushToHubMixin, nn.Module):
         """
         if adapter_name not in self.peft_config:
             raise ValueError(f"no adapter named {adapter_name!r}; this model has {sorted(self.peft_config)}")
-        method = get_method(self.peft_config[adapter_name].peft_type)
-        detach = getattr(method, "detach", None)
-        if detach is not None:
-            detach(self, adapter_name)
+        self._method(adapter_name).detach(self._site(adapter_name))
         inject.delete_adapter(self.base_model.model, adapter_name)
+        own = self._modules.get("prompt_encoder")
+        if own is not None and adapter_name in own:
+            del own[adapter_name]
+        self._method_state.pop(adapter_name, None)
         del self.peft_config[adapter_name]
         self._active = tuple(n for n in self._active if n != adapter_name) or tuple(self.peft_config)[:1]
         self._refresh()
@@ -335,8 +357,6 @@ class PeftModel(PushToHubMixin, nn.Module):
             config = self.peft_config[n].replace(inference_mode=True)
             sd = self.get_adapter_state_dict(n, save_embedding_layers)
             if path_initial_model_for_weight_conversion is not None:
-                from deltatune.io.conversion import mutated_to_lora_on_save
-
                 sd, config = mutated_to_lora_on_save(sd, config, Path(path_initial_model_for_weight_conversion))
             ckpt.save_adapter(sd, config, folder, safe_serialization, self._auto_mapping(config))  # one step; see io.atomic
         self._write_model_card(save_directory)
@@ -350,10 +370,6 @@ class PeftModel(PushToHubMixin, nn.Module):
         return {"base_model_class": cls.__name__, "parent_library": cls.__module__}
 
     def _write_model_card(self, save_directory: str | os.PathLike) -> None:
-        from transformers import PreTrainedModel
-
-        from deltatune.io.model_card import write_model_card
-
         base = self.get_base_model()
         name = getattr(getattr(base, "config", None), "_name_or_path", None) or None
         tags = ["transformers"] if isinstance(base, PreTrainedModel) else []
@@ -376,12 +392,7 @@ class PeftModel(PushToHubMixin, nn.Module):
         Returns:
             ``{key: tensor}``, each tensor a detached CPU copy of its own (tied weights are not shared).
         """
-        config = self.peft_config[adapter_name]
-        method = get_method(config.peft_type)
-        own = getattr(method, "state_dict", None)
-        if own is not None:
-            return own(self, adapter_name)
-        return ckpt.get_peft_model_state_dict(self.base_model.model, adapter_name, config, save_embedding_layers)
+        return self._method(adapter_name).state_dict(self._site(adapter_name), save_embedding_layers)
 
     @classmethod
     def from_pretrained(
@@ -427,20 +438,41 @@ class PeftModel(PushToHubMixin, nn.Module):
 
     def _load_weights(self, folder: Path, adapter_name: str, sd: dict | None = None) -> None:
         sd = ckpt.load_weights(folder) if sd is None else sd
-        config = self.peft_config[adapter_name]
-        own = getattr(get_method(config.peft_type), "load_state_dict", None)
         try:
-            if own is not None:
-                own(self, sd, adapter_name)
-            else:
-                ckpt.set_peft_model_state_dict(self.base_model.model, sd, adapter_name, config)
+            self.load_adapter_state_dict(sd, adapter_name)
         except ValueError as err:
             raise ValueError(f"{ckpt.weights_file(folder)}: {err}") from None  # name the file that does not fit
 
+    def load_adapter_state_dict(self, state_dict: dict, adapter_name: str = "default") -> None:
+        """Load peft-keyed tensors (what :meth:`get_adapter_state_dict` gives) into an existing adapter, all
+        or nothing (peft's ``set_peft_model_state_dict``).
+
+        Raises:
+            ValueError: the tensors do not fit the adapter (the message says which).
+        """
+        self._method(adapter_name).load_state_dict(self._site(adapter_name), state_dict)
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """peft's AdaLoRA call after each optimizer step (after ``loss.backward()`` and ``optimizer.step()``,
+        before ``optimizer.zero_grad()``): the trainable adapter's method updates itself for ``global_step``
+        (0-based); AdaLoRA re-allocates its rank budget. Also reachable as ``model.base_model.update_and_allocate``.
+
+        Raises:
+            ValueError: no trainable adapter of a method that does this (AdaLoRA).
+        """
+        names = [n for n, c in self.peft_config.items() if not c.inference_mode and self._method(n).steps]
+        if not names:
+            raise ValueError(
+                "update_and_allocate needs a trainable AdaLoRA adapter; this model has none (loaded for inference? "
+                "use PeftModel.from_pretrained(..., is_trainable=True))"
+            )
+        for name in names:
+            changed = self._method(name).on_optimizer_step(self._site(name), global_step)
+            if changed is not None:
+                self.peft_config[name] = changed
+
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **kwargs: Any) -> None:
         """Combine existing LoRA adapters into a new one (peft's semantics); see :mod:`deltatune.combine`."""
-        from deltatune.combine.adapters import add_weighted_adapter
-
         add_weighted_adapter(self, adapters, weights, adapter_name, **kwargs)
 
 

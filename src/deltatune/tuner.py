@@ -73,6 +73,10 @@ class AdapterModel(nn.Module):
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **kwargs: Any) -> None:
         self._owner.add_weighted_adapter(adapters, weights, adapter_name, **kwargs)
 
+    def update_and_allocate(self, global_step: int) -> None:
+        """peft's ``AdaLoraModel.update_and_allocate``: see :meth:`PeftModel.update_and_allocate`."""
+        self._owner.update_and_allocate(global_step)
+
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 

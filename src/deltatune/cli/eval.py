@@ -12,12 +12,23 @@ overrides, as for ``train``); with ``--adapter runs/X/adapter`` and no config fi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+from deltatune.atomic import atomic_write_text
+from deltatune.cli.train import split_args
+from deltatune.data import Collator, load_examples, resolve_template, tokenize_dataset
+from deltatune.methods.lora import merged_inference
+from deltatune.model import PeftModel
+from deltatune.train.config import load_train_config, read_yaml
+from deltatune.train.loss import causal_lm_loss
+from deltatune.train.metrics import describe, score_accuracy
+from deltatune.train.run import load_model, load_tokenizer
 
 
 def eval_loss(model: Any, dataset: Any, collator: Callable, batch_size: int = 8, max_examples: int | None = None) -> dict:
@@ -39,11 +50,6 @@ def eval_loss(model: Any, dataset: Any, collator: Callable, batch_size: int = 8,
     Raises:
         ValueError: the dataset is empty or has no supervised token.
     """
-    import torch
-
-    from deltatune.methods.lora import merged_inference
-    from deltatune.train.loss import causal_lm_loss
-
     n = len(dataset) if max_examples is None else min(max_examples, len(dataset))
     if n == 0:
         raise ValueError("the eval dataset is empty; nothing to compute a loss on")
@@ -71,9 +77,6 @@ def eval_loss(model: Any, dataset: Any, collator: Callable, batch_size: int = 8,
 
 def resolve_config(items: list[str], adapter: str | None, data_file: str | None) -> tuple[Any, str | None]:
     """The train config to evaluate with, and which run config it started from (or None)."""
-    from deltatune.cli.train import split_args
-    from deltatune.train.config import load_train_config, read_yaml
-
     config_file, overrides = split_args(items)
     if data_file is not None:
         # A file evaluated whole: its own data section, no split held out of it.
@@ -92,10 +95,6 @@ def eval_dataset(config: Any, tokenizer: Any, whole_source: bool) -> tuple[Any, 
     Raises:
         ValueError: the config holds out no eval split.
     """
-    import dataclasses
-
-    from deltatune.data import load_examples, resolve_template, tokenize_dataset
-
     data = dataclasses.replace(config.data, eval_size=0, max_train_examples=None) if whole_source else config.data
     examples = load_examples(data, tokenizer)
     rows = examples.train if whole_source else examples.eval
@@ -111,9 +110,6 @@ def eval_dataset(config: Any, tokenizer: Any, whole_source: bool) -> tuple[Any, 
 
 def evaluate(model: Any, tokenizer: Any, dataset: Any, template: str, config: Any, args: argparse.Namespace) -> dict:
     """Loss/perplexity and, when the rows have a ``label`` and ``eval.accuracy`` allows, accuracy."""
-    from deltatune.data import Collator
-    from deltatune.train.metrics import score_accuracy
-
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = {"loss": eval_loss(model, dataset, Collator(pad_token_id=pad), args.batch_size or config.train.batch_size,
                              args.max_examples)}
@@ -131,8 +127,6 @@ def evaluate(model: Any, tokenizer: Any, dataset: Any, template: str, config: An
 
 def report_lines(name: str, result: dict) -> list[str]:
     """Printable summary of one :func:`evaluate` result."""
-    from deltatune.train.metrics import describe
-
     loss = result["loss"]
     lines = [f"{name}: loss {loss['loss']:.4f}, perplexity {loss['perplexity']:.2f} over {loss['examples']} examples "
              f"({loss['tokens']:,} supervised tokens) [{loss['seconds']:.0f} s]"]
@@ -166,8 +160,6 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``deltatune eval``."""
-    from deltatune.train.run import load_model, load_tokenizer
-
     if args.max_examples is not None and args.max_examples < 1:
         raise ValueError(f"--max-examples {args.max_examples}: expected a positive number of rows")
     if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
@@ -187,8 +179,6 @@ def run(args: argparse.Namespace) -> int:
         results["base"] = evaluate(model, tokenizer, dataset, template, config, args)
         lines = report_lines("base", results["base"])
     else:
-        from deltatune.model import PeftModel
-
         peft_model = PeftModel.from_pretrained(model, args.adapter)
         results["with_adapter"] = evaluate(peft_model, tokenizer, dataset, template, config, args)
         lines = report_lines("adapter", results["with_adapter"])
@@ -198,8 +188,6 @@ def run(args: argparse.Namespace) -> int:
             lines = report_lines("base", results["base"]) + lines
     print("\n".join(lines))
     if args.json:
-        from deltatune.io.atomic import atomic_write_text
-
         atomic_write_text(Path(args.json), json.dumps(results, indent=2, default=str) + "\n")
     return 0
 

@@ -22,6 +22,11 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
+from deltatune.atomic import atomic_folder, check_output_folder
+from deltatune.io.config_io import CONFIG_NAME, load_config
+from deltatune.model import PeftModel
+from deltatune.models import load_model_and_tokenizer
+
 _DTYPES = ("float32", "bfloat16", "float16")
 # Methods whose adapters can never be folded into the weights, and why.
 _NOT_MERGEABLE = {
@@ -33,8 +38,6 @@ _NOT_MERGEABLE = {
 
 def read_adapter_config(folder: str | Path) -> Any:
     """The adapter's config, with an error that says what a valid adapter folder holds."""
-    from deltatune.io.config_io import CONFIG_NAME, load_config
-
     folder = Path(folder)
     if not (folder / CONFIG_NAME).is_file():
         raise FileNotFoundError(
@@ -108,10 +111,6 @@ def export_merged(adapter: str | Path, out: str | Path, model: str | None = None
         FileNotFoundError: no adapter config, or the base model cannot be found.
     """
     import torch
-
-    from deltatune.io.atomic import atomic_folder, check_output_folder
-    from deltatune.model import PeftModel
-    from deltatune.models import load_model_and_tokenizer
 
     if dtype not in _DTYPES:
         raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")

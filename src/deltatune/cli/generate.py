@@ -7,11 +7,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from deltatune.model import PeftModel
+from deltatune.models import DEFAULT_MODEL, load_model_and_tokenizer
+from deltatune.models.registry import get_spec
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -99,26 +104,18 @@ def load_for_generation(model_name: str | None, adapter: str | None, dtype: str 
     """
     import torch
 
-    from deltatune.models import DEFAULT_MODEL, load_model_and_tokenizer
-
     if model_name is None and adapter is not None:
         model_name = _adapter_base(adapter)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model_and_tokenizer(model_name or DEFAULT_MODEL, dtype=getattr(torch, dtype), device=device)
     if adapter is not None:
-        from deltatune.model import PeftModel
-
         model = PeftModel.from_pretrained(model, adapter)
     return model.eval(), tokenizer
 
 
 def _adapter_base(adapter: str) -> str | None:
     """The base model an adapter names, if it can be found locally (a folder, or a registered name)."""
-    import json
-
-    from deltatune.models.registry import get_spec
-
     config_file = Path(adapter) / "adapter_config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"no adapter_config.json in {adapter}; pass the folder that save_pretrained wrote")

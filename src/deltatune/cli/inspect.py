@@ -14,11 +14,27 @@ import argparse
 import sys
 from typing import Any
 
+from deltatune.inspect.adapter_check import base_model_verdict, load_problems, parse_config, read_adapter
+from deltatune.inspect.architecture import describe, layer_groups, meta_model
+from deltatune.inspect.presets import expand_preset, preset_table, targets_config
+from deltatune.inspect.report import (
+    dry_run,
+    format_adapter,
+    format_architecture,
+    format_dry_run,
+    format_findings,
+    format_layer_groups,
+    format_presets,
+)
+from deltatune.inspect.servers import server_findings
+from deltatune.methods.base import get_method
+from deltatune.models import DEFAULT_MODEL, model_config
+from deltatune.surgery.presets import PRESET_NAMES  # the preset table `deltatune plan` reads too
+from deltatune.train.config import load_train_config
+
 
 def register(subparsers: Any) -> None:
     """Add the ``inspect`` subcommand."""
-    from deltatune.surgery.presets import PRESET_NAMES  # the preset table `deltatune plan` reads too
-
     p = subparsers.add_parser(
         "inspect",
         help="Show a model's layers and target presets, or check an adapter folder.",
@@ -45,14 +61,10 @@ def _train_config(args: argparse.Namespace):
     """The ``deltatune train`` config named by ``--config``, or None."""
     if args.config is None:
         return None
-    from deltatune.train.config import load_train_config
-
     return load_train_config(args.config, [])
 
 
 def _dry_run_config(args: argparse.Namespace, model_type: str, train_config=None):
-    from deltatune.inspect.presets import expand_preset, targets_config
-
     if train_config is not None:
         # AdaLoRA's schedule needs a step count; any positive number gives the same layout.
         return train_config.method.build(total_steps=train_config.train.max_steps or 1)
@@ -70,12 +82,6 @@ def _dry_run_config(args: argparse.Namespace, model_type: str, train_config=None
 
 def inspect_model(args: argparse.Namespace, out=print) -> int:
     """Architecture, layer groups, presets, and the dry run when asked for."""
-    from deltatune.inspect.architecture import describe, layer_groups, meta_model
-    from deltatune.inspect.presets import preset_table
-    from deltatune.inspect.report import dry_run, format_architecture, format_dry_run, format_layer_groups, format_presets
-    from deltatune.methods.base import get_method
-    from deltatune.models import DEFAULT_MODEL, model_config
-
     if args.r < 1:
         raise ValueError(f"--r {args.r}: the LoRA rank must be a positive integer")
     train_config = _train_config(args)
@@ -95,11 +101,6 @@ def inspect_model(args: argparse.Namespace, out=print) -> int:
 
 def inspect_adapter(args: argparse.Namespace, out=print) -> int:
     """Config, load check, base-model check and serving findings; 1 if it does not load on MODEL."""
-    from deltatune.inspect.adapter_check import base_model_verdict, load_problems, parse_config, read_adapter
-    from deltatune.inspect.report import format_adapter, format_findings
-    from deltatune.inspect.servers import server_findings
-    from deltatune.models import model_config
-
     files = read_adapter(args.adapter)
     lines = format_adapter(files) + [""] + format_findings(server_findings(files.raw_config, files.tensors)) + [""]
     base = files.raw_config.get("base_model_name_or_path")

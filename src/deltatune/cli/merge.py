@@ -16,7 +16,12 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+from deltatune.atomic import atomic_folder, check_output_folder
 from deltatune.cli.export import base_model_for, read_adapter_config
+from deltatune.combine.weighted import COMBINATION_TYPES
+from deltatune.model import PeftModel
+from deltatune.models import load_model_and_tokenizer
+from deltatune.surgery.inject import adapted_layers
 
 NEW_ADAPTER = "default"  # saved at the root of --out, as peft does for 'default'
 
@@ -62,18 +67,11 @@ def merge_adapters(
     """
     import torch
 
-    from deltatune.io.atomic import atomic_folder, check_output_folder
-    from deltatune.model import PeftModel
-    from deltatune.models import load_model_and_tokenizer
-    from deltatune.surgery.inject import adapted_layers
-
     if not folders:
         raise ValueError("no adapters given; pass one or more adapter folders")
     weights = list(weights) if weights is not None else [1.0 / len(folders)] * len(folders)
     if len(weights) != len(folders):
         raise ValueError(f"got {len(folders)} adapters but {len(weights)} --weights; pass one weight per adapter")
-    from deltatune.combine.weighted import COMBINATION_TYPES
-
     if method not in COMBINATION_TYPES:
         raise ValueError(f"--method {method!r}: expected one of {', '.join(COMBINATION_TYPES)}")
     check_output_folder(out, force)  # fail before the (slow) model load
@@ -98,9 +96,6 @@ def merge_adapters(
 
 def register(subparsers: Any) -> None:
     """Add the ``merge`` subcommand."""
-    # The combination types are the combine package's own (imported only when ``merge`` is the command).
-    from deltatune.combine.weighted import COMBINATION_TYPES
-
     p = subparsers.add_parser(
         "merge", help="Combine adapters into a new adapter (linear, cat, svd, ties, dare, ...).",
         description="Combines LoRA adapters with peft's add_weighted_adapter semantics and writes a new "

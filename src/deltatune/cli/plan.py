@@ -2,7 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+
+from deltatune.plan.calibrate import calibrate
+from deltatune.plan.memory import estimate_memory
+from deltatune.plan.meta import load_model_config
+from deltatune.plan.recommend import QUALITIES, TASKS, recommend
+from deltatune.plan.report import fmt_bytes, parse_bytes, table
+from deltatune.plan.setup import LOSSES, METHODS, OPTIMIZERS, TARGET_PRESETS, TrainSetup
 
 EPILOG = """\
 examples:
@@ -20,9 +28,6 @@ seconds. Memory is the peak of one training step; see docs/planning.md for what 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``plan`` subcommand."""
-    from deltatune.plan.recommend import QUALITIES, TASKS
-    from deltatune.plan.setup import LOSSES, METHODS, OPTIMIZERS, TARGET_PRESETS
-
     p = subparsers.add_parser(
         "plan", help="Parameter counts, a memory estimate and method/rank recommendations.",
         description="Count parameters and estimate the training memory of PEFT methods from a model's config "
@@ -64,8 +69,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _setup(args: argparse.Namespace, method: str):
-    from deltatune.plan.setup import TrainSetup
-
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     return TrainSetup(method=method, r=args.r, lora_alpha=args.alpha, lora_dropout=args.lora_dropout, targets=args.targets,
                       num_virtual_tokens=args.num_virtual_tokens, batch_size=args.batch, seq_len=args.seq_len,
@@ -74,8 +77,6 @@ def _setup(args: argparse.Namespace, method: str):
 
 
 def main(args: argparse.Namespace) -> int:
-    from deltatune.plan.report import parse_bytes
-
     memory = parse_bytes(args.device_memory) if args.device_memory else None
     if args.recommend:
         return _recommend(args, memory)
@@ -86,8 +87,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _recommend(args: argparse.Namespace, memory: int | None) -> int:
-    from deltatune.plan.recommend import recommend
-
     if memory is None or args.dataset_size is None:
         raise ValueError("--recommend needs --device-memory (e.g. 24GiB) and --dataset-size (training examples).")
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
@@ -108,10 +107,6 @@ def _recommend(args: argparse.Namespace, memory: int | None) -> int:
 
 
 def _plan(args: argparse.Namespace, memory: int | None) -> int:
-    from deltatune.plan.memory import estimate_memory
-    from deltatune.plan.meta import load_model_config
-    from deltatune.plan.report import fmt_bytes, table
-
     config = load_model_config(args.model)
     estimates = [estimate_memory(config, _setup(args, m)) for m in args.method]
     if args.json:
@@ -139,10 +134,6 @@ def _probe(model: str, estimates: list) -> None:
     """Measure each plan (on CPU unless CUDA is present) and show estimate vs measurement."""
     import torch
 
-    from deltatune.plan.calibrate import calibrate
-    from deltatune.plan.memory import estimate_memory
-    from deltatune.plan.report import fmt_bytes, table
-
     rows, notes = [], []
     for est in estimates:
         setup = est.setup
@@ -167,8 +158,6 @@ def _probe(model: str, estimates: list) -> None:
 
 
 def _as_json(e, memory: int | None) -> dict:
-    import dataclasses
-
     return {"setup": dataclasses.asdict(e.setup), "trainable": e.params.trainable, "total": e.params.total,
             "percent": e.params.percent, "peak_bytes": e.peak_bytes, "peak_phase": e.peak_phase,
             "fits": e.fits(memory) if memory else None, "activations": e.activations,

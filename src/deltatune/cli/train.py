@@ -6,6 +6,11 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from deltatune.methods.base import method_names  # the registry: every method.name, variants included
+from deltatune.train import outputs
+from deltatune.train.config import load_train_config, read_yaml
+from deltatune.train.run import TrainingStopped, run_training
+
 EPILOG = """\
 examples:
   deltatune train                                   the default job: LoRA on SmolLM2-135M-Instruct, BBC news topics
@@ -23,8 +28,6 @@ Outputs in output_dir: adapter/ (peft format), config.yaml, metrics.json, loss.p
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``train`` subcommand."""
-    from deltatune.methods.base import method_names  # the registry: every method.name, variants included
-
     parser = subparsers.add_parser(
         "train", help="Fine-tune a model with an adapter (default: SmolLM2-135M-Instruct on BBC news topics).",
         description="Fine-tune a causal LM with a PEFT adapter. With no arguments, runs the default job: LoRA on "
@@ -61,9 +64,6 @@ def resolve_config(config_file: str | None, overrides: list[str], resume: bool):
 
     On ``resume`` the run's saved ``config.yaml`` is the base and the file and overrides apply on top.
     """
-    from deltatune.train import outputs
-    from deltatune.train.config import load_train_config, read_yaml
-
     config = load_train_config(config_file, overrides)
     if not resume:
         if config.output_dir is None:
@@ -87,8 +87,6 @@ def main(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
-    from deltatune.train.run import TrainingStopped, run_training
-
     print(f"deltatune train: {config.method.name} on {config.model}, data {config.data.source}, "
           f"output {config.output_dir}", flush=True)
     try:

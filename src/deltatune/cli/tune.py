@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
 from pathlib import Path
+
+from deltatune.tune.study import _import_optuna, load_tune_file, run_study
 
 EPILOG = """\
 examples:
@@ -37,12 +41,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from deltatune.tune.study import _import_optuna, load_tune_file, run_study
-
-    import sys
-
     try:
         _import_optuna()  # fail fast, before reading data or models
     except ImportError as err:

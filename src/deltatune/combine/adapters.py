@@ -46,6 +46,7 @@ from deltatune.config import LoraConfig, PeftType
 from deltatune.surgery.inject import adapted_layers, save_wrappers
 from deltatune.surgery.layer import AdaptedLayer, ModulesToSaveWrapper
 from deltatune.surgery.targets import resolve_targets
+from deltatune.methods.lora import LoraEmbedding, LoraLinear
 
 _PRUNING_PREFIXES = ("ties", "dare_", "magnitude_prune")
 
@@ -234,8 +235,6 @@ def _target_spec(model: nn.Module, configs: list[LoraConfig], names: list[str]) 
 
 # ---- per-module work -----------------------------------------------------------------------------------
 def _factors(name: str, adapter_name: str, adapter: nn.Module, base_layer: nn.Module) -> LoraFactors:
-    from deltatune.methods.lora import LoraEmbedding, LoraLinear
-
     if not isinstance(adapter, (LoraLinear, LoraEmbedding)):
         raise ValueError(
             f"{name}: adapter {adapter_name!r} is a {type(adapter).__name__}, not a LoRA layer; "

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from deltatune.config import PeftConfig, PeftType
-from deltatune.io.checkpoint import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, set_peft_model_state_dict
+from deltatune.io.checkpoint import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, reading_weights, set_peft_model_state_dict
 from deltatune.io.config_io import CONFIG_NAME, config_from_dict, read_config_json
 from deltatune.inspect.architecture import meta_model
 from deltatune.methods.base import get_method
@@ -54,8 +54,6 @@ class AdapterFiles:
 
 
 def _read_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    from deltatune.io.checkpoint import reading_weights
-
     with reading_weights(path):  # a damaged file is an answer to "will it load?", not a traceback
         return _shapes(path)
 
@@ -128,12 +126,8 @@ def load_problems(files: AdapterFiles, config: PeftConfig, model_config: Any) ->
     except ValueError as err:
         return [f"its targets do not fit this model: {err}"]
     state = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in files.tensors.items()}
-    loader = get_method(config.peft_type).load_state_dict
     try:
-        if loader is not None:
-            loader(peft_model, state, "default")
-        else:
-            set_peft_model_state_dict(peft_model.base_model.model, state, "default", peft_model.peft_config["default"])
+        peft_model.load_adapter_state_dict(state, "default")
     except ValueError as err:
         return [str(err)]
     return _prompt_size_problems(config, model_config)

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from deltatune.io.atomic import atomic_write_files, finish_interrupted_save
+from deltatune.atomic import atomic_write_files, finish_interrupted_save
 from deltatune.io.config_io import CONFIG_NAME, config_json
 from deltatune.surgery.inject import adapted_layers, save_wrappers
 from deltatune.surgery.layer import AdaptedLayer

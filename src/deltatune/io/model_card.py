@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deltatune.io.atomic import atomic_write_text
+from deltatune.atomic import atomic_write_text
 
 CARD_NAME = "README.md"
 

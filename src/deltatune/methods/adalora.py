@@ -20,12 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.config import PeftType
+from deltatune.config import PeftConfig, PeftType
+from deltatune.io import checkpoint as ckpt
+from deltatune.methods.adalora_alloc import (  # masks_by_module and E_KEY re-exported
+    E_KEY, RankAllocator, budget_schedule, mask_using_rank_pattern, masks_by_module, orth_regularizer,
+)
 from deltatune.methods.adalora_config import AdaLoraConfig  # re-exported: the public import path
-from deltatune.methods.base import LLAMA_LINEAR, linear_layer_types, Adapter, Method, register_method, adapter_dtype, layer_dims
+from deltatune.methods.base import (
+    LLAMA_LINEAR, Adapter, Method, Site, adapter_dtype, layer_dims, linear_layer_types, register_method,
+)
+from deltatune.surgery.inject import adapted_layers
 
 RANKNUM_EPS = 1e-5  # peft divides by (ranknum + 1e-5); kept so merged weights match peft's bit for bit
-E_KEY = ".lora_E"  # rank_pattern keys are "<module path>.lora_E", as peft writes them
 
 
 # ---- functional core -------------------------------------------------------------------------------
@@ -114,24 +120,11 @@ def make_svd_adapter(config: AdaLoraConfig, base_layer: nn.Module, module_name: 
 
 def svd_adapters(model: nn.Module, adapter_name: str) -> list[tuple[str, SVDAdapter]]:
     """(module path, adapter) for every AdaLoRA adapter named ``adapter_name``, in model order (by type)."""
-    from deltatune.surgery.inject import adapted_layers
-
     return [(n, h.adapters[adapter_name]) for n, h in adapted_layers(model)
             if adapter_name in h.adapters and isinstance(h.adapters[adapter_name], SVDAdapter)]
 
 
 # ---- rank patterns on disk (peft's format) ---------------------------------------------------------
-def masks_by_module(rank_pattern: Mapping[str, Sequence[bool]] | None, adapter_name: str) -> dict[str, Sequence[bool]]:
-    """{module path: init_r-long mask} from peft's keys "<path>.lora_E" (or "<path>.lora_E.<adapter>")."""
-    out: dict[str, Sequence[bool]] = {}
-    for key, mask in dict(rank_pattern or {}).items():
-        key = key[: -len(adapter_name) - 1] if key.endswith(f"{E_KEY}.{adapter_name}") else key
-        if not key.endswith(E_KEY):
-            raise ValueError(f"rank_pattern key {key!r} does not end in '{E_KEY}'; keys are '<module path>{E_KEY}' as peft writes them")
-        out[key[: -len(E_KEY)]] = mask
-    return out
-
-
 def _matched(model: nn.Module, adapter_name: str, masks: Mapping[str, Sequence[bool]]) -> list[tuple[str, SVDAdapter, Sequence[bool]]]:
     adapters = dict(svd_adapters(model, adapter_name))
     unknown = [m for m in masks if m not in adapters]
@@ -160,33 +153,6 @@ def resize_to_rank_pattern(model: nn.Module, adapter_name: str, rank_pattern: Ma
     return undo
 
 
-def _state_dict(peft_model, adapter_name: str) -> dict[str, torch.Tensor]:
-    """peft's tensors (no ``ranknum``), keeping only the triplets that ``rank_pattern`` marks as kept."""
-    from deltatune.io import checkpoint as ckpt
-
-    config, model = peft_model.peft_config[adapter_name], peft_model.base_model.model
-    sd = ckpt.get_peft_model_state_dict(model, adapter_name, config)
-    for path, adapter, mask in _matched(model, adapter_name, masks_by_module(config.rank_pattern, adapter_name)):
-        keep = adapter.rows_kept_by(mask).cpu()
-        prefix = f"{ckpt.PREFIX}{path}."
-        sd[prefix + "lora_A"], sd[prefix + "lora_E"] = sd[prefix + "lora_A"][keep], sd[prefix + "lora_E"][keep]
-        sd[prefix + "lora_B"] = sd[prefix + "lora_B"][:, keep]
-    return sd
-
-
-def _load_state_dict(peft_model, state_dict: dict[str, torch.Tensor], adapter_name: str) -> None:
-    """Shrink the layers to the saved ``rank_pattern``, then load (all or nothing)."""
-    from deltatune.io import checkpoint as ckpt
-
-    config, model = peft_model.peft_config[adapter_name], peft_model.base_model.model
-    undo = resize_to_rank_pattern(model, adapter_name, config.rank_pattern)
-    try:
-        ckpt.set_peft_model_state_dict(model, state_dict, adapter_name, config)
-    except Exception:
-        undo()
-        raise
-
-
 # ---- model-level hooks -------------------------------------------------------------------------------
 # peft's TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING for the model families deltatune knows; it differs
 # from LoRA's defaults for t5, roberta and opt. Other families (peft has none for mistral, phi, falcon) must
@@ -212,78 +178,104 @@ def prepare_adalora_config(config: AdaLoraConfig, model: nn.Module) -> AdaLoraCo
     return config.replace(target_modules=ADALORA_DEFAULT_TARGETS[kind])
 
 
-def trainable_adalora(peft_model, exclude: str | None = None) -> list[str]:
-    return [n for n, c in peft_model.peft_config.items()
-            if n != exclude and isinstance(c, AdaLoraConfig) and not c.inference_mode]
-
-
-def _attach(peft_model, config: AdaLoraConfig, adapter_name: str) -> None:
-    """Inject as the default step does (PeftModel has checked modules_to_save and run
-    :func:`prepare_adalora_config`), after peft's one-trainable-adapter check."""
-    from deltatune.surgery import inject
-
-    others = trainable_adalora(peft_model, exclude=adapter_name)
-    if others and not config.inference_mode:
-        raise ValueError(
-            f"AdaLoRA trains one adapter at a time and {others[0]!r} is already trainable; add "
-            f"{adapter_name!r} with inference_mode=True, or delete_adapter({others[0]!r}) first"
-        )
-    inject.inject_adapter_in_model(config, peft_model.base_model.model, adapter_name)
-    # peft's AdaLoraModel API: model.base_model.update_and_allocate(step), also reachable as
-    # model.update_and_allocate(step) through PeftModel's attribute passthrough.
-    peft_model.base_model.update_and_allocate = types.MethodType(update_and_allocate, peft_model)
-
-
-def _detach(peft_model, adapter_name: str) -> None:
-    allocator = peft_model.base_model.__dict__.get("rankallocator")
-    if allocator is not None and allocator.adapter_name == adapter_name:
-        del peft_model.base_model.__dict__["rankallocator"]
-    if not any(isinstance(c, AdaLoraConfig) for n, c in peft_model.peft_config.items() if n != adapter_name):
-        peft_model.base_model.__dict__.pop("update_and_allocate", None)
-
-
-def update_and_allocate(peft_model, global_step: int) -> None:
-    """Update the importance scores and mask to the budget of ``global_step`` (0-based).
-
-    Call after ``loss.backward()`` / ``optimizer.step()`` and before ``optimizer.zero_grad()``, as in peft;
-    see :func:`deltatune.methods.adalora_alloc.update_and_allocate`.
-    """
-    from deltatune.methods import adalora_alloc
-
-    adalora_alloc.update_and_allocate(peft_model, global_step)
-
-
-def _penalty(peft_model, adapter_name: str) -> torch.Tensor | None:
-    """orth_reg_weight · R (eq. 4, as peft computes it) while this adapter trains, else None (the
-    ``Method.loss_penalty`` hook)."""
-    config = peft_model.peft_config[adapter_name]
-    if config.inference_mode or config.orth_reg_weight <= 0:
-        return None
-    from deltatune.methods.adalora_alloc import orth_regularizer
-
-    factors = [(a.lora_A, a.lora_B) for _, a in svd_adapters(peft_model.base_model.model, adapter_name)]
-    return config.orth_reg_weight * orth_regularizer(factors) if factors else None
-
-
-def _forward(peft_model, adapter_name: str, *args: Any, **kwargs: Any):
-    """The base model's forward, plus :func:`_penalty` on ``outputs.loss`` when a loss was computed
-    (labels given), as peft's ``AdaLoraModel.forward`` does."""
-    outputs = peft_model.base_model.model(*args, **kwargs)
-    loss = getattr(outputs, "loss", None)
-    penalty = _penalty(peft_model, adapter_name) if isinstance(loss, torch.Tensor) else None
-    if penalty is not None:
-        outputs.loss = loss + penalty
-    return outputs
-
-
 def _supported_types() -> tuple[type, ...]:
     return linear_layer_types()
 
 
-register_method(Method(
-    PeftType.ADALORA, AdaLoraConfig, make_svd_adapter, layer_types=_supported_types(), attach=_attach,
-    detach=_detach, state_dict=_state_dict, load_state_dict=_load_state_dict, forward=_forward, loss_penalty=_penalty,
-    prepare_config=prepare_adalora_config,
+# ---- the method ---------------------------------------------------------------------------------------
+def _callback():
+    # transformers' trainer modules take seconds to import; only training needs the callback.
+    from deltatune.methods.adalora_callback import AdaLoraCallback
+
+    return AdaLoraCallback()
+
+
+class AdaLoraMethod(Method):
+    """AdaLoRA: the layer method plus one trainable adapter at a time, saving and loading at the pruned
+    ranks, the orthogonality penalty on the loss, and the rank allocation after each optimizer step."""
+
+    def check_addable(self, config: PeftConfig, name: str, others: Mapping[str, PeftConfig]) -> None:
+        """peft's rule: AdaLoRA trains one adapter at a time."""
+        trainable = [n for n, c in others.items() if n != name and isinstance(c, AdaLoraConfig) and not c.inference_mode]
+        if trainable and not config.inference_mode:
+            raise ValueError(
+                f"AdaLoRA trains one adapter at a time and {trainable[0]!r} is already trainable; add "
+                f"{name!r} with inference_mode=True, or delete_adapter({trainable[0]!r}) first"
+            )
+
+    def state_dict(self, site: Site, save_embedding_layers: bool | str = "auto") -> dict[str, torch.Tensor]:
+        """peft's tensors (no ``ranknum``), keeping only the triplets that ``rank_pattern`` marks as kept."""
+        model, name, config = site.model, site.name, site.config
+        sd = ckpt.get_peft_model_state_dict(model, name, config)
+        for path, adapter, mask in _matched(model, name, masks_by_module(config.rank_pattern, name)):
+            keep = adapter.rows_kept_by(mask).cpu()
+            prefix = f"{ckpt.PREFIX}{path}."
+            sd[prefix + "lora_A"], sd[prefix + "lora_E"] = sd[prefix + "lora_A"][keep], sd[prefix + "lora_E"][keep]
+            sd[prefix + "lora_B"] = sd[prefix + "lora_B"][:, keep]
+        return sd
+
+    def load_state_dict(self, site: Site, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Shrink the layers to the saved ``rank_pattern``, then load (all or nothing)."""
+        undo = resize_to_rank_pattern(site.model, site.name, site.config.rank_pattern)
+        try:
+            ckpt.set_peft_model_state_dict(site.model, dict(state_dict), site.name, site.config)
+        except Exception:
+            undo()
+            raise
+
+    def loss_penalty(self, site: Site) -> torch.Tensor | None:
+        """orth_reg_weight · R (eq. 4, as peft computes it) while this adapter trains, else None."""
+        config = site.config
+        if config.inference_mode or config.orth_reg_weight <= 0:
+            return None
+        factors = [(a.lora_A, a.lora_B) for _, a in svd_adapters(site.model, site.name)]
+        return config.orth_reg_weight * orth_regularizer(factors) if factors else None
+
+    def forward(self, site: Site, *args: Any, **kwargs: Any) -> Any:
+        """The base model's forward, plus :meth:`loss_penalty` on ``outputs.loss`` when a loss was computed
+        (labels given), as peft's ``AdaLoraModel.forward`` does."""
+        outputs = site.model(*args, **kwargs)
+        loss = getattr(outputs, "loss", None)
+        penalty = self.loss_penalty(site) if isinstance(loss, torch.Tensor) else None
+        if penalty is not None:
+            outputs.loss = loss + penalty
+        return outputs
+
+    def on_optimizer_step(self, site: Site, global_step: int) -> AdaLoraConfig | None:
+        """Update importance and mask to the budget of ``global_step`` (peft's ``update_and_allocate``).
+
+        Runs after ``loss.backward()`` (and ``optimizer.step()``) and before ``optimizer.zero_grad()``, with
+        the 0-based index of the step just taken. Until ``total_step - tfinal`` it updates the EMA scores
+        and masks on schedule, recording the masks in the config's ``rank_pattern`` (the config returned);
+        at that step it fixes the final pattern; afterwards it only re-applies it. The allocator (peft's
+        ``RankAllocator``) lives in ``site.state``.
+
+        Raises:
+            ValueError: no gradients (called at the wrong point).
+        """
+        config: AdaLoraConfig = site.config
+        adapters = svd_adapters(site.model, site.name)
+        allocator = site.state.get("rankallocator")
+        if allocator is None:
+            allocator = site.state["rankallocator"] = RankAllocator(site.name, config, len(adapters))
+        end = config.total_step - config.tfinal
+        if global_step > end and config.rank_pattern is not None:
+            mask_using_rank_pattern(adapters, config.rank_pattern, site.name)
+            return None
+        if global_step < end or not allocator.exp_avg_ipt:
+            allocator.update_ipt(adapters)
+        budget, mask_now = budget_schedule(global_step, allocator.init_bgt, allocator.target_bgt, config)
+        if global_step < end and not mask_now:
+            return None
+        pattern = allocator.mask_to_budget(adapters, budget)
+        if global_step >= end:
+            allocator.reset_ipt()
+        return config.replace(rank_pattern=pattern)
+
+
+register_method(AdaLoraMethod(
+    PeftType.ADALORA, AdaLoraConfig, make_svd_adapter, layer_types=_supported_types(),
+    prepare_config=prepare_adalora_config, callbacks=(_callback,),
     name="adalora", train_preset=types.MappingProxyType(
         {"init_r": 12, "target_r": 8, "lora_alpha": 16, "target_modules": list(LLAMA_LINEAR)}),
     default_targets=types.MappingProxyType(ADALORA_DEFAULT_TARGETS), merges=True,
@@ -293,7 +285,7 @@ register_method(Method(
 def __getattr__(name: str):
     # The callback subclasses transformers' TrainerCallback, whose import is slow; load it on first use.
     if name == "AdaLoraCallback":
-        from deltatune.methods.adalora_alloc import AdaLoraCallback
+        from deltatune.methods.adalora_callback import AdaLoraCallback
 
         return AdaLoraCallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

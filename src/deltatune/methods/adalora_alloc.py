@@ -1,5 +1,6 @@
 """AdaLoRA's training side (Zhang et al., 2023, arXiv:2303.10512): the orthogonality regulariser (eq. 4),
-the budget allocation (sections 3.2-3.3) and the transformers Trainer callback.
+the budget allocation (sections 3.2-3.3) and peft's ``rank_pattern`` masks. The Trainer callback is in
+:mod:`deltatune.methods.adalora_callback`.
 
 Per step, for every entry w of P, Λ and Q (peft's lora_B, lora_E, lora_A):
 
@@ -21,13 +22,16 @@ the same masks in both libraries.
 """
 from __future__ import annotations
 
-import warnings
-from typing import Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
-from transformers.trainer_callback import TrainerCallback
 
-from deltatune.methods.adalora import AdaLoraConfig, SVDAdapter, masks_by_module, svd_adapters, trainable_adalora
+from deltatune.methods.adalora_config import AdaLoraConfig
+
+if TYPE_CHECKING:
+    from deltatune.methods.adalora import SVDAdapter
+
+E_KEY = ".lora_E"  # rank_pattern keys are "<module path>.lora_E", as peft writes them
 
 PARAMS = ("lora_A", "lora_E", "lora_B")
 
@@ -90,6 +94,17 @@ def keep_mask(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
     return scores > threshold
 
 
+def masks_by_module(rank_pattern: Mapping[str, Sequence[bool]] | None, adapter_name: str) -> dict[str, Sequence[bool]]:
+    """{module path: init_r-long mask} from peft's keys "<path>.lora_E" (or "<path>.lora_E.<adapter>")."""
+    out: dict[str, Sequence[bool]] = {}
+    for key, mask in dict(rank_pattern or {}).items():
+        key = key[: -len(adapter_name) - 1] if key.endswith(f"{E_KEY}.{adapter_name}") else key
+        if not key.endswith(E_KEY):
+            raise ValueError(f"rank_pattern key {key!r} does not end in '{E_KEY}'; keys are '<module path>{E_KEY}' as peft writes them")
+        out[key[: -len(E_KEY)]] = mask
+    return out
+
+
 # ---- allocator ---------------------------------------------------------------------------------------
 class RankAllocator:
     """EMA importance state for one trainable AdaLoRA adapter (peft's ``RankAllocator``)."""
@@ -106,7 +121,7 @@ class RankAllocator:
         self.exp_avg_unc: dict[tuple[str, str], torch.Tensor] = {}
 
     @torch.no_grad()
-    def update_ipt(self, adapters: list[tuple[str, SVDAdapter]]) -> None:
+    def update_ipt(self, adapters: list[tuple[str, "SVDAdapter"]]) -> None:
         """Fold this step's |w · grad| into the smoothed sensitivity and uncertainty of every entry."""
         if all(getattr(a, p).grad is None for _, a in adapters for p in PARAMS):
             raise ValueError(
@@ -129,7 +144,7 @@ class RankAllocator:
         return triplet_scores(s["lora_A"], s["lora_E"], s["lora_B"])
 
     @torch.no_grad()
-    def mask_to_budget(self, adapters: list[tuple[str, SVDAdapter]], budget: int) -> dict[str, list[bool]]:
+    def mask_to_budget(self, adapters: list[tuple[str, "SVDAdapter"]], budget: int) -> dict[str, list[bool]]:
         """Zero λ of every triplet below the global threshold; return peft's rank_pattern for the result."""
         scores = [self.scores(path) for path, _ in adapters]
         flat = torch.cat(scores)  # (total triplets,)
@@ -141,7 +156,7 @@ class RankAllocator:
         return pattern
 
 
-def _full_mask(adapter: SVDAdapter, kept: torch.Tensor) -> list[bool]:
+def _full_mask(adapter: "SVDAdapter", kept: torch.Tensor) -> list[bool]:
     # rank_pattern always spans the init_r original triplets, even for a layer already shrunk on load.
     full = [False] * adapter.init_r
     for position, k in zip(adapter.positions, kept.tolist()):
@@ -150,78 +165,9 @@ def _full_mask(adapter: SVDAdapter, kept: torch.Tensor) -> list[bool]:
 
 
 @torch.no_grad()
-def mask_using_rank_pattern(adapters: list[tuple[str, SVDAdapter]], rank_pattern, adapter_name: str) -> None:
+def mask_using_rank_pattern(adapters: list[tuple[str, "SVDAdapter"]], rank_pattern, adapter_name: str) -> None:
     """Re-zero the λ of pruned triplets (the final phase: the optimizer would otherwise revive them)."""
     masks = masks_by_module(rank_pattern, adapter_name)
     for path, adapter in adapters:
         if path in masks:
             adapter.lora_E.masked_fill_(~adapter.rows_kept_by(masks[path]).view(-1, 1), 0.0)
-
-
-def update_and_allocate(peft_model, global_step: int) -> None:
-    """Update importance and mask to the budget of ``global_step`` (peft's ``update_and_allocate``).
-
-    Call after ``loss.backward()`` (and ``optimizer.step()``) and before ``optimizer.zero_grad()``, with
-    the 0-based index of the step just taken. Until ``total_step - tfinal`` it updates the EMA scores
-    and masks on schedule, recording the masks in the config's ``rank_pattern``; at that step it fixes
-    the final pattern; afterwards it only re-applies it.
-
-    Raises:
-        ValueError: no trainable AdaLoRA adapter, or no gradients (called at the wrong point).
-    """
-    names = trainable_adalora(peft_model)
-    if not names:
-        raise ValueError(
-            "update_and_allocate needs a trainable AdaLoRA adapter; this model has none (loaded for inference? "
-            "use PeftModel.from_pretrained(..., is_trainable=True))"
-        )
-    name = names[0]
-    config: AdaLoraConfig = peft_model.peft_config[name]
-    adapters = svd_adapters(peft_model.base_model.model, name)
-    allocator = peft_model.base_model.__dict__.get("rankallocator")
-    if allocator is None or allocator.adapter_name != name:
-        allocator = RankAllocator(name, config, len(adapters))
-        peft_model.base_model.rankallocator = allocator  # peft's attribute name
-    end = config.total_step - config.tfinal
-    if global_step > end and config.rank_pattern is not None:
-        mask_using_rank_pattern(adapters, config.rank_pattern, name)
-        return
-    if global_step < end or not allocator.exp_avg_ipt:
-        allocator.update_ipt(adapters)
-    budget, mask_now = budget_schedule(global_step, allocator.init_bgt, allocator.target_bgt, config)
-    if global_step < end and not mask_now:
-        return
-    pattern = allocator.mask_to_budget(adapters, budget)
-    peft_model.peft_config[name] = config.replace(rank_pattern=pattern)
-    if global_step >= end:
-        allocator.reset_ipt()
-
-
-# ---- transformers Trainer ------------------------------------------------------------------------------
-class AdaLoraCallback(TrainerCallback):
-    """Runs ``model.update_and_allocate(state.global_step)`` once per optimizer step.
-
-    transformers' Trainer (5.x ``_inner_training_loop``) does, per optimizer step: backward ->
-    gradient clipping -> ``on_pre_optimizer_step`` -> ``optimizer.step()`` -> ``on_optimizer_step`` ->
-    ``lr_scheduler.step()`` -> ``model.zero_grad()`` -> ``global_step += 1`` -> ``on_step_end``.
-    ``on_optimizer_step`` is the point peft documents (after ``optimizer.step()``, before ``zero_grad()``):
-    gradients are still there for the sensitivity, the masked λ stay zero for the next forward (masking
-    in ``on_pre_optimizer_step`` would let this step's update revive them), and ``state.global_step`` is
-    still the 0-based index of the step just taken, which is what peft's training loop passes.
-    ``on_step_end`` would be too late: the gradients are gone.
-    """
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        names = trainable_adalora(model) if hasattr(model, "peft_config") else []
-        if not names:
-            raise ValueError("AdaLoraCallback needs a deltatune PeftModel with a trainable AdaLoRA adapter as the Trainer's model")
-        total = model.peft_config[names[0]].total_step
-        if state.max_steps and state.max_steps != total:
-            warnings.warn(
-                f"AdaLoraConfig.total_step={total} but the Trainer will run {state.max_steps} optimizer steps; the "
-                "rank budget schedule assumes total_step steps. Set total_step to the Trainer's step count.",
-                stacklevel=2,
-            )
-
-    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        model.update_and_allocate(state.global_step)

@@ -23,6 +23,10 @@ from torch import nn
 
 from deltatune.config import PeftConfig, PeftType
 from deltatune.methods.base import Adapter, Method, register_method
+from deltatune.methods.partial import iter_unwrapped_modules
+from deltatune.surgery import inject
+from deltatune.surgery.layer import AdaptedLayer
+from deltatune.surgery.targets import check_modules_to_save, name_matches, resolve_modules_to_save
 
 
 @dataclass(frozen=True)
@@ -122,8 +126,6 @@ class BitFitBias(Adapter):
 
 # ---- target resolution -----------------------------------------------------------------------------
 def _selected(name: str, spec: Sequence[str] | str) -> bool:
-    from deltatune.surgery.targets import name_matches
-
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
     return any(name_matches(name, key) for key in spec)
@@ -159,9 +161,6 @@ def resolve_bitfit_targets(model: nn.Module, config: BitFitConfig) -> list[str]:
             bias; a selected bias belongs to a layer type BitFit cannot adapt, or lies inside a module
             another adapter already trains in full.
     """
-    from deltatune.methods.partial import iter_unwrapped_modules
-    from deltatune.surgery.targets import resolve_modules_to_save
-
     saved = resolve_modules_to_save(model, config.modules_to_save)
     holders = [(n, m, enc) for n, m, enc in iter_unwrapped_modules(model) if _has_bias(m) and not _inside(n, saved)]
     spec = config.target_modules
@@ -204,16 +203,11 @@ def _check_adaptable(model: nn.Module, chosen: list[tuple[str, nn.Module, str | 
 
 
 # ---- attach ----------------------------------------------------------------------------------------
-def attach_bitfit(peft_model: nn.Module, config: BitFitConfig, adapter_name: str) -> None:
-    """``Method.attach``: wrap every selected module and give it a :class:`BitFitBias` for ``adapter_name``.
+def attach_bitfit(model: nn.Module, config: BitFitConfig, adapter_name: str) -> None:
+    """Wrap every selected module of ``model`` and give it a :class:`BitFitBias` for ``adapter_name``.
 
     Everything is checked before the model changes, so a failed attach leaves it as it was.
     """
-    from deltatune.surgery import inject
-    from deltatune.surgery.layer import AdaptedLayer
-    from deltatune.surgery.targets import check_modules_to_save
-
-    model = peft_model.base_model.model
     check_modules_to_save(model, config.modules_to_save)
     names = resolve_bitfit_targets(model, config)
     for name in names:
@@ -232,7 +226,11 @@ def attach_bitfit(peft_model: nn.Module, config: BitFitConfig, adapter_name: str
     inject.add_modules_to_save(model, config.modules_to_save, adapter_name)
 
 
-register_method(
-    Method(PeftType.BITFIT, BitFitConfig, make_adapter=None, layer_types=supported_types(), attach=attach_bitfit,
-           name="bitfit", merges=True)
-)
+class BitFitMethod(Method):
+    """BitFit: the layer method, with its own choice of layers (every module with a bias)."""
+
+    def attach(self, model: nn.Module, config: PeftConfig, name: str) -> None:
+        attach_bitfit(model, config, name)
+
+
+register_method(BitFitMethod(PeftType.BITFIT, BitFitConfig, layer_types=supported_types(), name="bitfit", merges=True))

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.config import PeftConfig, PeftType
-from deltatune.methods.base import linear_layer_types, Adapter, Method, dense_weight, register_method, adapter_dtype
+from deltatune.methods.base import Adapter, Method, adapter_dtype, dense_weight, linear_layer_types, register_method
+from deltatune.surgery.targets import linear_layer_names
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh,
@@ -117,8 +118,6 @@ def prepare_bottleneck_config(config: BottleneckConfig, model: nn.Module) -> Bot
         return config
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in PLACEMENTS:
-        from deltatune.surgery.targets import linear_layer_names
-
         raise ValueError(
             f"BottleneckConfig has no placement table for model type {model_type!r} (known: "
             f"{', '.join(sorted(PLACEMENTS))}); pass target_modules=[...] naming the attention output and "

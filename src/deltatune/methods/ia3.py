@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from deltatune.config import PeftConfig, PeftType
-from deltatune.methods.base import linear_layer_types, Adapter, Method, dense_weight, register_method, set_dense_weight, adapter_dtype
+from deltatune.methods.base import Adapter, Method, adapter_dtype, dense_weight, linear_layer_types, register_method, set_dense_weight
+from deltatune.surgery.targets import linear_layer_names, resolve_targets
 
 # peft's per-family defaults: (target_modules, feedforward_modules) when target_modules is None.
 IA3_DEFAULTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -113,8 +114,6 @@ def prepare_ia3_config(config: IA3Config, model: nn.Module) -> IA3Config:
         ValueError: ``target_modules`` is None and deltatune has no default for the model's family.
     """
     from transformers.pytorch_utils import Conv1D
-
-    from deltatune.surgery.targets import linear_layer_names, resolve_targets
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     defaults = IA3_DEFAULTS.get(model_type)

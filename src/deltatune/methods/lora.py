@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.config import LoraConfig, PeftType
-from deltatune.methods.base import LLAMA_LINEAR, Adapter, Method, Variant, dense_weight, register_method, set_dense_weight, adapter_dtype, layer_dims
+from deltatune.methods.base import LLAMA_LINEAR, Adapter, Method, Variant, adapter_dtype, dense_weight, layer_dims, register_method, set_dense_weight
 from deltatune.methods.lora_init import init_factors
 from deltatune.methods.lora_kernels import dora_linear, lora_linear
-from deltatune.surgery.targets import pattern_value
+from deltatune.quant import quantized_linear_types
+from deltatune.surgery.targets import default_targets, pattern_value
 
 
 # ---- functional core -------------------------------------------------------------------------------
@@ -325,8 +326,6 @@ def make_lora_adapter(config: LoraConfig, base_layer: nn.Module, module_name: st
 def _supported_types() -> tuple[type, ...]:
     from transformers.pytorch_utils import Conv1D
 
-    from deltatune.quant import quantized_linear_types  # Linear4bit / Linear8bit: dense_weight() dequantizes
-
     return (nn.Linear, Conv1D, nn.Embedding, *quantized_linear_types())
 
 
@@ -335,7 +334,6 @@ def prepare_lora_config(config: LoraConfig, model: nn.Module) -> LoraConfig:
     does: the saved ``adapter_config.json`` then names the modules (serving tools read that list)."""
     if config.target_modules is not None:
         return config
-    from deltatune.surgery.targets import default_targets
 
     return config.replace(target_modules=list(default_targets(model, PeftType.LORA)))
 

@@ -11,11 +11,15 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from deltatune.methods.base import dense_weight, set_dense_weight
+from deltatune.config import PeftConfig, PeftType, load_config
+from deltatune.io import checkpoint as ckpt
+from deltatune.io.config_io import save_config
+from deltatune.surgery.adapter import dense_weight, set_dense_weight
 
 
 @torch.no_grad()
@@ -122,3 +126,16 @@ def mutated_to_lora(trained: dict[str, torch.Tensor], initial: dict[str, torch.T
         alpha_pattern={k: 2 * v for k, v in (config.alpha_pattern or {}).items()},
     )
     return out, converted
+
+
+def mutated_to_lora_on_save(sd: dict, config: PeftConfig, initial: Path) -> tuple[dict, PeftConfig]:
+    """peft's ``path_initial_model_for_weight_conversion``: ``sd`` (trained) against the adapter saved in
+    ``initial`` before training, as a LoRA of twice the rank (see :func:`mutated_to_lora`)."""
+    if config.peft_type != PeftType.LORA:
+        raise ValueError(
+            f"path_initial_model_for_weight_conversion converts LoRA adapters (PiSSA, OLoRA); this one is {config.peft_type.value}"
+        )
+    sd, converted = mutated_to_lora(sd, ckpt.load_weights(initial), config)
+    # As peft does: the initial folder's config no longer asks for PiSSA/OLoRA, so loading it does not move W again.
+    save_config(load_config(initial).replace(init_lora_weights=True), initial)
+    return sd, converted

@@ -24,6 +24,9 @@ from torch import nn
 
 from deltatune.config import PeftConfig, PeftType
 from deltatune.methods.base import Method, register_method
+from deltatune.surgery import inject
+from deltatune.surgery.layer import AdaptedLayer, ModulesToSaveWrapper
+from deltatune.surgery.targets import LAYER_PATTERNS, check_modules_to_save, name_matches, resolve_modules_to_save
 
 _FIRST_LAST = re.compile(r"(first|last):([1-9]\d*)")
 
@@ -119,8 +122,6 @@ def iter_unwrapped_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, s
     (a module some adapter already trains in full), or None. A module reachable by several paths is
     reported once, at its first path, as ``nn.Module.named_modules`` does.
     """
-    from deltatune.surgery.layer import AdaptedLayer, ModulesToSaveWrapper
-
     seen: set[int] = set()
 
     def walk(parent: nn.Module, prefix: str, enclosing: str | None):
@@ -141,8 +142,6 @@ def iter_unwrapped_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, s
 
 
 def _other_adapters_inside(module: nn.Module) -> list[str]:
-    from deltatune.surgery.layer import AdaptedLayer, ModulesToSaveWrapper
-
     root = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
     found = []
     for sub, m in root.named_modules():
@@ -160,8 +159,6 @@ def find_layer_list(model: nn.Module, layers_pattern: str | None) -> tuple[str, 
     Raises:
         ValueError: no list, or more than one, matches; the message lists the ModuleLists that exist.
     """
-    from deltatune.surgery.targets import LAYER_PATTERNS, name_matches
-
     lists = [(n, m) for n, m, enc in iter_unwrapped_modules(model) if isinstance(m, nn.ModuleList) and len(m) and enc is None]
     if layers_pattern is None:
         found = [(n, m) for n, m in lists if n.rsplit(".", 1)[-1] in LAYER_PATTERNS]
@@ -182,8 +179,6 @@ def find_layer_list(model: nn.Module, layers_pattern: str | None) -> tuple[str, 
 
 
 def _match_modules(entries: list[tuple[str, nn.Module, str | None]], spec: Sequence[str] | str, model: nn.Module) -> list[str]:
-    from deltatune.surgery.targets import name_matches
-
     if isinstance(spec, str):
         chosen = [n for n, _, _ in entries if re.fullmatch(spec, n)]
         if not chosen:
@@ -210,8 +205,6 @@ def resolve_partial_targets(model: nn.Module, config: PartialConfig) -> list[str
             has no parameters, lies inside a module another adapter trains in full, or holds other
             adapters (whose weights a full copy would duplicate).
     """
-    from deltatune.surgery.targets import resolve_modules_to_save
-
     entries = list(iter_unwrapped_modules(model))
     names: list[str] = []
     if config.layers_to_train is not None:
@@ -247,15 +240,11 @@ def _check_selectable(model: nn.Module, name: str, module: nn.Module, enclosing:
 
 
 # ---- attach ----------------------------------------------------------------------------------------
-def attach_partial(peft_model: nn.Module, config: PartialConfig, adapter_name: str) -> None:
-    """``Method.attach``: give every selected module a trainable full copy for ``adapter_name``.
+def attach_partial(model: nn.Module, config: PartialConfig, adapter_name: str) -> None:
+    """Give every selected module of ``model`` a trainable full copy for ``adapter_name``.
 
     Everything is checked before the model changes, so a failed attach leaves it as it was.
     """
-    from deltatune.surgery import inject
-    from deltatune.surgery.targets import check_modules_to_save
-
-    model = peft_model.base_model.model
     check_modules_to_save(model, config.modules_to_save)
     names = resolve_partial_targets(model, config)
     # add_modules_to_save matches keys as path suffixes; make sure each full path names only itself.
@@ -265,7 +254,14 @@ def attach_partial(peft_model: nn.Module, config: PartialConfig, adapter_name: s
     inject.add_modules_to_save(model, names, adapter_name)
 
 
-register_method(Method(
-    PeftType.PARTIAL, PartialConfig, make_adapter=None, attach=attach_partial,
+class PartialMethod(Method):
+    """Partial fine-tuning: no adapter layers, only full trainable copies of the selected modules."""
+
+    def attach(self, model: nn.Module, config: PeftConfig, name: str) -> None:
+        attach_partial(model, config, name)
+
+
+register_method(PartialMethod(
+    PeftType.PARTIAL, PartialConfig,
     name="partial", train_preset=types.MappingProxyType({"layers_to_train": "last:2"}),
 ))

@@ -19,6 +19,8 @@ saved, so such an adapter loads for inference only).
 """
 from __future__ import annotations
 
+import types
+
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,9 +34,10 @@ from deltatune.methods.prompt_common import (
     cache_is_empty,
     fill_model_dims,
     first_input,
-    register_prompt_method,
     text_config,
 )
+from deltatune.methods.prompt_method import PromptMethod
+from deltatune.registry import register_method
 
 
 @dataclass(frozen=True)
@@ -211,9 +214,8 @@ _GC_MESSAGE = (
 )
 
 
-def insert_prefix(peft_model, config: PrefixTuningConfig, encoder: PrefixEncoder, kwargs: dict, fresh: bool) -> dict:
+def insert_prefix(base: nn.Module, config: PrefixTuningConfig, encoder: PrefixEncoder, kwargs: dict, fresh: bool) -> dict:
     """On a fresh sequence, hand the model a cache pre-filled with the prefix; decoding steps pass through."""
-    base = peft_model.base_model.model
     if base.training and _checkpointing(base):
         raise ValueError(_GC_MESSAGE)
     if not fresh:
@@ -287,7 +289,8 @@ def _fit_decoder(config: PrefixTuningConfig, cfg: Any, given_token_dim: int | No
     return config
 
 
-register_prompt_method(
-    PeftType.PREFIX_TUNING, PrefixTuningConfig, build_prefix_encoder, prepare_prefix_config,
-    insert_prefix, inserts_tokens=False, name="prefix", train_preset={"num_virtual_tokens": 20},
-)
+register_method(PromptMethod(
+    PeftType.PREFIX_TUNING, PrefixTuningConfig, prepare_config=prepare_prefix_config, name="prefix",
+    train_preset=types.MappingProxyType({"num_virtual_tokens": 20}),
+    build_encoder=build_prefix_encoder, insert=insert_prefix, inserts_tokens=False,
+))

@@ -13,6 +13,7 @@ encoder-decoder model (num_transformer_submodules=2) twice the rows, of which th
 from __future__ import annotations
 
 import enum
+import types
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
@@ -21,7 +22,9 @@ import torch
 from torch import nn
 
 from deltatune.config import PeftType
-from deltatune.methods.prompt_common import PromptLearningConfig, fill_model_dims, register_prompt_method
+from deltatune.methods.prompt_common import PromptLearningConfig, fill_model_dims
+from deltatune.methods.prompt_method import PromptMethod
+from deltatune.registry import register_method
 
 
 class PromptTuningInit(str, enum.Enum):
@@ -162,7 +165,7 @@ def _word_embeddings(model: nn.Module) -> nn.Module:
     return emb
 
 
-def insert_prompt(peft_model, config: PromptTuningConfig, encoder: PromptEmbedding, kwargs: dict, fresh: bool) -> dict:
+def insert_prompt(model: nn.Module, config: PromptTuningConfig, encoder: PromptEmbedding, kwargs: dict, fresh: bool) -> dict:
     """On a fresh sequence, replace input_ids/inputs_embeds by [P; E(x)]; decoding steps pass through.
 
     On an encoder-decoder model these are the encoder's inputs, and only the first ``num_virtual_tokens``
@@ -175,7 +178,7 @@ def insert_prompt(peft_model, config: PromptTuningConfig, encoder: PromptEmbeddi
     if embeds is None and ids is None:
         raise ValueError("prompt tuning needs the encoder's input_ids or inputs_embeds (or its encoder_outputs)")
     if embeds is None:
-        embeds = _word_embeddings(peft_model.base_model.model)(ids)  # (B, T, d)
+        embeds = _word_embeddings(model)(ids)  # (B, T, d)
     prompt = encoder()[: config.num_virtual_tokens]  # (n, d)
     return {**kwargs, "inputs_embeds": prepend_prompt(prompt, embeds)}
 
@@ -185,7 +188,8 @@ def prepare_prompt_config(config: PromptTuningConfig, model: nn.Module) -> Promp
     return fill_model_dims(config, model)
 
 
-register_prompt_method(
-    PeftType.PROMPT_TUNING, PromptTuningConfig, build_prompt_embedding, prepare_prompt_config,
-    insert_prompt, inserts_tokens=True, name="prompt", train_preset={"num_virtual_tokens": 20},
-)
+register_method(PromptMethod(
+    PeftType.PROMPT_TUNING, PromptTuningConfig, prepare_config=prepare_prompt_config, name="prompt",
+    train_preset=types.MappingProxyType({"num_virtual_tokens": 20}),
+    build_encoder=build_prompt_embedding, insert=insert_prompt, inserts_tokens=True,
+))

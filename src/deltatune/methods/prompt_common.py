@@ -1,4 +1,4 @@
-"""What prompt tuning and prefix tuning share: the config base, the encoder store, saving, and input plumbing.
+"""What prompt tuning and prefix tuning share: the config base, the model's dimensions and input plumbing.
 
 Both methods leave the model's layers alone. Their trainable state is one small module per adapter
 (the "prompt encoder"), kept in ``PeftModel.prompt_encoder`` (a ``ModuleDict`` keyed by adapter
@@ -8,8 +8,7 @@ pre-fills the key/value cache. Either way the attention mask gains ``num_virtual
 front. On encoder-decoder models (task_type SEQ_2_SEQ_LM, as peft's ``PeftModelForSeq2SeqLM``) the
 prompt goes in front of the encoder's inputs and the prefix into the decoder's self-attention cache
 (so the mask that grows is the encoder's or the decoder's); labels and decoder inputs are untouched.
-The method registers through :func:`register_prompt_method`, which wires the
-:class:`~deltatune.methods.base.Method` hooks that :class:`~deltatune.model.PeftModel` calls.
+The method itself, :class:`~deltatune.methods.prompt_method.PromptMethod`, is in ``prompt_method.py``.
 
 On disk (peft's format) the adapter is one tensor, ``prompt_embeddings``, plus any
 ``modules_to_save`` copies under ``base_model.<module path>.<param>`` (no ``.model.``: peft's prompt
@@ -27,12 +26,6 @@ import torch
 from torch import nn
 
 from deltatune.config import PeftConfig, PeftType, TaskType
-from deltatune.methods.base import Method, register_method
-from deltatune.surgery import inject
-from deltatune.surgery.targets import check_modules_to_save
-
-ENCODERS_ATTR = "prompt_encoder"
-SAVED_TABLE_KEY = "prompt_embeddings"
 # Tasks whose model reads token_type_ids (peft keeps them there and drops them elsewhere).
 _KEEPS_TOKEN_TYPES = (TaskType.SEQ_CLS, TaskType.TOKEN_CLS, TaskType.QUESTION_ANS)
 # Tasks whose labels are per position, so inserted virtual tokens need ignored (-100) labels.
@@ -141,88 +134,6 @@ def _check_task_fits(config: PromptLearningConfig, model: nn.Module) -> None:
             f"task_type='SEQ_2_SEQ_LM' needs an encoder-decoder model (T5, BART, mT5); {type(model).__name__} "
             "is not one (its config has no is_encoder_decoder=True): use task_type='CAUSAL_LM' for a decoder-only model"
         )
-
-
-# ---- the encoder store on the PeftModel -------------------------------------------------------------
-def encoders(peft_model: nn.Module) -> nn.ModuleDict:
-    """``peft_model.prompt_encoder``, created on first use."""
-    if ENCODERS_ATTR not in peft_model._modules:
-        peft_model.add_module(ENCODERS_ATTR, nn.ModuleDict())
-    return peft_model._modules[ENCODERS_ATTR]
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def attach_encoder(peft_model: nn.Module, config: PromptLearningConfig, adapter_name: str, encoder: nn.Module) -> None:
-    """Store ``encoder`` for ``adapter_name`` and wrap the config's ``modules_to_save``."""
-    base = peft_model.base_model.model
-    keys = tuple(dict.fromkeys(config.modules_to_save or ()))
-    check_modules_to_save(base, keys)
-    encoders(peft_model)[adapter_name] = encoder.to(_device_of(base))
-    inject.add_modules_to_save(base, keys, adapter_name)
-
-
-def detach(peft_model: nn.Module, adapter_name: str) -> None:
-    """Drop the adapter's encoder (its ``modules_to_save`` copies are removed by PeftModel)."""
-    store = encoders(peft_model)
-    if adapter_name in store:
-        del store[adapter_name]
-
-
-def refresh(peft_model: nn.Module, trainable: Sequence[str]) -> None:
-    """Exactly the trainable adapters' encoders get gradients (the base model is already frozen)."""
-    for name, encoder in encoders(peft_model).items():
-        encoder.requires_grad_(name in trainable)
-
-
-# ---- saving and loading (peft's format) -----------------------------------------------------------------
-def _saved_module_tensors(peft_model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for name, wrapper in inject.save_wrappers(peft_model.base_model.model):
-        if adapter_name in wrapper.modules_to_save:
-            for pname, tensor in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
-                out[f"base_model.{name}.{pname}"] = tensor
-    return out
-
-
-def state_dict(peft_model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """``{"prompt_embeddings": table}`` plus the ``modules_to_save`` copies, as peft writes them."""
-    table = encoders(peft_model)[adapter_name].table_to_save()
-    out = {SAVED_TABLE_KEY: table}
-    out.update(_saved_module_tensors(peft_model, adapter_name))
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
-
-
-def load_state_dict(peft_model: nn.Module, sd: dict[str, torch.Tensor], adapter_name: str) -> None:
-    """Load a peft-format state dict into adapter ``adapter_name``, all or nothing.
-
-    Raises:
-        ValueError: listing every missing key, unexpected key and shape mismatch; nothing is copied then.
-    """
-    encoder = encoders(peft_model)[adapter_name]
-    modules = _saved_module_tensors(peft_model, adapter_name)
-    problems = [f"missing: {k} (expected shape {tuple(v.shape)})" for k, v in modules.items() if k not in sd]
-    if SAVED_TABLE_KEY not in sd:
-        problems.append(f"missing: {SAVED_TABLE_KEY} (expected shape {tuple(encoder.saved_shape)})")
-    else:
-        why = encoder.load_problem(tuple(sd[SAVED_TABLE_KEY].shape))
-        if why:
-            problems.append(why)
-    for k, v in sd.items():
-        if k != SAVED_TABLE_KEY and k not in modules:
-            problems.append(f"unexpected: {k} (shape {tuple(v.shape)}), no such adapter tensor in this model")
-        elif k in modules and tuple(v.shape) != tuple(modules[k].shape):
-            problems.append(f"shape mismatch at {k}: checkpoint {tuple(v.shape)} vs model {tuple(modules[k].shape)}")
-    if problems:
-        raise ValueError(f"adapter {adapter_name!r} does not fit this model; nothing was loaded:\n  " + "\n  ".join(problems))
-    with torch.no_grad():
-        encoder.load_table(sd[SAVED_TABLE_KEY])
-        for k, target in modules.items():
-            target.copy_(sd[k].to(device=target.device, dtype=target.dtype))
 
 
 # ---- input plumbing ------------------------------------------------------------------------------------
@@ -337,53 +248,7 @@ def cache_is_empty(cache: Any) -> bool:
 
 # An insert function turns the (adjusted) base-model inputs into ones that carry the virtual tokens:
 # (peft_model, config, encoder, kwargs, fresh) -> kwargs.
-InsertFn = Callable[[nn.Module, PromptLearningConfig, nn.Module, dict, bool], dict]
-
-
-def _inputs_for_base(peft_model, adapter_name: str, insert: InsertFn, inserts_tokens: bool, kwargs: dict, generating: bool) -> dict:
-    """The base model's inputs for one forward of adapter ``adapter_name``."""
-    config = peft_model.peft_config[adapter_name]
-    cache, kwargs = take_cache(kwargs)
-    if generating and kwargs.get("use_cache") is False:
-        # Without a cache every step is a fresh full sequence; the cache the previous step returned
-        # (transformers hands it back even with use_cache=False) must not be reused.
-        cache = None
-    fresh = cache_is_empty(cache)  # else a decoding step: the cache has the tokens
-    if inserts_tokens and config.task_type == TaskType.SEQ_2_SEQ_LM:
-        fresh = kwargs.get("encoder_outputs") is None  # the prompt is the encoder's: new whenever the encoder runs
-    kwargs = adjust_inputs(config, kwargs, inserts_tokens, fresh)
-    if cache is not None:
-        kwargs[cache_argument(peft_model.base_model.model)] = cache
-    return insert(peft_model, config, encoders(peft_model)[adapter_name], kwargs, fresh)
-
-
-def make_model_inputs(insert: InsertFn, inserts_tokens: bool) -> Callable:
-    """The ``Method.model_inputs`` hook: the base model's inputs for one forward, virtual tokens added.
-
-    Prompt tuning returns ``inputs_embeds`` with the prompt in front (and, for per-token tasks, ``labels``
-    with ``-100`` in front); prefix tuning returns a pre-filled cache and ``position_ids`` shifted past it.
-    Either way the attention mask gains ``num_virtual_tokens`` ones in front. A non-empty cache is a
-    decoding step: the cache already holds the virtual tokens.
-    """
-
-    def model_inputs(peft_model, adapter_name: str, kwargs: dict) -> dict:
-        kwargs = _keyword_inputs((), kwargs)
-        return _inputs_for_base(peft_model, adapter_name, insert, inserts_tokens, kwargs, generating=False)
-
-    return model_inputs
-
-
-def make_forward(model_inputs: Callable) -> Callable:
-    """The ``Method.forward`` hook: the base model run on ``model_inputs``' result."""
-
-    def forward(peft_model, adapter_name: str, *args, **kwargs):
-        kwargs = _keyword_inputs(args, kwargs)
-        return peft_model.base_model.model(**model_inputs(peft_model, adapter_name, kwargs))
-
-    return forward
-
-
-def _keyword_inputs(args: tuple, kwargs: dict) -> dict:
+def keyword_inputs(args: tuple, kwargs: dict) -> dict:
     """The inputs by keyword (``input_ids`` may come first by position), checked to fix a batch size."""
     if args:
         if len(args) > 1 or "input_ids" in kwargs:
@@ -391,70 +256,3 @@ def _keyword_inputs(args: tuple, kwargs: dict) -> dict:
         kwargs = {**kwargs, "input_ids": args[0]}
     first_input(kwargs)  # a clear error when neither input_ids nor inputs_embeds is given
     return kwargs
-
-
-def make_generate(insert: InsertFn, inserts_tokens: bool) -> Callable:
-    """The ``Method.generate`` hook: transformers' ``generate`` with the virtual tokens added to every forward.
-
-    A forward pre-hook on the base model rewrites each step's inputs while ``generate`` runs: the first
-    step (empty cache), or every step with ``use_cache=False``, gets the virtual tokens; every step
-    gets the extended attention mask. The hook is removed when ``generate`` returns or raises.
-
-    Prompt tuning on an encoder-decoder model needs no hook: ``generate`` runs the encoder once, outside
-    the model's forward, so (as in peft) the prompt goes into the ``inputs_embeds`` handed to it.
-    """
-
-    def generate(peft_model, adapter_name: str, *args, **kwargs):
-        base = peft_model.base_model.model
-        if inserts_tokens and peft_model.peft_config[adapter_name].task_type == TaskType.SEQ_2_SEQ_LM:
-            kwargs = _keyword_inputs(args, kwargs)
-            if kwargs.get("encoder_outputs") is not None:
-                raise ValueError(
-                    "generate with prompt tuning runs the encoder itself, with the soft prompt in front of the "
-                    "input; pass input_ids (or inputs_embeds) and attention_mask instead of encoder_outputs"
-                )
-            return base.generate(**_inputs_for_base(peft_model, adapter_name, insert, True, kwargs, generating=False))
-
-        def pre_hook(module, hook_args, hook_kwargs):
-            if hook_args:
-                raise TypeError("prompt learning expects generate to call the model with keyword inputs")
-            if inserts_tokens:
-                # generate derives position ids from the attention mask on its own; with virtual tokens in
-                # the sequence they are dropped (as in peft) and the model counts positions from 0.
-                hook_kwargs.pop("position_ids", None)
-            return hook_args, _inputs_for_base(peft_model, adapter_name, insert, inserts_tokens, hook_kwargs, generating=True)
-
-        handle = base.register_forward_pre_hook(pre_hook, with_kwargs=True)
-        try:
-            return base.generate(*args, **kwargs)
-        finally:
-            handle.remove()
-
-    return generate
-
-
-def register_prompt_method(
-    peft_type: PeftType,
-    config_cls: type[PromptLearningConfig],
-    build_encoder: Callable[[PromptLearningConfig, nn.Module], nn.Module],
-    prepare_config: Callable[[PromptLearningConfig, nn.Module], PromptLearningConfig],
-    insert: InsertFn,
-    inserts_tokens: bool,
-    name: str,
-    train_preset: Mapping[str, Any],
-) -> Method:
-    """Register a prompt-learning method: its encoder builder and insert function, shared hooks otherwise."""
-
-    def attach(peft_model, config, adapter_name: str) -> None:
-        attach_encoder(peft_model, config, adapter_name, build_encoder(config, peft_model.base_model.model))
-
-    model_inputs = make_model_inputs(insert, inserts_tokens)
-    return register_method(
-        Method(
-            peft_type, config_cls, None,
-            attach=attach, detach=detach, state_dict=state_dict, load_state_dict=load_state_dict,
-            forward=make_forward(model_inputs), model_inputs=model_inputs,
-            generate=make_generate(insert, inserts_tokens), refresh=refresh, prepare_config=prepare_config,
-            name=name, train_preset=types.MappingProxyType(dict(train_preset)), wraps_forward=True, plannable=True,
-        )
-    )

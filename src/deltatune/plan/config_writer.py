@@ -12,6 +12,10 @@ from typing import Any, Mapping
 
 import yaml
 
+from deltatune.atomic import atomic_write_text
+from deltatune.plan.report import fmt_bytes
+from deltatune.train.config import load_train_config
+
 
 def train_tree(rec: Any) -> dict[str, Any]:
     """The :class:`~deltatune.plan.recommend.Recommendation` as a train-config mapping."""
@@ -65,9 +69,6 @@ def write_yaml_checked(text: str, path: str | os.PathLike) -> Path:
     Raises:
         ValueError: the config does not validate (the message says which key and why).
     """
-    from deltatune.io.atomic import atomic_write_text
-    from deltatune.train.config import load_train_config
-
     path = Path(path)
     tmp = path.with_name(f".{path.name}.check.yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,8 +86,6 @@ def write_yaml_checked(text: str, path: str | os.PathLike) -> Path:
 
 def write_train_config(rec: Any, path: str | os.PathLike) -> Path:
     """Write ``rec`` as a commented ``deltatune train`` YAML config at ``path`` (validated first)."""
-    from deltatune.plan.report import fmt_bytes
-
     s = rec.setup
     header = (f"deltatune train config recommended by `deltatune plan --recommend`.\n"
               f"Estimated peak memory: {fmt_bytes(rec.estimate.peak_bytes)} of {fmt_bytes(rec.device_memory)} "

@@ -42,9 +42,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from deltatune.plan.meta import ParamCount, build_meta_model, count_model, load_model_config, weight_bytes
+from deltatune.plan.report import memory_table
 from deltatune.plan.trace import ActivationTrace, trace_activations
 from deltatune.plan.setup import TrainSetup
+from deltatune.train.loss import _LOGIT_MODIFIERS, SUPPORTED_MODEL_TYPES, chunk_size_for_budget
 
 MiB = 2**20
 GiB = 2**30
@@ -70,8 +74,6 @@ def resolve_loss(setup: TrainSetup, config: Any) -> str:
     """
     if setup.loss != "auto":
         return setup.loss
-    from deltatune.train.loss import _LOGIT_MODIFIERS, SUPPORTED_MODEL_TYPES
-
     if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         return "standard"
     if any(getattr(config, name, None) is not None for name in _LOGIT_MODIFIERS):
@@ -133,8 +135,6 @@ class MemoryEstimate:
 
     def table(self) -> str:
         """The breakdown as a text table."""
-        from deltatune.plan.report import memory_table
-
         return memory_table(self)
 
 
@@ -159,10 +159,6 @@ def _optimizer_temp_bytes(setup: TrainSetup, model: Any) -> int:
 
 def _logits_bytes(setup: TrainSetup, config: Any, loss: str) -> tuple[int, str]:
     """Working set of the output projection and the loss, beyond the saved activations."""
-    from deltatune.train.loss import chunk_size_for_budget
-
-    import torch
-
     vocab, hidden = config.vocab_size, config.hidden_size
     b, dt = setup.dtype_bytes, getattr(torch, setup.dtype)
     tokens = setup.batch_size * setup.seq_len

@@ -13,8 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltatune.model import get_peft_model
+from deltatune.models import model_config
 from deltatune.plan.setup import TrainSetup, peft_config_for
+from deltatune.quant.config import QuantConfig
 from deltatune.quant.linear import quantized_parameter_count
+from deltatune.quant.model import tied_parameter_names
 from deltatune.surgery.layer import AdaptedLayer
 
 
@@ -38,8 +42,6 @@ def load_model_config(model: Any) -> Any:
         if "model_type" not in d:
             raise ValueError(f"a config dict needs a 'model_type' key (e.g. 'llama'); got keys {sorted(d)}")
         return AutoConfig.for_model(d.pop("model_type"), **d)
-    from deltatune.models import model_config
-
     return model_config(model)
 
 
@@ -50,8 +52,6 @@ def build_meta_model(config: Any, setup: TrainSetup | None = None) -> nn.Module:
     frozen) and :func:`weight_bytes` accounts for the 4-bit storage.
     """
     from transformers import AutoModelForCausalLM
-
-    from deltatune import get_peft_model
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -149,9 +149,6 @@ def _quantized_weights(model: nn.Module, setup: TrainSetup) -> set[int]:
     """ids of the weights QLoRA stores in 4 bits: every ``nn.Linear`` (wrapped by an adapter or not)
     that :class:`deltatune.quant.QuantConfig`'s ``skip_modules`` keeps in (e.g. not ``lm_head``),
     unless tied to another parameter, as :func:`deltatune.quant.plan_quantization` decides."""
-    from deltatune.quant import QuantConfig
-    from deltatune.quant.model import tied_parameter_names
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     qc = QuantConfig(blocksize=setup.quant_blocksize, double_quant=setup.double_quant)
     tied = {id(base.get_parameter(n)) for n in tied_parameter_names(base) if _has_parameter(base, n)}

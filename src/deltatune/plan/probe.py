@@ -32,8 +32,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from deltatune.methods.base import get_method
+from deltatune.model import get_peft_model
 from deltatune.models.checkpointing import enable_activation_checkpointing
-from deltatune.plan.setup import TrainSetup
+from deltatune.plan.memory import resolve_loss
+from deltatune.plan.meta import load_model_config
+from deltatune.plan.setup import TrainSetup, peft_config_for
+from deltatune.quant import QuantConfig, prepare_model_for_kbit_training, quantize_model
+from deltatune.train.loss import causal_lm_loss
 
 
 @dataclass(frozen=True)
@@ -111,10 +116,6 @@ def build_training_model(model_source: Any, setup: TrainSetup) -> tuple[Any, lis
     import torch
     from transformers import AutoModelForCausalLM
 
-    from deltatune import get_peft_model
-    from deltatune.plan.meta import load_model_config
-    from deltatune.plan.setup import peft_config_for
-
     config = load_model_config(model_source)
     model = AutoModelForCausalLM.from_config(config)
     device = "cuda" if setup.device == "cuda" else "cpu"
@@ -124,8 +125,6 @@ def build_training_model(model_source: Any, setup: TrainSetup) -> tuple[Any, lis
     else:
         model.to(device)  # fp32 master weights; the forward runs under autocast when dtype is lower
     if setup.method == "qlora":
-        from deltatune.quant import QuantConfig, prepare_model_for_kbit_training, quantize_model
-
         quantize_model(model, QuantConfig(blocksize=setup.quant_blocksize, double_quant=setup.double_quant,
                                           compute_dtype=setup.dtype))
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=setup.grad_checkpointing)
@@ -146,9 +145,6 @@ def build_training_model(model_source: Any, setup: TrainSetup) -> tuple[Any, lis
 
 
 def _loss(model: Any, ids: Any, setup: TrainSetup) -> Any:
-    from deltatune.plan.memory import resolve_loss
-    from deltatune.train.loss import causal_lm_loss
-
     if resolve_loss(setup, getattr(model, "config", None)) == "fused":
         return causal_lm_loss(model, input_ids=ids, labels=ids)[0]
     return model(input_ids=ids, labels=ids).loss
@@ -210,13 +206,9 @@ def _warm_imports(model_source: Any, setup: TrainSetup) -> None:
     """Import every module the steps will need, so module code is part of the baseline."""
     from transformers import AutoModelForCausalLM
 
-    from deltatune.plan.meta import load_model_config
-
     AutoModelForCausalLM._model_mapping[type(load_model_config(model_source))]  # imports modeling_<family>
     for peft_type in ("LORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING", "BOTTLENECK"):
         get_method(peft_type)
-    import deltatune.quant  # noqa: F401
-    import deltatune.train.loss  # noqa: F401
 
 
 def _model_arg(model_source: Any) -> Any:

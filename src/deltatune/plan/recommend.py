@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from deltatune.plan.config_writer import train_tree, write_train_config
 from deltatune.plan.memory import MemoryEstimate, estimate_memory
 from deltatune.plan.meta import build_meta_model, count_model, load_model_config
 from deltatune.plan.trace import trace_activations
@@ -102,8 +103,6 @@ class Recommendation:
 
     def train_config(self) -> dict[str, Any]:
         """The recommendation as a ``deltatune train`` config tree (see :mod:`deltatune.train.config`)."""
-        from deltatune.plan.config_writer import train_tree
-
         return train_tree(self)
 
     def write_config(self, path: Any) -> Any:
@@ -111,8 +110,6 @@ class Recommendation:
 
         The file is checked with ``load_train_config`` before it replaces anything at ``path``.
         """
-        from deltatune.plan.config_writer import write_train_config
-
         return write_train_config(self, path)
 
 

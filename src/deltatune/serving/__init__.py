@@ -9,7 +9,8 @@
 - :class:`MergedAdapterSwitcher`: one adapter merged into the weights at a time, swapped without drift.
 """
 from deltatune.serving.bank import BASE, AdapterBank, LayerBank
-from deltatune.serving.server import AdapterServer, refresh_bank
+from deltatune.serving.mixed import MixedBatches, refresh_bank
+from deltatune.serving.server import AdapterServer
 from deltatune.serving.sources import FolderSource, PeftModelSource, read_adapter
 from deltatune.serving.switch import MergedAdapterSwitcher
 

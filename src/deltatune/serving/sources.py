@@ -53,8 +53,7 @@ def read_adapter(model: nn.Module, folder: str | os.PathLike) -> tuple[object, d
             f"{folder}: the adapter trains base biases (bias={config.bias!r}), which cannot differ per row of a batch; "
             "merge it (merge_and_unload) and serve that model instead"
         )
-    if method.prepare_config is not None:
-        config = method.prepare_config(config, model)
+    config = method.prepare(config, model)
     if "init_lora_weights" in config.field_names():
         config = config.replace(init_lora_weights=True)  # PiSSA/OLoRA init would rewrite the shared base
     adapters: dict[str, Adapter] = {}

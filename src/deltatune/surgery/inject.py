@@ -5,13 +5,13 @@ This is the only place that replaces submodules of the user's model.
 from __future__ import annotations
 
 import warnings
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from deltatune.config import PeftConfig
-from deltatune.methods.base import get_method
+from deltatune.registry import get_method
 from deltatune.surgery.layer import AdaptedLayer, ModulesToSaveWrapper
 from deltatune.surgery.targets import resolve_modules_to_save, resolve_targets
 
@@ -31,19 +31,28 @@ def _device_of(module: nn.Module):
 
 def inject_adapter_in_model(config: PeftConfig, model: nn.Module, adapter_name: str = "default") -> nn.Module:
     """Add adapter ``adapter_name`` described by ``config`` to ``model`` in place (peft's function of the
-    same name): wraps every resolved target and every ``modules_to_save`` entry. Returns ``model``.
+    same name): its method prepares the config and attaches the adapter to the layers. Returns ``model``.
     Only adapter parameters (and ``modules_to_save`` copies) are left trainable.
     """
     method = get_method(config.peft_type)
-    if method.make_adapter is None:
+    if method.wraps_forward:
         raise ValueError(f"{config.peft_type.value} does not attach to layers; use get_peft_model instead")
-    if method.prepare_config is not None:
-        config = method.prepare_config(config, model)
+    method.attach(model, method.prepare(config, model), adapter_name)
+    return model
+
+
+def inject_layers(model: nn.Module, config: PeftConfig, adapter_name: str, make_adapter: Callable) -> list[str]:
+    """Wrap every target layer of ``config`` with ``make_adapter(config, base_layer, path)`` and give every
+    ``modules_to_save`` entry a trainable copy; only adapter parameters are left trainable.
+
+    Returns:
+        The dotted paths of the wrapped layers.
+    """
     targets = resolve_targets(model, config)
     for name in targets:
         module = model.get_submodule(name)
         host = module if isinstance(module, AdaptedLayer) else AdaptedLayer(module)
-        adapter = method.make_adapter(config, host.base_layer, name)
+        adapter = make_adapter(config, host.base_layer, name)
         device = _device_of(host.base_layer)
         if device is not None:
             adapter.to(device)
@@ -53,7 +62,7 @@ def inject_adapter_in_model(config: PeftConfig, model: nn.Module, adapter_name: 
             set_submodule(model, name, host)
     add_modules_to_save(model, getattr(config, "modules_to_save", None), adapter_name)
     mark_trainable(model, [adapter_name], getattr(config, "bias", "none"))
-    return model
+    return targets
 
 
 def add_modules_to_save(model: nn.Module, keys, adapter_name: str) -> list[str]:

@@ -11,7 +11,7 @@ import copy
 import torch
 from torch import nn
 
-from deltatune.methods.base import Adapter
+from deltatune.surgery.adapter import Adapter
 
 
 class _Passthrough(nn.Module):

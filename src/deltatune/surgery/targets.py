@@ -13,7 +13,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from torch import nn
 
 from deltatune.config import PeftType
-from deltatune.methods.base import get_method
+from deltatune.registry import get_method
 from deltatune.surgery.layer import AdaptedLayer, ModulesToSaveWrapper
 
 LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")

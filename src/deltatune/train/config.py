@@ -22,6 +22,7 @@ import yaml
 
 from deltatune.data.config import DataConfig
 from deltatune.models.registry import DEFAULT_MODEL
+from deltatune.quant import QuantConfig
 from deltatune.train.config_check import (
     ConfigError, build_section, check_section, check_value, parse_override, set_dotted, unknown_key_error,
 )
@@ -229,11 +230,6 @@ def _quant_section(values: Any, quantized: bool, method: str) -> Any:
             raise ConfigError(f"The 'quant' section applies to method.name=qlora only; method.name is {method!r}. "
                               "Remove the quant settings or set method.name=qlora.")
         return None
-    try:
-        from deltatune.quant import QuantConfig
-    except ImportError as err:
-        raise ConfigError(f"method.name=qlora needs deltatune.quant, which could not be imported ({err}); "
-                          "pick another method (e.g. lora).") from err
     checked = check_section("quant", _section({"quant": values}, "quant"), QuantConfig)
     return build_section("quant", QuantConfig, checked)
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from deltatune.io.atomic import atomic_write, atomic_write_text
+from deltatune.atomic import atomic_write, atomic_write_text
+from deltatune.io.checkpoint import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, load_weights
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
@@ -344,8 +345,6 @@ def checkpoint_problem(folder: Path) -> str | None:
     the torch files (zip archives) must pass their CRC checks. A save cut short or a bad disk fails here
     instead of in the middle of the Trainer's resume.
     """
-    from deltatune.io.checkpoint import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, load_weights
-
     folder = Path(folder)
     for name in ("adapter_config.json", "trainer_state.json"):
         try:

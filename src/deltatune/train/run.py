@@ -21,11 +21,19 @@ from typing import Any, Callable
 import torch
 from transformers import TrainerCallback
 
+from deltatune.config import PeftType, TaskType
 from deltatune.data import prepare_datasets, validate_data
 from deltatune.data.pipeline import PreparedData, load_examples
+from deltatune.inspect.architecture import meta_model
 from deltatune.methods.base import get_method
-from deltatune.models import load_model_and_tokenizer
+from deltatune.models import load_model_and_tokenizer, model_config
+from deltatune.models.cache import read_marker
 from deltatune.models.checkpointing import enable_activation_checkpointing
+from deltatune.models.loader import resolve_model_path
+from deltatune.models.registry import get_spec
+from deltatune.models.tokenizer import normalize_tokenizer
+from deltatune.quant import Linear4bit, Linear8bit, prepare_model_for_kbit_training, quantize_model
+from deltatune.surgery.targets import resolve_targets
 from deltatune.train import outputs
 from deltatune.train.config import TrainConfig
 from deltatune.train.config_check import ConfigError, did_you_mean
@@ -41,11 +49,6 @@ def load_tokenizer(name_or_path: str) -> Any:
     A registered GGUF model is converted into its cache folder first if needed (~20 s, once).
     """
     from transformers import AutoTokenizer
-
-    from deltatune.models.cache import read_marker
-    from deltatune.models.loader import resolve_model_path
-    from deltatune.models.registry import get_spec
-    from deltatune.models.tokenizer import normalize_tokenizer
 
     folder = resolve_model_path(name_or_path)
     marker = read_marker(folder) or {}
@@ -107,13 +110,6 @@ def check_quantized_support(config: TrainConfig) -> None:
     """
     if not config.method.spec.quantized:
         return
-    from deltatune.config import PeftType
-
-    try:
-        from deltatune.quant import Linear4bit, Linear8bit
-    except ImportError as err:
-        raise ValueError(f"method.name=qlora needs deltatune.quant, which could not be imported ({err}); "
-                         "use method.name=lora.") from err
     wanted = Linear4bit if config.quant.bits == 4 else Linear8bit
     if not issubclass(wanted, get_method(PeftType.LORA).layer_types):
         raise ValueError(
@@ -146,17 +142,12 @@ def check_targets(config: TrainConfig, peft_config: Any) -> None:
         ConfigError: a target matches nothing or a layer the method cannot wrap; the message lists the
             layers that exist, with the closest match.
     """
-    from deltatune.config import TaskType
-    from deltatune.inspect.architecture import meta_model
-    from deltatune.models import model_config
-    from deltatune.surgery.targets import resolve_targets
-
     method = get_method(peft_config.peft_type)
     if method.make_adapter is None:
         return
     model = meta_model(model_config(config.model), TaskType.CAUSAL_LM)
     try:
-        prepared = method.prepare_config(peft_config, model) if method.prepare_config else peft_config
+        prepared = method.prepare(peft_config, model)
         resolve_targets(model, prepared)
     except ValueError as err:
         raise ConfigError(f"Config key 'method.target_modules' does not fit {config.model}: {err}") from None
@@ -250,8 +241,6 @@ def load_model(config: TrainConfig, log: Callable[[str], None] = print) -> Any:
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else None
     model, _ = load_model_and_tokenizer(config.model, device=device)
     if config.method.spec.quantized:
-        from deltatune.quant import prepare_model_for_kbit_training, quantize_model
-
         quantize_model(model, config.quant)
         log(f"quantized the linear layers to {config.quant.bits}-bit {config.quant.quant_type} (QLoRA)")
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.train.gradient_checkpointing)

@@ -10,13 +10,13 @@ from typing import Any, Callable
 import torch
 
 from deltatune.data.pipeline import PreparedData
-from deltatune.methods.adalora_alloc import AdaLoraCallback
 from deltatune.model import get_peft_model
+from deltatune.registry import get_method
 from deltatune.train import outputs
 from deltatune.train.adapter_trainer import AdapterTrainer, NonFiniteLossError
 from deltatune.train.callbacks import GracefulInterrupt, RunRecorder, StepBoundary
 from deltatune.train.config import TrainConfig
-from deltatune.train.metrics import describe, score_accuracy
+from deltatune.train.metrics import describe, score_accuracy, training_warnings
 from deltatune.train.precision import choose_precision
 
 
@@ -155,8 +155,8 @@ class TrainingSession:
         args = training_arguments(self.config, self.output_dir, self.steps, evaluation is not None)
         recorder, interrupt, boundary = RunRecorder(), GracefulInterrupt(), StepBoundary()
         callbacks = [recorder, interrupt, boundary]
-        if self.config.method.name == "adalora":
-            callbacks.append(AdaLoraCallback())
+        for config in peft_model.peft_config.values():  # what the method needs in training (AdaLoRA's allocator)
+            callbacks += [make() for make in get_method(config.peft_type).callbacks]
         trainer = AdapterTrainer(model=peft_model, args=args, train_dataset=self.prepared.train,
                                  eval_dataset=evaluation, data_collator=self.prepared.collator, callbacks=callbacks)
         trainer.note = self.log
@@ -224,8 +224,6 @@ class TrainingSession:
             "threads": torch.get_num_threads(),
         }
         self.metrics["timings"]["train_s"] = recorder.train_seconds
-        from deltatune.train.metrics import training_warnings
-
         trained = [p.detach() for p in trainer.model.parameters() if p.requires_grad and p.numel()]
         peak = max((float(p.abs().max()) for p in trained), default=0.0)
         warnings = training_warnings(recorder.train_loss, self.config.train.lr, peak, outputs.DIVERGED_WEIGHT)

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from deltatune.plan.config_writer import render_yaml, write_yaml_checked
 from deltatune.plan.report import table
 
 
@@ -44,8 +45,6 @@ def _fmt(v: Any) -> str:
 def write_best_config(study: Any, tree: dict[str, Any] | None, path: Path) -> Path | None:
     """Write ``tree``, the best trial's train config (:func:`deltatune.tune.study.best_tree`), as YAML
     (validated), or return None if no trial completed (``tree`` is None)."""
-    from deltatune.plan.config_writer import render_yaml, write_yaml_checked
-
     if tree is None:
         return None
     best = study.best_trial

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import importlib
 import math
+import time
+from pathlib import Path
 from typing import Any, Callable, Mapping
+
+from deltatune.train import outputs
+from deltatune.train.config import TrainConfig
+from deltatune.train.run import check_output_dir, load_model, prepare_data, total_steps, wants_accuracy
+from deltatune.train.session import TrainingSession
 
 Report = Callable[[int, float], None]
 Runner = Callable[[Mapping[str, Any], Report], float]
@@ -42,14 +49,6 @@ def run_trial(config_tree: Mapping[str, Any], report: Report) -> float:
         optuna.TrialPruned: passed on from ``report`` when the pruner stops the trial; training
             errors are passed on as they are.
     """
-    import time
-    from pathlib import Path
-
-    from deltatune.train import outputs
-    from deltatune.train.config import TrainConfig
-    from deltatune.train.run import check_output_dir, load_model, prepare_data, total_steps, wants_accuracy
-    from deltatune.train.session import TrainingSession
-
     _quiet()
     config = TrainConfig.from_dict(config_tree)
     if config.train.eval_steps == 0:

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from deltatune.plan.meta import build_meta_model, load_model_config
+from deltatune.plan.setup import TARGET_PRESETS, resolve_target_names
+from deltatune.train.config import TrainConfig, default_tree, merge_layer, read_yaml
 from deltatune.tune.report import plot_history, trials_table, write_best_config
 from deltatune.tune.runner import Runner, load_runner
 from deltatune.tune.space import Param, parse_space, to_layer
@@ -95,8 +98,6 @@ def load_tune_file(path: str | Path) -> TuneJob:
         FileNotFoundError: no such file.
         ValueError: a bad ``search``/``tune`` section, or a base config that does not validate.
     """
-    from deltatune.train.config import default_tree, merge_layer, read_yaml
-
     tree = read_yaml(path)
     space = parse_space(tree.pop("search", None))
     settings = TuneSettings.from_dict(tree.pop("tune", None))
@@ -106,8 +107,6 @@ def load_tune_file(path: str | Path) -> TuneJob:
 
 
 def _validate(tree: Mapping[str, Any]) -> None:
-    from deltatune.train.config import TrainConfig
-
     try:
         TrainConfig.from_dict(tree)
     except Exception as err:  # ConfigError and config classes' ValueErrors
@@ -181,8 +180,6 @@ def make_objective(job: TuneJob, output_dir: Path, runner: Runner, log: Callable
 
     def objective(trial: Any) -> float:
         params = {p.name: p.suggest(trial) for p in job.space}
-        from deltatune.train.config import merge_layer
-
         tree = merge_layer(job.base, to_layer(params, job.base, resolve))
         trial_dir = output_dir / "trials" / f"trial-{trial.number:04d}"
         tree["output_dir"] = str(trial_dir)
@@ -221,9 +218,6 @@ def make_objective(job: TuneJob, output_dir: Path, runner: Runner, log: Callable
 def _target_resolver(base: Mapping[str, Any]) -> Callable[[str], Any]:
     """``preset -> target_modules`` for the base model (``attention`` -> its q/k/v/o names)."""
     def resolve(value: str) -> Any:
-        from deltatune.plan.meta import build_meta_model, load_model_config
-        from deltatune.plan.setup import TARGET_PRESETS, resolve_target_names
-
         if value not in TARGET_PRESETS:
             return value
         if value == "all-linear":
@@ -311,8 +305,6 @@ def run_study(job: TuneJob, n_trials: int, output_dir: str | Path, storage: str 
 def best_tree(study: Any, job: TuneJob) -> dict[str, Any] | None:
     """The base train config with the best trial's parameters applied (no output_dir)."""
     from optuna.trial import TrialState
-
-    from deltatune.train.config import merge_layer
 
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         return None
