@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-import deltatune.train.run as run_module
+import deltatune.train.loading as run_module  # where the run loads the model
 import deltatune.train.trainer as fused_trainer
 from deltatune.cli.main import main
 from deltatune.model import PeftModel

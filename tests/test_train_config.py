@@ -123,7 +123,7 @@ def test_each_method_example_runs_its_method():
 
 
 def test_cli_print_config_loads_nothing(capsys, monkeypatch):
-    import deltatune.train.run as run
+    import deltatune.train.loading as run  # where the run loads the model
     from deltatune.cli.main import main
 
     monkeypatch.setattr(run, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))

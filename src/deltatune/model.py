@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 from torch import nn
-from transformers import PreTrainedModel
 from transformers.utils import PushToHubMixin
 
 from deltatune._version import __version__
@@ -372,7 +372,7 @@ class PeftModel(PushToHubMixin, nn.Module):
     def _write_model_card(self, save_directory: str | os.PathLike) -> None:
         base = self.get_base_model()
         name = getattr(getattr(base, "config", None), "_name_or_path", None) or None
-        tags = ["transformers"] if isinstance(base, PreTrainedModel) else []
+        tags = ["transformers"] if _is_transformers_model(base) else []
         peft_type = self.peft_config[self._active[0]].peft_type if self._active else None
         if peft_type is not None and peft_type.value == "LORA":
             tags.append("lora")
@@ -543,6 +543,13 @@ def get_peft_model(
     if any(isinstance(m, AdaptedLayer) for m in model.modules()):
         raise ValueError("model already has adapters injected (inject_adapter_in_model); wrap the original model instead")
     return _model_class(peft_config)(model, peft_config, adapter_name, autocast_adapter_dtype)
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    # Without importing transformers' modeling code (seconds, and `import deltatune` must stay light): a
+    # transformers model means that module is loaded already.
+    modeling = sys.modules.get("transformers.modeling_utils")
+    return modeling is not None and isinstance(model, modeling.PreTrainedModel)
 
 
 def count_trainable(module: nn.Module) -> int:

@@ -28,7 +28,7 @@ from deltatune.model import PeftModel
 from deltatune.train.config import load_train_config, read_yaml
 from deltatune.train.loss import causal_lm_loss
 from deltatune.train.metrics import describe, score_accuracy
-from deltatune.train.run import load_model, load_tokenizer
+from deltatune.train.loading import load_model, load_tokenizer
 
 
 def eval_loss(model: Any, dataset: Any, collator: Callable, batch_size: int = 8, max_examples: int | None = None) -> dict:

@@ -2,7 +2,10 @@
 
 Each subcommand module defines ``register(subparsers)`` (adds its parser, with ``func`` set to
 its entry point) and is imported lazily, so ``deltatune --help`` stays fast and one command's
-optional dependencies (Optuna, matplotlib) load only when that command runs.
+optional dependencies (Optuna, matplotlib) load only when that command runs. A command whose code is
+slow to import (``train``, ``tune``: transformers' Trainer) names its entry point as a
+``"module:function"`` string instead, loaded here when the command runs, so its ``--help`` and
+config errors stay fast.
 """
 from __future__ import annotations
 
@@ -43,8 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    func = args.func
+    if isinstance(func, str):  # "module:function": a command whose code loads only when it runs (as entry points do)
+        module, _, name = func.partition(":")
+        func = getattr(importlib.import_module(module), name)
     try:
-        return int(args.func(args) or 0)
+        return int(func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

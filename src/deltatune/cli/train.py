@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 
 from deltatune.methods.base import method_names  # the registry: every method.name, variants included
 from deltatune.train import outputs
 from deltatune.train.config import load_train_config, read_yaml
-from deltatune.train.run import TrainingStopped, run_training
 
 EPILOG = """\
 examples:
@@ -43,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="replace the run in output_dir (kept aside until the new run saves its first checkpoint)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as YAML and exit (nothing is loaded)")
-    parser.set_defaults(func=main)
+    parser.set_defaults(func="deltatune.cli.train_run:main")  # loads the Trainer only when it runs
 
 
 def split_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -78,37 +76,3 @@ def resolve_config(config_file: str | None, overrides: list[str], resume: bool):
     base = read_yaml(saved)
     base["output_dir"] = str(output_dir)
     return load_train_config(config_file, overrides, base=base)
-
-
-def main(args: argparse.Namespace) -> int:
-    """Entry point of ``deltatune train``: 0 when done, 130 when interrupted (resumable), 1 when stopped."""
-    config_file, overrides = split_args(args.args)
-    config = resolve_config(config_file, overrides, args.resume)
-    if args.print_config:
-        print(config.to_yaml(), end="")
-        return 0
-    print(f"deltatune train: {config.method.name} on {config.model}, data {config.data.source}, "
-          f"output {config.output_dir}", flush=True)
-    try:
-        result = run_training(config, resume=args.resume, overwrite=args.overwrite,
-                              log=lambda line: print(line, flush=True))
-    except TrainingStopped as err:
-        print(f"deltatune train: {err}", file=sys.stderr)
-        return 1
-    if result.status != "completed":
-        return 130
-    _summary(result)
-    return 0
-
-
-def _summary(result) -> None:
-    m = result.metrics
-    lines = [f"done in {m['timings'].get('total_s', 0):.0f} s; outputs in {result.output_dir}/"]
-    zs, final = m.get("zero_shot"), m.get("final")
-    if zs and final:
-        lines.append(f"accuracy: {100 * zs['accuracy']:.1f}% before -> {100 * final['accuracy']:.1f}% after "
-                     f"({final['scoring'].replace('_', '-')} scoring, {final['total']} held-out examples)")
-    train = m.get("train") or {}
-    if train.get("tokens"):
-        lines.append(f"training: {train['steps']} steps, {train['seconds']:.0f} s, {train['tokens_per_s']:.0f} tokens/s")
-    print("\n".join(lines), flush=True)

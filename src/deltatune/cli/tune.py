@@ -2,11 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import sys
-from pathlib import Path
-
-from deltatune.tune.study import _import_optuna, load_tune_file, run_study
 
 EPILOG = """\
 examples:
@@ -37,19 +32,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", default=None, help="where trials and results go (default: tune-runs/<study>)")
     p.add_argument("--pruner", default=None, choices=("median", "halving", "threshold", "none"),
                    help="override tune.pruner")
-    p.set_defaults(func=main)
-
-
-def main(args: argparse.Namespace) -> int:
-    try:
-        _import_optuna()  # fail fast, before reading data or models
-    except ImportError as err:
-        print(f"deltatune tune: error: {err}", file=sys.stderr)
-        return 2
-    job = load_tune_file(args.config)
-    if args.pruner:
-        job.settings = dataclasses.replace(job.settings, pruner=args.pruner)
-    name = args.study or Path(args.config).stem
-    output_dir = Path(args.output_dir or Path("tune-runs") / name)
-    result = run_study(job, args.trials, output_dir, storage=args.storage, study_name=name)
-    return 130 if result.interrupted else 0
+    p.set_defaults(func="deltatune.cli.tune_run:main")  # loads Optuna and the Trainer only when it runs

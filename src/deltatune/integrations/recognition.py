@@ -15,25 +15,23 @@ peft's own classes and functions are never modified; every other object takes th
 from __future__ import annotations
 
 from typing import Any, Callable
+from deltatune.config import PeftConfig
+from deltatune.model import PeftModel
+from deltatune.model import get_peft_model as deltatune_get_peft_model
+from deltatune.surgery.layer import AdaptedLayer
 
 PATCHED = "__deltatune_patched__"
 
 
 def is_deltatune_model(model: Any) -> bool:
-    from deltatune.model import PeftModel
-
     return isinstance(model, PeftModel)
 
 
 def _is_deltatune_config(config: Any) -> bool:
-    from deltatune.config import PeftConfig
-
     return isinstance(config, PeftConfig)
 
 
 def _is_deltatune_layer(layer: Any) -> bool:
-    from deltatune.surgery.layer import AdaptedLayer
-
     return isinstance(layer, AdaptedLayer)
 
 
@@ -70,8 +68,6 @@ def _either(peft_class: type, deltatune_check: Callable[[Any], bool]) -> type:
 def _dispatching_get_peft_model(original: Callable[..., Any]) -> Callable[..., Any]:
     def get_peft_model(model, peft_config, *args, **kwargs):
         if _is_deltatune_config(peft_config):
-            from deltatune.model import get_peft_model as deltatune_get_peft_model
-
             # peft-only keywords (autocast_adapter_dtype, revision, low_cpu_mem_usage) mean the same or nothing here
             return deltatune_get_peft_model(model, peft_config, *args, **kwargs)
         return original(model, peft_config, *args, **kwargs)

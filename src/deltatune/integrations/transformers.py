@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from deltatune.config import PeftConfig
 from deltatune.integrations.hooks import patch_module
 from deltatune.integrations.recognition import PATCHED, is_deltatune_model, widen_peft_names
 
@@ -69,8 +70,6 @@ def _patch_add_adapter(module: Any) -> None:
         return
 
     def add_adapter(self, adapter_config, adapter_name: str | None = None) -> None:
-        from deltatune.config import PeftConfig
-
         if isinstance(adapter_config, PeftConfig):
             # transformers' adapter API drives peft's own layer classes (set_adapter, enable_adapters, its
             # save_pretrained all look for them), so a deltatune adapter cannot live inside it.

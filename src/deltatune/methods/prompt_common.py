@@ -17,10 +17,9 @@ learning keeps the user's model itself as ``base_model``).
 from __future__ import annotations
 
 import inspect
-import types
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn

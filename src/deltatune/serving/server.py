@@ -11,7 +11,6 @@ import os
 import threading
 from typing import Any, Iterator, Sequence
 
-import torch
 from torch import nn
 
 from deltatune.serving.bank import AdapterBank

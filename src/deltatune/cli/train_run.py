@@ -1,0 +1,43 @@
+"""``deltatune train``'s run: resolve the config, then train (the parser is in :mod:`deltatune.cli.train`,
+so that ``deltatune train --help`` does not load transformers' Trainer)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from deltatune.cli.train import resolve_config, split_args
+from deltatune.train.run import TrainingStopped, run_training
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of ``deltatune train``: 0 when done, 130 when interrupted (resumable), 1 when stopped."""
+    config_file, overrides = split_args(args.args)
+    config = resolve_config(config_file, overrides, args.resume)
+    if args.print_config:
+        print(config.to_yaml(), end="")
+        return 0
+    print(f"deltatune train: {config.method.name} on {config.model}, data {config.data.source}, "
+          f"output {config.output_dir}", flush=True)
+    try:
+        result = run_training(config, resume=args.resume, overwrite=args.overwrite,
+                              log=lambda line: print(line, flush=True))
+    except TrainingStopped as err:
+        print(f"deltatune train: {err}", file=sys.stderr)
+        return 1
+    if result.status != "completed":
+        return 130
+    _summary(result)
+    return 0
+
+
+def _summary(result) -> None:
+    m = result.metrics
+    lines = [f"done in {m['timings'].get('total_s', 0):.0f} s; outputs in {result.output_dir}/"]
+    zs, final = m.get("zero_shot"), m.get("final")
+    if zs and final:
+        lines.append(f"accuracy: {100 * zs['accuracy']:.1f}% before -> {100 * final['accuracy']:.1f}% after "
+                     f"({final['scoring'].replace('_', '-')} scoring, {final['total']} held-out examples)")
+    train = m.get("train") or {}
+    if train.get("tokens"):
+        lines.append(f"training: {train['steps']} steps, {train['seconds']:.0f} s, {train['tokens_per_s']:.0f} tokens/s")
+    print("\n".join(lines), flush=True)

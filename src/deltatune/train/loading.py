@@ -1,0 +1,137 @@
+"""Loading a training run's pieces before any training starts: the tokenizer, the data, the base model,
+and the checks that can fail before the weights load. Light to import (no transformers Trainer), so the
+commands that only load (``deltatune eval``, ``plan``) start fast.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable
+
+import torch
+from transformers import AutoTokenizer
+
+from deltatune.config import PeftType, TaskType
+from deltatune.data import prepare_datasets, validate_data
+from deltatune.data.pipeline import PreparedData, load_examples
+from deltatune.inspect.architecture import meta_model
+from deltatune.models import load_model_and_tokenizer, model_config
+from deltatune.models.cache import read_marker
+from deltatune.models.checkpointing import enable_activation_checkpointing
+from deltatune.models.loader import resolve_model_path
+from deltatune.models.registry import get_spec
+from deltatune.models.tokenizer import normalize_tokenizer
+from deltatune.quant import Linear4bit, Linear8bit, prepare_model_for_kbit_training, quantize_model
+from deltatune.registry import get_method
+from deltatune.surgery.targets import resolve_targets
+from deltatune.train.config import TrainConfig
+from deltatune.train.config_check import ConfigError
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """The model's tokenizer with deltatune's fixes, without loading any weights.
+
+    A registered GGUF model is converted into its cache folder first if needed (~20 s, once).
+    """
+    folder = resolve_model_path(name_or_path)
+    marker = read_marker(folder) or {}
+    spec = get_spec(name_or_path) or (get_spec(marker["model_name"]) if marker.get("model_name") else None)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    normalize_tokenizer(tokenizer, spec)
+    return tokenizer
+
+
+def prepare_data(config: TrainConfig, log: Callable[[str], None] = print) -> tuple[Any, PreparedData]:
+    """Validate, render and tokenize the data with the tokenizer only: every data error surfaces here.
+
+    Returns:
+        ``(tokenizer, prepared data)``.
+
+    Raises:
+        FileNotFoundError, ValueError: a missing file or column, an empty dataset, a template error.
+    """
+    examples = validate_data(config.data)  # no tokenizer: fails fast on files, columns, emptiness
+    tokenizer = load_tokenizer(config.model)
+    if config.data.is_builtin:
+        examples = load_examples(config.data, tokenizer)  # article budget measured in this tokenizer's tokens
+    prepared = prepare_datasets(config.data, tokenizer, examples)
+    if len(prepared.train) == 0:
+        raise ValueError(f"No training example is left after tokenizing {config.data.source!r} "
+                         f"({prepared.train_stats.summary()}); raise data.max_length or check the data.")
+    log(f"data: {config.data.source} with template {prepared.template!r}; train {prepared.train_stats.summary()}"
+        + (f"; eval {prepared.eval_stats.summary()}" if prepared.eval_stats else ""))
+    return tokenizer, prepared
+
+
+def total_steps(config: TrainConfig, n_rows: int) -> int:
+    """Optimizer steps of the run: ``train.max_steps``, or ``epochs`` passes over ``n_rows`` rows."""
+    t = config.train
+    if t.max_steps is not None:
+        return t.max_steps
+    per_epoch = max(1, math.ceil(math.ceil(n_rows / t.batch_size) / t.grad_accum))  # as Trainer counts them
+    return max(1, math.ceil(per_epoch * t.epochs))
+
+
+def wants_accuracy(config: TrainConfig, prepared: PreparedData) -> bool:
+    """Whether to score label accuracy (``eval.accuracy``; ``auto``: the eval data has labels).
+
+    Raises:
+        ValueError: ``eval.accuracy: true`` but there is no eval split or no ``label`` column.
+    """
+    has = prepared.eval is not None and "label" in prepared.eval.column_names and len(prepared.eval) > 0
+    if config.eval.accuracy is True and not has:
+        raise ValueError("eval.accuracy is true but the eval data has no 'label' column (or no eval split); "
+                         "add a label column, set data.eval_size > 0, or set eval.accuracy=auto.")
+    return has if config.eval.accuracy == "auto" else bool(config.eval.accuracy)
+
+
+def check_quantized_support(config: TrainConfig) -> None:
+    """QLoRA needs deltatune.quant and a LoRA that wraps its 4-bit layers; check before loading anything.
+
+    Raises:
+        ValueError: either is missing, with what to do instead.
+    """
+    if not config.method.spec.quantized:
+        return
+    wanted = Linear4bit if config.quant.bits == 4 else Linear8bit
+    if not issubclass(wanted, get_method(PeftType.LORA).layer_types):
+        raise ValueError(
+            f"method.name=qlora: LoRA in this deltatune build cannot wrap {wanted.__name__} layers. Use "
+            "method.name=lora, or update deltatune."
+        )
+
+
+def check_targets(config: TrainConfig, peft_config: Any) -> None:
+    """Resolve the method's targets on the model built from its config on the meta device (no weights).
+
+    A ``target_modules`` typo then costs a second, not a model load. Methods that wrap no layers by
+    name (prompt and prefix tuning, BitFit, partial fine-tuning) have nothing to check here.
+
+    Raises:
+        ConfigError: a target matches nothing or a layer the method cannot wrap; the message lists the
+            layers that exist, with the closest match.
+    """
+    method = get_method(peft_config.peft_type)
+    if method.make_adapter is None:
+        return
+    model = meta_model(model_config(config.model), TaskType.CAUSAL_LM)
+    try:
+        prepared = method.prepare(peft_config, model)
+        resolve_targets(model, prepared)
+    except ValueError as err:
+        raise ConfigError(f"Config key 'method.target_modules' does not fit {config.model}: {err}") from None
+
+
+def load_model(config: TrainConfig, log: Callable[[str], None] = print) -> Any:
+    """The base model, quantized to 4 bits for QLoRA and with gradient checkpointing if asked."""
+    # Under torchrun each rank loads onto its own GPU (LOCAL_RANK), not all onto cuda:0.
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else None
+    model, _ = load_model_and_tokenizer(config.model, device=device)
+    if config.method.spec.quantized:
+        quantize_model(model, config.quant)
+        log(f"quantized the linear layers to {config.quant.bits}-bit {config.quant.quant_type} (QLoRA)")
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.train.gradient_checkpointing)
+    elif config.train.gradient_checkpointing:
+        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input grad
+        enable_activation_checkpointing(model)
+    return model
