@@ -4,14 +4,13 @@ Code written for peft runs after changing ``from peft import ...`` to ``from del
 """
 from deltatune._version import __version__
 from deltatune.config import LoraConfig, PeftConfig, PeftType, TaskType
-from deltatune.model import (
-    PeftModel,
+from deltatune.model import PeftModel, get_peft_model
+from deltatune.tasks import (
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
     PeftModelForSeq2SeqLM,
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
-    get_peft_model,
 )
 from deltatune.surgery.inject import inject_adapter_in_model
 from deltatune.surgery.targets import resolve_targets

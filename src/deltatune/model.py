@@ -6,23 +6,17 @@ Layout mirrors peft so state-dict paths read the same: ``PeftModel.base_model`` 
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
-from pathlib import Path
 from typing import Any, Iterator
 
 from torch import nn
 from transformers.utils import PushToHubMixin
 
-from deltatune._version import __version__
 from deltatune.config import PeftConfig, TaskType
 from deltatune.forward_signature import presents_base_signature
 from deltatune.combine.adapters import add_weighted_adapter
 from deltatune.io import checkpoint as ckpt
-from deltatune.io.config_io import load_config
-from deltatune.io.model_card import write_model_card
 from deltatune.methods.base import Method, Site
-from deltatune.methods.lora_init import mutated_to_lora_on_save
+from deltatune.model_files import AdapterFiles
 from deltatune.quant.linear import quantized_parameter_count
 from deltatune.registry import get_method
 from deltatune.serving.mixed import MixedBatches
@@ -33,7 +27,7 @@ from deltatune.tuner import AdapterModel
 
 
 
-class PeftModel(PushToHubMixin, nn.Module):
+class PeftModel(AdapterFiles, PushToHubMixin, nn.Module):
     """A model with one or more adapters. Build with :func:`get_peft_model` or :meth:`from_pretrained`.
 
     ``push_to_hub`` (transformers' mixin, as in peft) uploads what :meth:`save_pretrained` writes: the adapter.
@@ -73,6 +67,8 @@ class PeftModel(PushToHubMixin, nn.Module):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "for_task" in cls.__dict__:  # a task class (deltatune.tasks): the class for configs of that task_type
+            _TASK_CLASSES[cls.for_task] = cls
         forward = cls.__dict__.get("forward")
         if forward is not None and not isinstance(forward, presents_base_signature):
             cls.forward = presents_base_signature(forward)
@@ -96,6 +92,12 @@ class PeftModel(PushToHubMixin, nn.Module):
         return self.base_model.model
 
     # ---- forward / generate --------------------------------------------------------------------
+    @classmethod
+    def class_for(cls, config: PeftConfig) -> type["PeftModel"]:
+        """The class a model with ``config``'s adapter is built as: the task class of its ``task_type``
+        (:mod:`deltatune.tasks`), else :class:`PeftModel`."""
+        return _TASK_CLASSES.get(config.task_type, PeftModel)
+
     def _method(self, adapter_name: str) -> Method:
         return get_method(self.peft_config[adapter_name].peft_type)
 
@@ -329,58 +331,6 @@ class PeftModel(PushToHubMixin, nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
-    # ---- saving / loading --------------------------------------------------------------------------
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        selected_adapters: list[str] | None = None,
-        safe_serialization: bool = True,
-        save_embedding_layers: bool | str = "auto",
-        is_main_process: bool = True,
-        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
-        **_: Any,
-    ) -> None:
-        """Write each adapter as peft does: ``default`` at the root, others in a subfolder named after them.
-
-        ``path_initial_model_for_weight_conversion``: the folder where a PiSSA/OLoRA adapter was saved
-        before training; the adapter is then written as a LoRA of twice the rank on the original weights.
-        """
-        names = selected_adapters or list(self.peft_config)
-        for n in names:
-            if n not in self.peft_config:
-                raise ValueError(f"no adapter named {n!r} to save; this model has {sorted(self.peft_config)}")
-            ckpt.check_adapter_name(n)  # before anything is written
-        if not is_main_process:
-            return
-        for n in names:
-            folder = ckpt.adapter_folder(save_directory, n)
-            config = self.peft_config[n].replace(inference_mode=True)
-            sd = self.get_adapter_state_dict(n, save_embedding_layers)
-            if path_initial_model_for_weight_conversion is not None:
-                sd, config = mutated_to_lora_on_save(sd, config, Path(path_initial_model_for_weight_conversion))
-            ckpt.save_adapter(sd, config, folder, safe_serialization, self._auto_mapping(config))  # one step; see io.atomic
-        self._write_model_card(save_directory)
-
-    def _auto_mapping(self, config: PeftConfig) -> dict[str, str] | None:
-        """peft's ``auto_mapping``: without a task type, the class to build the base model with, so that
-        ``AutoPeftModel.from_pretrained`` can load the adapter alone."""
-        if config.task_type is not None:
-            return None
-        cls = type(self.get_base_model())
-        return {"base_model_class": cls.__name__, "parent_library": cls.__module__}
-
-    def _write_model_card(self, save_directory: str | os.PathLike) -> None:
-        base = self.get_base_model()
-        name = getattr(getattr(base, "config", None), "_name_or_path", None) or None
-        tags = ["transformers"] if _is_transformers_model(base) else []
-        peft_type = self.peft_config[self._active[0]].peft_type if self._active else None
-        if peft_type is not None and peft_type.value == "LORA":
-            tags.append("lora")
-        if getattr(base, "name_or_path", None):
-            tags.append(f"base_model:adapter:{base.name_or_path}")
-        pipeline = "text-generation" if isinstance(self, PeftModelForCausalLM) else None
-        write_model_card(save_directory, name, tags, pipeline, __version__)
-
     def get_adapter_state_dict(self, adapter_name: str, save_embedding_layers: bool | str = "auto") -> dict:
         """The adapter's tensors under peft's on-disk keys: what :meth:`save_pretrained` writes.
 
@@ -393,55 +343,6 @@ class PeftModel(PushToHubMixin, nn.Module):
             ``{key: tensor}``, each tensor a detached CPU copy of its own (tied weights are not shared).
         """
         return self._method(adapter_name).state_dict(self._site(adapter_name), save_embedding_layers)
-
-    @classmethod
-    def from_pretrained(
-        cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
-        is_trainable: bool = False, config: PeftConfig | None = None, subfolder: str | None = None,
-        autocast_adapter_dtype: bool = True, **_: Any,
-    ) -> "PeftModel":
-        """Wrap ``model`` and load the adapter saved at ``model_id`` (a folder written by peft or deltatune)."""
-        folder = Path(model_id) / subfolder if subfolder else Path(model_id)
-        config = config or load_config(folder)
-        config = config.replace(inference_mode=not is_trainable)
-        ckpt.check_base_model(config, model)
-        sd = ckpt.load_weights(folder)  # read first: a bad file must fail before the caller's model is touched
-        peft_model = _model_class(config)(model, config, adapter_name, autocast_adapter_dtype)
-        try:
-            peft_model._load_weights(folder, adapter_name, sd)
-        except Exception:
-            # All or nothing for the model too: the caller's model gets its own layers back, so it runs
-            # as before and a retry can wrap it again. (PiSSA/OLoRA initialisations, which move the base
-            # weights on injection, are not undone.)
-            inject.unwrap(model, keep_trained_copies=False)
-            raise
-        if not is_trainable:
-            peft_model.eval()
-        return peft_model
-
-    def load_adapter(
-        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-        autocast_adapter_dtype: bool = True, **_: Any,
-    ) -> None:
-        """Add the adapter saved at ``model_id`` under ``adapter_name`` (not made active). If that adapter
-        exists, its weights are replaced, all or nothing, as peft does (Trainer resumes checkpoints so)."""
-        if adapter_name in self.peft_config:
-            self._load_weights(Path(model_id), adapter_name)
-            return
-        config = load_config(model_id).replace(inference_mode=not is_trainable)
-        self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
-        try:
-            self._load_weights(Path(model_id), adapter_name)
-        except Exception:
-            self.delete_adapter(adapter_name)  # never leave a half-loaded adapter behind
-            raise
-
-    def _load_weights(self, folder: Path, adapter_name: str, sd: dict | None = None) -> None:
-        sd = ckpt.load_weights(folder) if sd is None else sd
-        try:
-            self.load_adapter_state_dict(sd, adapter_name)
-        except ValueError as err:
-            raise ValueError(f"{ckpt.weights_file(folder)}: {err}") from None  # name the file that does not fit
 
     def load_adapter_state_dict(self, state_dict: dict, adapter_name: str = "default") -> None:
         """Load peft-keyed tensors (what :meth:`get_adapter_state_dict` gives) into an existing adapter, all
@@ -476,53 +377,12 @@ class PeftModel(PushToHubMixin, nn.Module):
         add_weighted_adapter(self, adapters, weights, adapter_name, **kwargs)
 
 
-class PeftModelForCausalLM(PeftModel):
-    """Explicit arguments so transformers' Trainer sees ``labels`` and keeps the dataset's columns."""
-
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
-        return super().forward(
-            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels, **kwargs
-        )
-
-
-class PeftModelForSequenceClassification(PeftModelForCausalLM):
-    """peft's class for ``TaskType.SEQ_CLS``: the classifier head (``classifier`` or ``score``) is added to ``modules_to_save`` and trains in full."""
-    pass
-
-
-class PeftModelForTokenClassification(PeftModelForCausalLM):
-    """peft's class for ``TaskType.TOKEN_CLS``; ``forward`` takes ``labels`` explicitly, as for causal LMs."""
-    pass
-
-
-class PeftModelForFeatureExtraction(PeftModel):
-    """peft's class for ``TaskType.FEATURE_EXTRACTION`` (embedding models); the same as :class:`PeftModel`."""
-    pass
-
-
-class PeftModelForSeq2SeqLM(PeftModel):
-    """Encoder-decoder models (T5, BART, mT5), with the decoder inputs named as in peft's class."""
-
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
-                decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, **kwargs):
-        return super().forward(
-            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-            decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
-            decoder_inputs_embeds=decoder_inputs_embeds, labels=labels, **kwargs,
-        )
-
-
-_TASK_CLASSES = {
-    TaskType.CAUSAL_LM: PeftModelForCausalLM,
-    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
-    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
-    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
-    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
-}
+_TASK_CLASSES: dict[Any, type[PeftModel]] = {}
+"""task_type -> the PeftModel subclass for it (:mod:`deltatune.tasks`); each adds itself when defined."""
 
 
 def _model_class(config: PeftConfig) -> type[PeftModel]:
-    return _TASK_CLASSES.get(config.task_type, PeftModel)
+    return PeftModel.class_for(config)
 
 
 def _check_mixable(first: PeftConfig, new: PeftConfig) -> None:
@@ -543,13 +403,6 @@ def get_peft_model(
     if any(isinstance(m, AdaptedLayer) for m in model.modules()):
         raise ValueError("model already has adapters injected (inject_adapter_in_model); wrap the original model instead")
     return _model_class(peft_config)(model, peft_config, adapter_name, autocast_adapter_dtype)
-
-
-def _is_transformers_model(model: nn.Module) -> bool:
-    # Without importing transformers' modeling code (seconds, and `import deltatune` must stay light): a
-    # transformers model means that module is loaded already.
-    modeling = sys.modules.get("transformers.modeling_utils")
-    return modeling is not None and isinstance(model, modeling.PreTrainedModel)
 
 
 def count_trainable(module: nn.Module) -> int:

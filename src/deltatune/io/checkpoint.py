@@ -5,7 +5,7 @@ peft key (``base_model.model.<module path>.<peft suffix>``, adapter name strippe
 stands for in our model. Saving reads through the map; loading checks the file against it (missing,
 unexpected, wrong shape, integer or non-finite values) before copying anything, so a load is all or nothing.
 
-Saving writes the weights and ``adapter_config.json`` as one journaled step (``io.atomic``), so a kill
+Saving writes the weights and ``adapter_config.json`` as one journaled step (:mod:`deltatune.atomic`), so a kill
 never leaves the weights of one save next to the config of another, and removes the other format's
 weights file, which would otherwise shadow (or be shadowed by) the new one.
 """

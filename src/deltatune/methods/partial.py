@@ -262,6 +262,6 @@ class PartialMethod(Method):
 
 
 register_method(PartialMethod(
-    PeftType.PARTIAL, PartialConfig,
+    PeftType.PARTIAL, PartialConfig, merges=True,  # merge_and_unload puts the trained copies in the model
     name="partial", train_preset=types.MappingProxyType({"layers_to_train": "last:2"}),
 ))

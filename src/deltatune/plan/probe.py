@@ -297,7 +297,5 @@ if __name__ == "__main__":
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    import deltatune  # noqa: F401
-    import deltatune.train.loss  # noqa: F401
     from transformers import AutoModelForCausalLM  # noqa: F401
     sys.exit(_main(sys.argv[1:]))

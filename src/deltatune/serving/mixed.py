@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from deltatune.config import PeftConfig
+from deltatune.registry import all_methods, get_method
 from deltatune.serving.bank import BASE, AdapterBank
 from deltatune.serving.routing import batch_size, check_names, expand_for_generate, routed
 from deltatune.serving.sources import PeftModelSource
@@ -98,6 +99,11 @@ class MixedBatches:
                 raise ValueError(
                     f"adapter {n!r} is {configs[n].peft_type.value}, which changes the model's inputs and "
                     "cannot be mixed per row; run it alone with set_adapter"
+                )
+            if not get_method(configs[n].peft_type).servable:
+                raise ValueError(
+                    f"adapter {n!r} is {configs[n].peft_type.value}, which cannot be served in a mixed-adapter batch "
+                    f"(servable: {', '.join(m.name for m in all_methods() if m.servable)}); run it alone with set_adapter"
                 )
         merged = sorted({a for _, h in self.hosts for a in h.merged})
         if merged:
