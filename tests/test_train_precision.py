@@ -6,6 +6,7 @@ from transformers import TrainingArguments
 
 import deltatune as dt
 from deltatune.train import precision
+from deltatune.train.config import load_train_config
 from deltatune.train.precision import choose_precision
 from deltatune.train.trainer import FusedLossTrainer
 from tiny import tiny_llama
@@ -76,3 +77,47 @@ def test_qlora_trains_under_bf16_with_bf16_tiles(tmp_path):
     assert set(dtypes) == {torch.bfloat16}  # the 4-bit layer dequantized to bf16 and multiplied in it
     assert any(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters() if n in before)
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+
+
+# ---- attention while training, and scoring in the run's precision (issue 17) ------------------------------
+def test_cpu_bf16_training_uses_eager_attention_and_gives_the_model_back():
+    from deltatune.train.precision import Precision, training_attention
+
+    model = tiny_llama()
+    model.set_attn_implementation("sdpa")
+    with training_attention(model, Precision(True, "test"), cuda=False) as used:
+        assert used == "eager" and model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == "sdpa"
+    for precision, cuda in [(Precision(False, "test"), False), (Precision(True, "test"), True)]:
+        with training_attention(model, precision, cuda=cuda) as used:  # fp32, or a GPU: the model's own kernel
+            assert used is None and model.config._attn_implementation == "sdpa"
+
+
+def test_eager_attention_computes_what_sdpa_does():
+    # the switch is for speed only: the same loss and gradients (fp32 here, so the tolerance can be tight)
+    model, ids = tiny_llama(), torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(0))
+    results = []
+    for attn in ("sdpa", "eager"):
+        model.set_attn_implementation(attn)
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_the_runs_accuracy_scoring_runs_in_its_precision(bf16, monkeypatch):
+    from deltatune.train import session as session_module
+    from deltatune.train.precision import Precision
+
+    seen = []
+    monkeypatch.setattr(session_module, "score_accuracy",
+                        lambda *a, **k: seen.append(torch.is_autocast_enabled("cpu")) or {"seconds": 0.0})
+    monkeypatch.setattr(session_module, "describe", lambda result: "")
+    run = object.__new__(session_module.TrainingSession)  # only what score() reads
+    run.config, run.tokenizer, run.log, run.precision = load_train_config(None, []), None, lambda line: None, Precision(bf16, "test")
+    run.prepared = type("Prepared", (), {"eval": [], "template": "auto"})()
+    run.score(tiny_llama(), "accuracy")
+    assert seen == [bf16]

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from deltatune.atomic import atomic_write_text
 from deltatune.cli.train import split_args
 from deltatune.data import Collator, load_examples, resolve_template, tokenize_dataset
@@ -28,6 +30,7 @@ from deltatune.model import PeftModel
 from deltatune.train.config import load_train_config, read_yaml
 from deltatune.train.loss import causal_lm_loss
 from deltatune.train.metrics import describe, score_accuracy
+from deltatune.train.precision import choose_precision, inference_autocast
 from deltatune.train.loading import load_model, load_tokenizer
 
 
@@ -109,7 +112,13 @@ def eval_dataset(config: Any, tokenizer: Any, whole_source: bool) -> tuple[Any, 
 
 
 def evaluate(model: Any, tokenizer: Any, dataset: Any, template: str, config: Any, args: argparse.Namespace) -> dict:
-    """Loss/perplexity and, when the rows have a ``label`` and ``eval.accuracy`` allows, accuracy."""
+    """Loss/perplexity and, when the rows have a ``label`` and ``eval.accuracy`` allows, accuracy; in bf16
+    autocast where ``train.bf16`` chooses it (as the run's own scoring is)."""
+    with inference_autocast(choose_precision(config.train.bf16), "cuda" if torch.cuda.is_available() else "cpu"):
+        return _evaluate(model, tokenizer, dataset, template, config, args)
+
+
+def _evaluate(model: Any, tokenizer: Any, dataset: Any, template: str, config: Any, args: argparse.Namespace) -> dict:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = {"loss": eval_loss(model, dataset, Collator(pad_token_id=pad), args.batch_size or config.train.batch_size,
                              args.max_examples)}

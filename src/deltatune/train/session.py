@@ -17,7 +17,7 @@ from deltatune.train.adapter_trainer import AdapterTrainer, NonFiniteLossError
 from deltatune.train.callbacks import GracefulInterrupt, RunRecorder, StepBoundary
 from deltatune.train.config import TrainConfig
 from deltatune.train.metrics import describe, score_accuracy, training_warnings
-from deltatune.train.precision import choose_precision
+from deltatune.train.precision import choose_precision, inference_autocast, training_attention
 
 
 class TrainingStopped(RuntimeError):
@@ -100,6 +100,7 @@ class TrainingSession:
         self.metrics: dict[str, Any] = {"status": "running", "model": config.model, "method": config.method.name,
                                         "output_dir": str(output_dir), "timings": {}}
         self.callbacks: list[Any] = []  # extra Trainer callbacks (run_training's RunFolder)
+        self.precision = choose_precision(config.train.bf16)  # training's, and the scoring's around it
 
     # ---- phases --------------------------------------------------------------------------------------------
     def run(self, checkpoint: Path | None, accuracy: bool, started: float):
@@ -114,7 +115,7 @@ class TrainingSession:
             previous = outputs.read_metrics(self.output_dir)
             self.metrics["zero_shot"] = previous.get("zero_shot")
             self.log(f"resuming from {checkpoint}")
-        elif accuracy and self.config.eval.zero_shot:
+        if checkpoint is None and accuracy and self.config.eval.zero_shot:
             self.metrics["zero_shot"] = self.score(model, "zero-shot accuracy (before training)")
             timings["zero_shot_s"] = self.metrics["zero_shot"]["seconds"]
             if is_main_process():
@@ -127,9 +128,8 @@ class TrainingSession:
                  f"({100 * trainable / total:.3f}%); {self.steps} steps of {self.config.train.batch_size} x "
                  f"{self.config.train.grad_accum} rows on {torch.get_num_threads()} CPU threads"
                  if not torch.cuda.is_available() else f"method {self.config.method.name}: {trainable:,d} trainable")
-        precision = choose_precision(self.config.train.bf16)
-        self.log(str(precision))
-        self.metrics.update(bf16=precision.bf16)
+        self.log(str(self.precision))
+        self.metrics.update(bf16=self.precision.bf16)
         status = self.train(peft_model, checkpoint)
         if status == "completed" and is_main_process():
             peft_model.save_pretrained(self.output_dir / outputs.ADAPTER_DIR)
@@ -142,9 +142,10 @@ class TrainingSession:
 
     def score(self, model: Any, what: str) -> dict[str, Any]:
         ev = self.config.eval
-        result = score_accuracy(model, self.tokenizer, self.prepared.eval, template=self.prepared.template,
-                                scoring=ev.scoring, max_examples=ev.max_examples, max_new_tokens=ev.max_new_tokens,
-                                progress=self.config.train.progress_bar)
+        with inference_autocast(self.precision, "cuda" if torch.cuda.is_available() else "cpu"):
+            result = score_accuracy(model, self.tokenizer, self.prepared.eval, template=self.prepared.template,
+                                    scoring=ev.scoring, max_examples=ev.max_examples, max_new_tokens=ev.max_new_tokens,
+                                    progress=self.config.train.progress_bar)
         self.log(f"{what}: {describe(result)} [{result['seconds']:.0f} s]")
         return result
 
@@ -171,7 +172,9 @@ class TrainingSession:
         for callback in self.callbacks:
             trainer.add_callback(callback)
         status = "completed"
-        with interrupt:
+        with interrupt, training_attention(peft_model.get_base_model(), self.precision) as attention:
+            if attention is not None:
+                self.log(f"attention: {attention} while training (faster than SDPA's backward under CPU bf16)")
             try:
                 trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
             except NonFiniteLossError as err:
