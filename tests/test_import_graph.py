@@ -25,9 +25,10 @@ LAYERS = [
     ["deltatune.io"],
     ["deltatune.methods"],
     ["deltatune.serving", "deltatune.combine"],
-    ["deltatune.forward_signature", "deltatune.tuner", "deltatune.model_files", "deltatune.model", "deltatune.tasks"],
+    ["deltatune.forward_signature", "deltatune.tuner", "deltatune.model_files", "deltatune.model", "deltatune.tasks",
+     "deltatune.status", "deltatune.auto"],
     ["deltatune.integrations", "deltatune.inspect", "deltatune.train", "deltatune.plan", "deltatune.tune",
-     "deltatune.cli", "deltatune"],
+     "deltatune.cli", "deltatune.optimizers", "deltatune"],
 ]
 
 

@@ -13,6 +13,16 @@ from deltatune.tasks import (
     PeftModelForTokenClassification,
 )
 from deltatune.surgery.inject import inject_adapter_in_model
+from deltatune.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
+from deltatune.auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+    get_peft_config,
+)
 from deltatune.surgery.targets import resolve_targets
 from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.bottleneck import BottleneckConfig
@@ -38,6 +48,9 @@ __all__ = [
     "AdaLoraConfig",
     "BitFitConfig", "PartialConfig",
     "PromptTuningConfig", "PromptTuningInit", "PrefixTuningConfig",
+    "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction", "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification", "get_peft_config",
+    "get_layer_status", "get_model_status", "TunerLayerStatus", "TunerModelStatus",
 ]
 
 

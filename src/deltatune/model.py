@@ -20,6 +20,7 @@ from deltatune.model_files import AdapterFiles
 from deltatune.quant.linear import quantized_parameter_count
 from deltatune.registry import get_method
 from deltatune.serving.mixed import MixedBatches
+from deltatune import status
 from deltatune.surgery import inject
 from deltatune.surgery.layer import AdaptedLayer
 from deltatune.surgery.targets import CLASSIFIER_NAMES, check_modules_to_save
@@ -309,6 +310,23 @@ class PeftModel(AdapterFiles, PushToHubMixin, nn.Module):
     def unload(self) -> nn.Module:
         """Return the user's model with every wrapper removed (unmerged adapters are dropped)."""
         return inject.unwrap(self.base_model.model)
+
+    # ---- status (peft's troubleshooting helpers; see deltatune.status) ------------------------------
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """peft's attribute: the paths (in the user's model, e.g. ``model.layers.0.self_attn.q_proj``) of the
+        modules that got an adapter layer, in module order; empty for prompt and prefix tuning."""
+        return status.targeted_module_names(self.base_model.model)
+
+    def get_layer_status(self) -> list[status.TunerLayerStatus]:
+        """peft's method: one :class:`~deltatune.status.TunerLayerStatus` per adapter layer (see
+        :func:`deltatune.status.get_layer_status`)."""
+        return status.get_layer_status(self)
+
+    def get_model_status(self) -> status.TunerModelStatus:
+        """peft's method: the adapters' :class:`~deltatune.status.TunerModelStatus` (see
+        :func:`deltatune.status.get_model_status`)."""
+        return status.get_model_status(self)
 
     # ---- counting --------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

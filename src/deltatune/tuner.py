@@ -7,6 +7,7 @@ from torch import nn
 
 from deltatune.config import PeftConfig
 from deltatune.surgery import inject
+from deltatune import status
 
 if TYPE_CHECKING:
     from deltatune.model import PeftModel
@@ -39,6 +40,11 @@ class AdapterModel(nn.Module):
     @property
     def active_adapters(self) -> list[str]:
         return self._owner.active_adapters
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """peft's tuner attribute: the paths (in ``.model``) of the modules that got an adapter layer."""
+        return status.targeted_module_names(self.model)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         self._owner.set_adapter(adapter_name)

@@ -169,7 +169,6 @@ def test_verify_parameters_print_trainable_parameters(capsys):
     assert capsys.readouterr().out == printed_t
 
 
-@issue18("targeted_module_names", raises=AttributeError)
 def test_verify_layers_with_targeted_module_names(capsys):
     theirs = oracle(mistral_snippet)
     print(theirs.targeted_module_names)

@@ -227,7 +227,6 @@ def auto_load(lib, adapter_dir, model_id, ds):
     return generate(model, tokenizer, ds)
 
 
-@issue18("AutoPeftModelForSeq2SeqLM", raises=AttributeError)
 def test_guide_inference_with_auto_peft_model_for_seq2seq_lm(hub, prepared, tmp_path):
     tokenizer, ds, _, _ = prepared
     mine = perturb(ours(seq2seq_model, hub["t5"])).eval()

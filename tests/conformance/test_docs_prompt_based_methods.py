@@ -17,7 +17,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer, BloomConfig, BloomForCausalLM, default_data_collator, get_linear_schedule_with_warmup
 
-from docs_support import bug, issue18, oracle, ours, same_start
+from docs_support import bug, oracle, ours, same_start
 from support_data import tiny_tokenizer
 from tolerances import assert_close
 
@@ -239,7 +239,6 @@ def share_and_load(lib, hub, adapter_dir):
     return infer(model, tokenizer, ds)
 
 
-@issue18("AutoPeftModelForCausalLM", raises=AttributeError)
 def test_inference_with_auto_peft_model(hub, prepared, tmp_path):
     tokenizer, ds, _, train_dl, eval_dl = prepared
     mine = ours(model_with, hub, "prefix tuning", tokenizer)

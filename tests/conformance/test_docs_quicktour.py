@@ -14,7 +14,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-from docs_support import issue18, load_causal_lm, local_llama, oracle, ours, same_start
+from docs_support import load_causal_lm, local_llama, oracle, ours, same_start
 from tolerances import assert_close
 
 PROMPT = "Preheat the oven to 350 degrees and place the cookie dough"
@@ -138,7 +138,6 @@ def _trained_adapter(tmp_path, task_type="CAUSAL_LM") -> tuple[str, str]:
     return str(tmp_path / "adapter"), model_id
 
 
-@issue18("AutoPeftModelForCausalLM", raises=AttributeError)
 def test_inference_with_auto_peft_model_for_causal_lm(tmp_path):
     adapter_dir, model_id = _trained_adapter(tmp_path)
     expected = oracle(auto_peft_inference, adapter_dir, model_id)
@@ -152,7 +151,6 @@ def auto_peft_model(lib, adapter_dir):
     return peft_model
 
 
-@issue18("AutoPeftModel", raises=AttributeError)
 def test_auto_peft_model_for_other_tasks(tmp_path):
     # AutoPeftModel is for adapters saved without a task type (peft refuses CAUSAL_LM ones here).
     adapter_dir, _ = _trained_adapter(tmp_path, task_type=None)

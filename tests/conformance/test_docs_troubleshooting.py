@@ -319,7 +319,6 @@ def layer_status(lib):
     return layers, status, df, get_layer_status(model), get_model_status(model)
 
 
-@issue18("get_layer_status / get_model_status", raises=AttributeError)
 def test_check_layer_and_model_status():
     layers_t, status_t, df_t, _, _ = oracle(layer_status)
     assert layers_t[0].name == "model.encoder.block.0.layer.0.SelfAttention.q"

@@ -483,11 +483,10 @@ IMPORT_LINES = {
     "peft_lora_clm_with_additional_tokens.ipynb": (
         "LoraConfig, PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training", None),
     "peft_prompt_tuning_clm.ipynb": ("get_peft_config, get_peft_model, PromptTuningInit, PromptTuningConfig, TaskType, "
-                                     "PeftType", "issue 18: get_peft_config"),
-    "peft_prefix_tuning_clm.ipynb": ("get_peft_config, get_peft_model, PrefixTuningConfig, TaskType, PeftType",
-                                     "issue 18: get_peft_config"),
+                                     "PeftType", None),
+    "peft_prefix_tuning_clm.ipynb": ("get_peft_config, get_peft_model, PrefixTuningConfig, TaskType, PeftType", None),
     "peft_ln_tuning_clm.ipynb": ("get_peft_config, get_peft_model, LNTuningConfig, TaskType, PeftType",
-                                 "issue 18: get_peft_config; BUG: LNTuningConfig (LayerNorm tuning) is not implemented"),
+                                 "BUG: LNTuningConfig (LayerNorm tuning) is not implemented"),
 }
 
 

@@ -416,12 +416,11 @@ def test_prompt_tuning_with_generate_notebook_matches_peft(tmp_path):
 
 IMPORT_LINES = {
     "peft_lora_seq2seq.ipynb": ("get_peft_config, get_peft_model, get_peft_model_state_dict, LoraConfig, TaskType",
-                                "issue 18: get_peft_config"),
+                                None),
     "peft_ia3_seq2seq.ipynb": ("get_peft_config, get_peft_model, get_peft_model_state_dict, IA3Config, TaskType",
-                               "issue 18: get_peft_config"),
+                               None),
     "peft_prefix_tuning_seq2seq.ipynb": (
-        "get_peft_config, get_peft_model, get_peft_model_state_dict, PrefixTuningConfig, TaskType",
-        "issue 18: get_peft_config"),
+        "get_peft_config, get_peft_model, get_peft_model_state_dict, PrefixTuningConfig, TaskType", None),
     "peft_prompt_tuning_seq2seq.ipynb": ("get_peft_model, PromptTuningConfig, TaskType, PromptTuningInit", None),
     "peft_adalora_seq2seq.py": ("AdaLoraConfig, PeftConfig, PeftModel, TaskType, get_peft_model", None),
     "multitask_prompt_tuning.ipynb": ("get_peft_model, MultitaskPromptTuningConfig, TaskType, "

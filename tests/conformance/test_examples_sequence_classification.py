@@ -222,12 +222,12 @@ def test_mrpc_lora_notebook_matches_peft(tmp_path):
 _NOTEBOOK_LINE = ("get_peft_config, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict, LoraConfig, "
                   "PeftType, PrefixTuningConfig, PromptEncoderConfig")
 IMPORT_LINES = {  # notebook -> (names, why deltatune fails it)
-    "LoRA.ipynb": (_NOTEBOOK_LINE, "issue 18: get_peft_config; BUG: PromptEncoderConfig (P-tuning) is not implemented"),
+    "LoRA.ipynb": (_NOTEBOOK_LINE, "BUG: PromptEncoderConfig (P-tuning) is not implemented"),
     "Prompt_Tuning.ipynb": (_NOTEBOOK_LINE.replace("LoraConfig, ", "") + ", PromptTuningConfig",
-                            "issue 18: get_peft_config; BUG: PromptEncoderConfig (P-tuning) is not implemented"),
+                            "BUG: PromptEncoderConfig (P-tuning) is not implemented"),
     "every notebook, reload cell": ("PeftModel, PeftConfig", None),
     "P_Tuning.ipynb": (_NOTEBOOK_LINE.replace("LoraConfig, ", ""),
-                       "issue 18: get_peft_config; BUG: PromptEncoderConfig (P-tuning) is not implemented"),
+                       "BUG: PromptEncoderConfig (P-tuning) is not implemented"),
     "VeRA.ipynb": ("get_peft_model, VeraConfig, PeftType", "BUG: VeraConfig (VeRA) is not implemented"),
     "FourierFT.ipynb": ("get_peft_model, FourierFTConfig, PeftType", "BUG: FourierFTConfig is not implemented"),
     "C3A.ipynb": ("get_peft_model, C3AConfig, PeftType", "BUG: C3AConfig is not implemented"),

@@ -171,7 +171,7 @@ def _funsd_features(n: int, seq: int = 12, seed: int = 0) -> TensorDataset:
 
 def layoutlm_notebook(lib: str, workdir: str, same_start: SameStart, print_cell: bool = False,
                       targets_written_out: bool = False) -> dict:
-    # the notebook's line also names get_peft_config, never used (issue 18: see the import-line test)
+    # the notebook's line also names get_peft_config, never used (see the import-line test)
     PeftModel, get_peft_model, LoraConfig, TaskType = imports(lib, "PeftModel, get_peft_model, LoraConfig, TaskType")
     num_labels = 7
     train_dataset, eval_dataset = _funsd_features(4), _funsd_features(2, seed=1)
@@ -275,8 +275,7 @@ def test_layoutlm_notebook_print_cell(tmp_path):
 IMPORT_LINES = {
     "peft_lora_ner.ipynb": ("get_peft_model, LoraConfig, TaskType", None),
     "peft_lora_ner.ipynb, reload cell": ("PeftModel", None),
-    "peft_lora_token_cls.ipynb": ("get_peft_config, PeftModel, get_peft_model, LoraConfig, TaskType",
-                                  "issue 18: get_peft_config"),
+    "peft_lora_token_cls.ipynb": ("get_peft_config, PeftModel, get_peft_model, LoraConfig, TaskType", None),
 }
 
 
