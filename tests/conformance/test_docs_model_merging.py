@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from docs_support import bug, issue18, load_causal_lm, local_llama, oracle, ours
+from docs_support import bug, load_causal_lm, local_llama, oracle, ours
 from tolerances import assert_close
 
 INSTRUCT = [{"role": "user", "content": "Write an essay about Generative AI."}]
@@ -167,7 +167,6 @@ def _ia3_vector(module, name):
     return None
 
 
-@issue18("add_weighted_adapter on IA3 adapters", raises=ValueError)
 def test_merging_ia3_adapters(tmp_path):
     model_id = local_llama(tmp_path / "llama")
     theirs = oracle(ia3_merge, model_id, tmp_path)

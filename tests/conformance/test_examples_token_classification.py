@@ -238,8 +238,6 @@ def layoutlm_notebook(lib: str, workdir: str, same_start: SameStart, print_cell:
             "_logits": torch.cat(preds), "_dir": os.path.join(workdir, "peft_layoutlm")}
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="issue 18: no default target_modules for model type 'layoutlm'")
 def test_layoutlm_notebook_as_written(tmp_path):
     layoutlm_notebook("deltatune", str(tmp_path / "dt"), SameStart())
     layoutlm_notebook("peft", str(tmp_path / "peft"), SameStart())  # the oracle runs it

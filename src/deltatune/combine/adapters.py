@@ -1,5 +1,8 @@
 """``PeftModel.add_weighted_adapter``: combine LoRA adapters of one model into a new adapter.
 
+IA³ adapters are combined by :mod:`deltatune.combine.ia3` (a weighted sum of the vectors); the
+dispatch happens here.
+
 The per-module math lives in :mod:`deltatune.combine.weighted`; this module is the wiring: it checks
 the request, creates the new adapter through ``PeftModel.add_adapter``, and fills it one wrapped
 layer at a time, so the ``*_svd`` types that need a dense delta hold one module's delta at a time.
@@ -33,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltatune.combine.ia3 import add_weighted_ia3_adapter, is_ia3_request
 from deltatune.combine.algorithms import SIGN_METHODS, SignMethod, check_density
 from deltatune.combine.weighted import (
     COMBINATION_TYPES,
@@ -69,6 +73,9 @@ def add_weighted_adapter(
 ) -> None:
     """Add ``adapter_name``, a weighted combination of existing LoRA adapters (not made active).
 
+    When the adapters are IA³, the result is peft's IA³ combination (a weighted sum of the vectors, see
+    :func:`deltatune.combine.ia3.add_weighted_ia3_adapter`); the LoRA-only options do not apply to it.
+
     Args:
         peft_model: The :class:`~deltatune.model.PeftModel` holding the adapters.
         adapters: Names of the LoRA (or rsLoRA) adapters to combine.
@@ -95,6 +102,18 @@ def add_weighted_adapter(
             weights, mixed ranks with a type that needs equal ranks, a missing ``density``, or two
             adapters training the same module in full. The model is left unchanged.
     """
+    if is_ia3_request(peft_model, adapters):
+        lora_only = {"combination_type": combination_type not in ("svd", "linear"), "svd_rank": svd_rank is not None,
+                     "svd_clamp": svd_clamp is not None, "density": density is not None,
+                     "majority_sign_method": majority_sign_method != "total", "seed": seed is not None,
+                     "generator": generator is not None, "svd_driver": svd_driver is not None}
+        if any(lora_only.values()):
+            raise TypeError(
+                f"{sorted(k for k, v in lora_only.items() if v)} apply to LoRA adapters only; IA³ adapters combine as a "
+                "weighted sum of their vectors (peft's IA3Model.add_weighted_adapter takes adapters, weights, adapter_name)."
+            )
+        add_weighted_ia3_adapter(peft_model, adapters, weights, adapter_name)
+        return
     del svd_full_matrices, svd_driver  # exact thin SVDs: neither changes the result
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both.")
@@ -147,7 +166,8 @@ def _check_request(peft_model, adapters, weights, adapter_name, majority_sign_me
         if config.peft_type != PeftType.LORA or not isinstance(config, LoraConfig):
             raise ValueError(
                 f"adapter {a!r} is {config.peft_type.value}; add_weighted_adapter combines LoRA-family adapters "
-                "only (LoRA and rsLoRA, any ranks and targets). Merge other methods into the base model instead."
+                "only (LoRA and rsLoRA, any ranks and targets), or IA³ adapters with IA³ adapters. Merge other methods "
+                "into the base model instead."
             )
         if config.use_dora:
             raise ValueError(

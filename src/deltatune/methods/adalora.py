@@ -29,6 +29,7 @@ from deltatune.methods.adalora_config import AdaLoraConfig  # re-exported: the p
 from deltatune.methods.base import (
     LLAMA_LINEAR, Adapter, Method, Site, adapter_dtype, layer_dims, linear_layer_types, register_method,
 )
+from deltatune.methods.default_targets import ADALORA_DEFAULT_TARGETS, for_config, model_type, present  # re-exported
 from deltatune.surgery.inject import adapted_layers
 
 RANKNUM_EPS = 1e-5  # peft divides by (ranknum + 1e-5); kept so merged weights match peft's bit for bit
@@ -154,28 +155,19 @@ def resize_to_rank_pattern(model: nn.Module, adapter_name: str, rank_pattern: Ma
 
 
 # ---- model-level hooks -------------------------------------------------------------------------------
-# peft's TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING for the model families deltatune knows; it differs
-# from LoRA's defaults for t5, roberta and opt. Other families (peft has none for mistral, phi, falcon) must
-# name target_modules.
-ADALORA_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "llama": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"), "qwen3": ("q_proj", "v_proj"),
-    "gemma": ("q_proj", "v_proj"), "gptj": ("q_proj", "v_proj"), "gpt2": ("c_attn",), "bert": ("query", "value"),
-    "bloom": ("query_key_value",), "gpt_neox": ("query_key_value",), "roberta": ("query", "key", "value", "dense"),
-    "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"), "t5": ("q", "k", "v", "o", "wi", "wo"),
-}
 
 
 def prepare_adalora_config(config: AdaLoraConfig, model: nn.Module) -> AdaLoraConfig:
     """Fill in peft's AdaLoRA default targets for the model family; the filled-in config is what is saved."""
     if config.target_modules is not None:
         return config
-    kind = getattr(getattr(model, "config", None), "model_type", None)
+    kind = model_type(model)
     if kind not in ADALORA_DEFAULT_TARGETS:
         raise ValueError(
             f"target_modules is not set and there is no AdaLoRA default for model type {kind!r} (nor in peft); "
             "pass target_modules=[...] naming the linear layers to adapt"
         )
-    return config.replace(target_modules=ADALORA_DEFAULT_TARGETS[kind])
+    return config.replace(target_modules=present(model, for_config(ADALORA_DEFAULT_TARGETS[kind])))
 
 
 def _supported_types() -> tuple[type, ...]:

@@ -21,28 +21,11 @@ from torch import nn
 
 from deltatune.config import PeftConfig, PeftType
 from deltatune.methods.base import Adapter, Method, adapter_dtype, dense_weight, linear_layer_types, register_method, set_dense_weight
+from deltatune.methods.default_targets import IA3_DEFAULT_TARGETS, model_type, present
 from deltatune.surgery.targets import linear_layer_names, resolve_targets
 
 # peft's per-family defaults: (target_modules, feedforward_modules) when target_modules is None.
-IA3_DEFAULTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "llama": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
-    "mistral": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
-    "qwen2": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
-    "qwen3": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
-    "gemma": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
-    "gemma2": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
-    "phi": (("q_proj", "v_proj", "fc2"), ("fc2",)),
-    "gpt2": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
-    "bert": (("key", "value", "output.dense"), ("output.dense",)),
-    "roberta": (("key", "value", "output.dense"), ("output.dense",)),
-    "opt": (("q_proj", "k_proj", "fc2"), ("fc2",)),
-    "gptj": (("q_proj", "v_proj", "fc_out"), ("fc_out",)),
-    "gpt_neox": (("query_key_value", "dense_4h_to_h"), ("dense_4h_to_h",)),
-    "falcon": (("query_key_value", "dense_4h_to_h"), ("dense_4h_to_h",)),
-    "bloom": (("query_key_value", "mlp.dense_4h_to_h"), ("mlp.dense_4h_to_h",)),
-    "t5": (("k", "v", "wo"), ("wo",)),
-    "bart": (("q_proj", "v_proj", "fc2"), ("fc2",)),
-}
+IA3_DEFAULTS = IA3_DEFAULT_TARGETS
 
 
 # ---- config ----------------------------------------------------------------------------------------
@@ -115,20 +98,23 @@ def prepare_ia3_config(config: IA3Config, model: nn.Module) -> IA3Config:
     """
     from transformers.pytorch_utils import Conv1D
 
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    defaults = IA3_DEFAULTS.get(model_type)
+    kind = model_type(model)
+    defaults = IA3_DEFAULTS.get(kind)
     changes: dict[str, Any] = {}
     if config.target_modules is None:
         if defaults is None:
             names = ", ".join(linear_layer_names(model, _supported_types()))
             raise ValueError(
                 f"IA3Config.target_modules is not set and deltatune has no IA³ default for model type "
-                f"{model_type!r}; pass target_modules=[...] and feedforward_modules=[...]. "
+                f"{kind!r}; pass target_modules=[...] and feedforward_modules=[...]. "
                 f"Layers that can be targeted: {names}"
             )
-        changes["target_modules"] = defaults[0]
+        changes["target_modules"] = present(model, defaults[0])
     if config.feedforward_modules is None:
-        changes["feedforward_modules"] = defaults[1] if defaults is not None else ()
+        feedforward = defaults[1] if defaults is not None else ()
+        if "target_modules" in changes:  # keep the subset rule where present() dropped a missing layer (Mixtral's w2)
+            feedforward = tuple(f for f in feedforward if f in changes["target_modules"])
+        changes["feedforward_modules"] = feedforward
     config = config.replace(**changes) if changes else config
     if not config.fan_in_fan_out:
         modules = dict(model.named_modules())

@@ -27,6 +27,7 @@ from torch import nn
 
 from deltatune.config import LoraConfig, PeftType
 from deltatune.methods.base import LLAMA_LINEAR, Adapter, Method, Variant, adapter_dtype, dense_weight, layer_dims, register_method, set_dense_weight
+from deltatune.methods.default_targets import LORA_DEFAULT_TARGETS, present  # LORA_DEFAULT_TARGETS re-exported
 from deltatune.methods.lora_init import init_factors
 from deltatune.methods.lora_kernels import dora_linear, lora_linear
 from deltatune.quant import quantized_linear_types
@@ -335,18 +336,9 @@ def prepare_lora_config(config: LoraConfig, model: nn.Module) -> LoraConfig:
     if config.target_modules is not None:
         return config
 
-    return config.replace(target_modules=list(default_targets(model, PeftType.LORA)))
+    targets = present(model, default_targets(model, PeftType.LORA))
+    return config.replace(target_modules=targets if isinstance(targets, str) else list(targets))
 
-
-# peft's default targets per model family when target_modules is None.
-LORA_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
-    "qwen3": ("q_proj", "v_proj"), "gemma": ("q_proj", "v_proj"), "phi": ("q_proj", "v_proj"),
-    "phi3": ("qkv_proj",), "gpt2": ("c_attn",), "bert": ("query", "value"), "roberta": ("query", "value"),
-    "falcon": ("query_key_value",), "bloom": ("query_key_value",), "gpt_neox": ("query_key_value",),
-    "opt": ("q_proj", "v_proj"), "t5": ("q", "v"), "mt5": ("q", "v"), "bart": ("q_proj", "v_proj"),
-    "gptj": ("q_proj", "v_proj"),
-}
 
 LORA_PRESET: Mapping[str, Any] = types.MappingProxyType(
     {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": list(LLAMA_LINEAR)}

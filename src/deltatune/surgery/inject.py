@@ -4,6 +4,7 @@ This is the only place that replaces submodules of the user's model.
 """
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Callable, Iterable
 
@@ -29,16 +30,88 @@ def _device_of(module: nn.Module):
     return None
 
 
-def inject_adapter_in_model(config: PeftConfig, model: nn.Module, adapter_name: str = "default") -> nn.Module:
+# peft's PEFT_TYPE_TO_PREFIX_MAPPING for the layer methods: how a state_dict key names its module.
+_STATE_DICT_PREFIX = {"LORA": "lora_", "ADALORA": "lora_", "IA3": "ia3_"}
+
+
+def inject_adapter_in_model(
+    config: PeftConfig,
+    model: nn.Module,
+    adapter_name: str = "default",
+    low_cpu_mem_usage: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
     """Add adapter ``adapter_name`` described by ``config`` to ``model`` in place (peft's function of the
     same name): its method prepares the config and attaches the adapter to the layers. Returns ``model``.
     Only adapter parameters (and ``modules_to_save`` copies) are left trainable.
+
+    As in peft, the prepared config is kept in ``model.peft_config[adapter_name]`` (a dict; a second
+    injection adds to it), which :func:`deltatune.get_peft_model_state_dict` and
+    :func:`deltatune.set_peft_model_state_dict` read on such a model.
+
+    Args:
+        config: the adapter's config (a layer method: LoRA, IA³, AdaLoRA, ...).
+        model: the model to change.
+        adapter_name: the new adapter's name.
+        low_cpu_mem_usage: peft's option: the adapter's weights end up on the meta device (no memory,
+            no values) until :func:`deltatune.set_peft_model_state_dict` loads them; the model cannot
+            run before that. (deltatune initialises them first, then frees them.)
+        state_dict: peft's option: when given, the adapted modules are the ones its keys name
+            (``<module>.lora_A.weight`` -> ``<module>``), not the ones ``config.target_modules``
+            selects; a ``RuntimeWarning`` lists any difference. Only the keys are used, never the values.
     """
     method = get_method(config.peft_type)
     if method.wraps_forward:
         raise ValueError(f"{config.peft_type.value} does not attach to layers; use get_peft_model instead")
-    method.attach(model, method.prepare(config, model), adapter_name)
+    prepared = method.prepare(config, model)
+    attach_config = prepared if state_dict is None else _targets_from_state_dict(prepared, model, state_dict)
+    method.attach(model, attach_config, adapter_name)
+    if low_cpu_mem_usage:
+        for _, host in adapted_layers(model):
+            if adapter_name in host.adapters:
+                host.adapters[adapter_name].to_empty(device="meta")
+    configs = model.__dict__.get("peft_config")
+    if not isinstance(configs, dict):
+        configs = {}
+        model.peft_config = configs
+    configs[adapter_name] = prepared
     return model
+
+
+def _targets_from_state_dict(config: PeftConfig, model: nn.Module, state_dict) -> PeftConfig:
+    """``config`` selecting exactly the modules that ``state_dict``'s keys name (peft's rule), warning about
+    any difference from what ``config`` selects."""
+    prefix = _STATE_DICT_PREFIX.get(config.peft_type.value)
+    if prefix is None:
+        raise ValueError(
+            f"inject_adapter_in_model(state_dict=...) supports {sorted(_STATE_DICT_PREFIX)} adapters (their keys name "
+            f"their modules); for {config.peft_type.value}, leave state_dict out and select modules with target_modules."
+        )
+    paths = {n.removeprefix("_orig_mod.") for n, _ in model.named_modules() if n}
+    names = {k.rsplit("." + prefix, 1)[0].removeprefix("_orig_mod.") for k in state_dict}
+    names = sorted(names & paths)
+    if not names:
+        raise ValueError(
+            f"no key of the state_dict names a module of {type(model).__name__} (expected keys like "
+            f"'<module path>.{prefix}...' without a 'base_model.model.' prefix, as get_peft_model_state_dict gives on "
+            "an injected model)."
+        )
+    chosen = config.replace(
+        target_modules="|".join(re.escape(n) for n in names), exclude_modules=None,
+        **{k: None for k in ("layers_to_transform", "layers_pattern") if hasattr(config, k)},
+    )
+    try:
+        from_config = set(resolve_targets(model, config))
+    except ValueError:
+        from_config = set()
+    extra_config, extra_sd = sorted(from_config - set(names)), sorted(set(names) - from_config)
+    if extra_config or extra_sd:
+        warnings.warn(
+            "While injecting the adapter, the config and the state_dict select different modules; the state_dict's "
+            f"are used. Only in the config: {extra_config}. Only in the state_dict: {extra_sd}.",
+            RuntimeWarning, stacklevel=3,
+        )
+    return chosen
 
 
 def inject_layers(model: nn.Module, config: PeftConfig, adapter_name: str, make_adapter: Callable) -> list[str]:

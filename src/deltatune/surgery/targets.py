@@ -98,8 +98,9 @@ def _no_match_error(model: nn.Module, entry: str, layer_types: tuple[type, ...])
     )
 
 
-def _default_targets(model: nn.Module, layer_types: tuple[type, ...]) -> tuple[str, ...]:
-    # peft's LoRA defaults per family, declared by the LoRA method, serve every layer method.
+def _default_targets(model: nn.Module, layer_types: tuple[type, ...]) -> tuple[str, ...] | str:
+    # peft's LoRA defaults per family (deltatune.methods.default_targets, declared by the LoRA method) serve
+    # every layer method; a value is names or, for gemma4, one regex.
     defaults = get_method(PeftType.LORA).default_targets
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in defaults:
@@ -111,7 +112,7 @@ def _default_targets(model: nn.Module, layer_types: tuple[type, ...]) -> tuple[s
     )
 
 
-def default_targets(model: nn.Module, peft_type: Any) -> tuple[str, ...]:
+def default_targets(model: nn.Module, peft_type: Any) -> tuple[str, ...] | str:
     """peft's default ``target_modules`` for the model's family (an error naming the layers if none)."""
     return _default_targets(model, get_method(peft_type).layer_types)
 
@@ -132,7 +133,8 @@ def resolve_targets(model: nn.Module, config: Any) -> list[str]:
         chosen = [n for n, m in layers if isinstance(m, linear) and m is not head]
     else:
         chosen = [n for n, _ in layers if _matches(n, spec)]
-        if not isinstance(spec, str):
+        # A default row may name layers a model lacks (peft skips them); an explicit entry must match.
+        if not isinstance(spec, str) and config.target_modules is not None:
             for entry in spec:
                 if not any(name_matches(n, entry) for n in chosen):
                     raise _no_match_error(model, entry, layer_types)
