@@ -56,3 +56,24 @@ def test_bitfit_on_a_model_without_biases_stops_with_a_clear_error(tiny_run_file
     config = load_train_config(EXAMPLES / "bitfit.yaml", _overrides(tiny_run_files, tmp_path / "r", tiny_run_files["model"]))
     with pytest.raises(ValueError, match="no bias"):
         run_training(config, log=lambda line: None)
+
+
+def test_loraplus_lr_ratio_trains_b_at_the_ratio(tiny_run_files, tmp_path, monkeypatch):
+    """train.loraplus_lr_ratio builds peft's LoRA+ groups over train.optim's class: B at lr x ratio."""
+    from deltatune.train import session as session_module
+
+    built = []
+    real = session_module.TrainingSession.optimizer
+    monkeypatch.setattr(session_module.TrainingSession, "optimizer",
+                        lambda self, model, args: built.append(real(self, model, args)) or built[-1])
+    overrides = _overrides(tiny_run_files, tmp_path / "run", tiny_run_files["model"])
+    config = load_train_config(EXAMPLES / "lora.yaml", overrides + ["train.loraplus_lr_ratio=16", "train.lr=1e-3"])
+    result = run_training(config, log=lambda line: None)
+    assert result.status == "completed"
+    optimizer = built[0]
+    assert type(optimizer).__name__ == "AdamW"  # train.optim's class (adamw_torch)
+    peaks = [g["initial_lr"] for g in optimizer.param_groups]
+    assert peaks == [1e-3, 1e-6, 16e-3, 16e-3]  # A, embedding, B, B without decay (peft's order)
+    assert len(optimizer.param_groups[0]["params"]) == len(optimizer.param_groups[2]["params"]) > 0
+    with pytest.raises(Exception, match="loraplus_lr_ratio"):
+        load_train_config(EXAMPLES / "lora.yaml", overrides + ["train.loraplus_lr_ratio=0"])

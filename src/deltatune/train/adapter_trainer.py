@@ -99,10 +99,10 @@ class AdapterTrainer(FusedLossTrainer):
         groups = self.optimizer.param_groups
         old_decay = max(g.get("weight_decay", 0.0) for g in groups)
         if old_lr is not None and old_lr != lr:
-            ratio = lr / old_lr
-            self.lr_scheduler.base_lrs = [lr for _ in self.lr_scheduler.base_lrs]
+            ratio = lr / old_lr  # every group scales alike: LoRA+'s B groups keep their multiple of lr
+            self.lr_scheduler.base_lrs = [base * ratio for base in self.lr_scheduler.base_lrs]
             for g in groups:
-                g["initial_lr"], g["lr"] = lr, g["lr"] * ratio  # the schedule's current factor, new peak
+                g["initial_lr"], g["lr"] = g.get("initial_lr", old_lr) * ratio, g["lr"] * ratio  # current factor, new peak
             self.note(f"resume: learning rate {old_lr:g} -> {lr:g} (the schedule continues at the new peak)")
         if old_decay != decay and old_decay > 0:  # groups without decay (biases, norms) keep 0
             for g in groups:

@@ -69,6 +69,9 @@ class TrainSection:
     """Gradient-norm clipping threshold (0 disables clipping)."""
     optim: str = "adamw_torch"
     """Optimizer (transformers' ``optim`` names)."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+ (Hayou et al., 2024): train each LoRA ``B`` at ``lr`` times this (peft's
+    ``create_loraplus_optimizer``; the paper suggests 16). None: one learning rate for every adapter weight."""
     bf16: bool | str = "auto"
     """bfloat16 autocast: true, false, or ``auto`` (on where the device multiplies bf16 natively: CUDA with
     bf16, CPUs with AVX512-BF16 or AMX; off elsewhere). Adapters and optimizer state stay fp32."""
@@ -116,6 +119,8 @@ class TrainSection:
             _fail("train", "weight_decay/max_grad_norm", (self.weight_decay, self.max_grad_norm), "values >= 0")
         if self.scheduler not in SCHEDULERS:
             _fail("train", "scheduler", self.scheduler, f"one of {', '.join(SCHEDULERS)}")
+        if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
+            _fail("train", "loraplus_lr_ratio", self.loraplus_lr_ratio, "None or a ratio > 0, e.g. 16")
         if isinstance(self.bf16, str) and self.bf16 != "auto":
             _fail("train", "bf16", self.bf16, "true, false or 'auto'")
 

@@ -11,6 +11,7 @@ import torch
 
 from deltatune.data.pipeline import PreparedData
 from deltatune.model import get_peft_model
+from deltatune.optimizers import create_loraplus_optimizer
 from deltatune.registry import get_method
 from deltatune.train import outputs
 from deltatune.train.adapter_trainer import AdapterTrainer, NonFiniteLossError
@@ -159,12 +160,23 @@ class TrainingSession:
         for config in peft_model.peft_config.values():  # what the method needs in training (AdaLoRA's allocator)
             callbacks += [make() for make in get_method(config.peft_type).callbacks]
         trainer = AdapterTrainer(model=peft_model, args=args, train_dataset=self.prepared.train,
-                                 eval_dataset=evaluation, data_collator=self.prepared.collator, callbacks=callbacks)
+                                 eval_dataset=evaluation, data_collator=self.prepared.collator, callbacks=callbacks,
+                                 optimizers=(self.optimizer(peft_model, args), None))
         trainer.note = self.log
         for cb in trainer.callback_handler.callbacks:  # TensorBoard: a fixed folder, not runs/<date>_<host>
             if type(cb).__name__ == "TensorBoardCallback":
                 cb.logging_dir = str(self.output_dir / outputs.TENSORBOARD_DIR)
         return trainer, recorder, interrupt, boundary
+
+    def optimizer(self, peft_model: Any, args: Any) -> Any:
+        """LoRA+'s optimizer (``train.loraplus_lr_ratio``) over ``train.optim``'s class, or None: the Trainer's own."""
+        ratio = self.config.train.loraplus_lr_ratio
+        if ratio is None:
+            return None
+        optimizer_cls, kwargs = AdapterTrainer.get_optimizer_cls_and_kwargs(args, peft_model)
+        kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
+        return create_loraplus_optimizer(peft_model, optimizer_cls, lr=args.learning_rate, loraplus_lr_ratio=ratio,
+                                         loraplus_weight_decay=args.weight_decay, **kwargs)
 
     def train(self, peft_model: Any, checkpoint: Path | None) -> str:
         """Run the Trainer; returns ``completed`` or ``interrupted`` (a resumable checkpoint is on disk)."""
