@@ -257,8 +257,8 @@ def _target_spec(model: nn.Module, configs: list[LoraConfig], names: list[str]) 
 def _factors(name: str, adapter_name: str, adapter: nn.Module, base_layer: nn.Module) -> LoraFactors:
     if not isinstance(adapter, (LoraLinear, LoraEmbedding)):
         raise ValueError(
-            f"{name}: adapter {adapter_name!r} is a {type(adapter).__name__}, not a LoRA layer; "
-            "add_weighted_adapter combines LoRA-family adapters only."
+            f"{name}: adapter {adapter_name!r} is a {type(adapter).__name__}; add_weighted_adapter combines LoRA "
+            "adapters on linear and embedding layers (and IA3 adapters), not yet LoRA on convolutions."
         )
     # Embeddings and GPT-2's Conv1D store the base weight (in, out): peft prunes in that layout.
     fifo = isinstance(adapter, LoraEmbedding) or _is_conv1d(base_layer)

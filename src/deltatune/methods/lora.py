@@ -1,4 +1,5 @@
-"""LoRA, rsLoRA and DoRA on Linear, transformers' Conv1D, Embedding and 4-bit/8-bit linear layers.
+"""LoRA, rsLoRA and DoRA on Linear, transformers' Conv1D, Embedding and 4-bit/8-bit linear layers
+(nn.Conv1d/2d/3d: :mod:`deltatune.methods.lora_conv`).
 
 LoRA (Hu et al., 2021, arXiv:2106.09685): y = W x + s · B A x, with s = alpha / r.
 rsLoRA (Kalajdzievski, 2023, arXiv:2312.03732): s = alpha / sqrt(r).
@@ -28,6 +29,7 @@ from torch import nn
 from deltatune.config import LoraConfig, PeftType
 from deltatune.methods.base import LLAMA_LINEAR, Adapter, Method, Variant, adapter_dtype, dense_weight, layer_dims, register_method, set_dense_weight
 from deltatune.methods.default_targets import LORA_DEFAULT_TARGETS, present  # LORA_DEFAULT_TARGETS re-exported
+from deltatune.methods.lora_conv import CONV_TYPES, make_lora_conv
 from deltatune.methods.lora_init import init_factors
 from deltatune.methods.lora_kernels import dora_linear, lora_linear
 from deltatune.quant import quantized_linear_types
@@ -309,6 +311,8 @@ def make_lora_adapter(config: LoraConfig, base_layer: nn.Module, module_name: st
     """Build and initialise one LoRA adapter for ``base_layer`` (may move the base weight for PiSSA/OLoRA)."""
     r = pattern_value(config.rank_pattern, module_name, config.r)
     alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
+    if isinstance(base_layer, CONV_TYPES):
+        return make_lora_conv(config, base_layer, r, alpha)  # methods/lora_conv.py
     if isinstance(base_layer, nn.Embedding):
         if config.use_dora:
             raise ValueError(
@@ -327,7 +331,7 @@ def make_lora_adapter(config: LoraConfig, base_layer: nn.Module, module_name: st
 def _supported_types() -> tuple[type, ...]:
     from transformers.pytorch_utils import Conv1D
 
-    return (nn.Linear, Conv1D, nn.Embedding, *quantized_linear_types())
+    return (nn.Linear, Conv1D, nn.Embedding, *CONV_TYPES, *quantized_linear_types())
 
 
 def prepare_lora_config(config: LoraConfig, model: nn.Module) -> LoraConfig:

@@ -129,7 +129,8 @@ def resolve_targets(model: nn.Module, config: Any) -> list[str]:
     head = output_head(model)
     layers = list(iter_layers(model))
     if spec == "all-linear":
-        linear = tuple(t for t in layer_types if t is not nn.Embedding)
+        # peft's all-linear: linear layers only, never embeddings or convolutions (which LoRA can also wrap)
+        linear = tuple(t for t in layer_types if not issubclass(t, (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)))
         chosen = [n for n, m in layers if isinstance(m, linear) and m is not head]
     else:
         chosen = [n for n, _ in layers if _matches(n, spec)]
