@@ -28,7 +28,6 @@ References:
 """
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -37,6 +36,7 @@ import torch
 from torch import nn
 
 from deltatune.combine.ia3 import add_weighted_ia3_adapter, is_ia3_request
+from deltatune.combine.request import check_names_and_weights
 from deltatune.combine.algorithms import SIGN_METHODS, SignMethod, check_density
 from deltatune.combine.weighted import (
     COMBINATION_TYPES,
@@ -145,22 +145,9 @@ def add_weighted_adapter(
 # ---- checks ----------------------------------------------------------------------------------------
 def _check_request(peft_model, adapters, weights, adapter_name, majority_sign_method) -> list[LoraConfig]:
     known = peft_model.peft_config
-    if adapter_name in known:
-        raise ValueError(
-            f"an adapter named {adapter_name!r} already exists; delete_adapter({adapter_name!r}) first or pick "
-            "another name (peft silently does nothing in this case)."
-        )
-    if len(adapters) == 0:
-        raise ValueError("no adapters to combine; pass at least one adapter name.")
-    if len(weights) != len(adapters):
-        raise ValueError(f"got {len(adapters)} adapters but {len(weights)} weights; pass one weight per adapter.")
-    if not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
-        raise ValueError(f"weights must be finite numbers, got {list(weights)}.")
+    check_names_and_weights(known, adapters, weights, adapter_name)
     if majority_sign_method not in SIGN_METHODS:
         raise ValueError(f"majority_sign_method must be one of {SIGN_METHODS}, got {majority_sign_method!r}.")
-    missing = [a for a in adapters if a not in known]
-    if missing:
-        raise ValueError(f"no adapter named {missing[0]!r}; this model has {sorted(known)}.")
     for a in adapters:
         config = known[a]
         if config.peft_type != PeftType.LORA or not isinstance(config, LoraConfig):

@@ -15,12 +15,12 @@ Deliberate differences from peft:
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from deltatune.combine.request import check_names_and_weights
 from deltatune.config import PeftType
 from deltatune.surgery.inject import adapted_layers, save_wrappers
 from deltatune.methods.ia3 import IA3Scale
@@ -62,20 +62,8 @@ def add_weighted_ia3_adapter(peft_model: Any, adapters: Sequence[str], weights: 
 
 def _check(peft_model: Any, adapters: Sequence[str], weights: Sequence[float], adapter_name: str):
     known = peft_model.peft_config
-    if adapter_name in known:
-        raise ValueError(
-            f"an adapter named {adapter_name!r} already exists; delete_adapter({adapter_name!r}) first or pick "
-            "another name (peft silently does nothing in this case)."
-        )
-    if len(adapters) == 0:
-        raise ValueError("no adapters to combine; pass at least one adapter name.")
-    if len(weights) != len(adapters):
-        raise ValueError(f"got {len(adapters)} adapters but {len(weights)} weights; pass one weight per adapter.")
-    if not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
-        raise ValueError(f"weights must be finite numbers, got {list(weights)}.")
+    check_names_and_weights(known, adapters, weights, adapter_name)
     for a in adapters:
-        if a not in known:
-            raise ValueError(f"no adapter named {a!r}; this model has {sorted(known)}.")
         if known[a].peft_type != PeftType.IA3:
             raise ValueError(
                 f"adapter {a!r} is {known[a].peft_type.value}; IA³ adapters combine only with IA³ adapters."
