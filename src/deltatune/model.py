@@ -17,10 +17,9 @@ from deltatune.combine.adapters import add_weighted_adapter
 from deltatune.io import checkpoint as ckpt
 from deltatune.methods.base import Method, Site
 from deltatune.model_files import AdapterFiles
-from deltatune.quant.linear import quantized_parameter_count
+from deltatune.status import ModelReport
 from deltatune.registry import get_method
 from deltatune.serving.mixed import MixedBatches
-from deltatune import status
 from deltatune.surgery import inject
 from deltatune.surgery.layer import AdaptedLayer
 from deltatune.surgery.targets import CLASSIFIER_NAMES, check_modules_to_save
@@ -28,7 +27,7 @@ from deltatune.tuner import AdapterModel
 
 
 
-class PeftModel(AdapterFiles, PushToHubMixin, nn.Module):
+class PeftModel(AdapterFiles, ModelReport, PushToHubMixin, nn.Module):
     """A model with one or more adapters. Build with :func:`get_peft_model` or :meth:`from_pretrained`.
 
     ``push_to_hub`` (transformers' mixin, as in peft) uploads what :meth:`save_pretrained` writes: the adapter.
@@ -310,44 +309,6 @@ class PeftModel(AdapterFiles, PushToHubMixin, nn.Module):
     def unload(self) -> nn.Module:
         """Return the user's model with every wrapper removed (unmerged adapters are dropped)."""
         return inject.unwrap(self.base_model.model)
-
-    # ---- status (peft's troubleshooting helpers; see deltatune.status) ------------------------------
-    @property
-    def targeted_module_names(self) -> list[str]:
-        """peft's attribute: the paths (in the user's model, e.g. ``model.layers.0.self_attn.q_proj``) of the
-        modules that got an adapter layer, in module order; empty for prompt and prefix tuning."""
-        return status.targeted_module_names(self.base_model.model)
-
-    def get_layer_status(self) -> list[status.TunerLayerStatus]:
-        """peft's method: one :class:`~deltatune.status.TunerLayerStatus` per adapter layer (see
-        :func:`deltatune.status.get_layer_status`)."""
-        return status.get_layer_status(self)
-
-    def get_model_status(self) -> status.TunerModelStatus:
-        """peft's method: the adapters' :class:`~deltatune.status.TunerModelStatus` (see
-        :func:`deltatune.status.get_model_status`)."""
-        return status.get_model_status(self)
-
-    # ---- counting --------------------------------------------------------------------------------
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """Count the parameters, as peft does.
-
-        Returns:
-            ``(trainable, total)``: the elements of the parameters that require grad, and of all parameters
-            plus the weights of 4-bit/8-bit quantized layers (buffers, counted once per logical weight).
-        """
-        trainable = total = 0
-        for p in self.parameters():
-            n = p.numel()
-            total += n
-            trainable += n if p.requires_grad else 0
-        total += quantized_parameter_count(self)
-        return trainable, total
-
-    def print_trainable_parameters(self) -> None:
-        """Print peft's line: ``trainable params: N || all params: M || trainable%: P`` (see :meth:`get_nb_trainable_parameters`)."""
-        trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     def get_adapter_state_dict(self, adapter_name: str, save_embedding_layers: bool | str = "auto") -> dict:
         """The adapter's tensors under peft's on-disk keys: what :meth:`save_pretrained` writes.

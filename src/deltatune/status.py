@@ -258,3 +258,44 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
         devices={key: sorted(value) for key, value in devices.items()},
         quantization_backend=backends.pop() if len(backends) == 1 else "irregular",
     )
+
+
+class ModelReport:
+    """What a :class:`~deltatune.model.PeftModel` reports about itself (a mixin): peft's counts and status
+    helpers, read from ``self.base_model.model``'s wrapper layers."""
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """peft's attribute: the paths (in the user's model, e.g. ``model.layers.0.self_attn.q_proj``) of the
+        modules that got an adapter layer, in module order; empty for prompt and prefix tuning."""
+        return targeted_module_names(self.base_model.model)
+
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        """peft's method: one :class:`~deltatune.status.TunerLayerStatus` per adapter layer (see
+        :func:`deltatune.status.get_layer_status`)."""
+        return get_layer_status(self)
+
+    def get_model_status(self) -> TunerModelStatus:
+        """peft's method: the adapters' :class:`~deltatune.status.TunerModelStatus` (see
+        :func:`deltatune.status.get_model_status`)."""
+        return get_model_status(self)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """Count the parameters, as peft does.
+
+        Returns:
+            ``(trainable, total)``: the elements of the parameters that require grad, and of all parameters
+            plus the weights of 4-bit/8-bit quantized layers (buffers, counted once per logical weight).
+        """
+        trainable = total = 0
+        for p in self.parameters():
+            n = p.numel()
+            total += n
+            trainable += n if p.requires_grad else 0
+        total += quantized_parameter_count(self)
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print peft's line: ``trainable params: N || all params: M || trainable%: P`` (see :meth:`get_nb_trainable_parameters`)."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
