@@ -21,6 +21,7 @@ alternate (A B A B ...) so machine load drifts hit both; medians reported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -59,6 +60,7 @@ def worker(impl: str, steps: int, warmup: int, threads: int, overrides: list[str
     torch.set_num_threads(threads)
     from deltatune.train.config import load_train_config
     from deltatune.train.run import load_model, prepare_data
+    from deltatune.train.precision import choose_precision, training_attention
     from deltatune.train.session import training_arguments
 
     out = tempfile.mkdtemp(prefix=f"bench-{impl}-")
@@ -91,7 +93,12 @@ def worker(impl: str, steps: int, warmup: int, threads: int, overrides: list[str
                           callbacks=[Clock()])
     before_kb = _status_kb("VmRSS")
     reset = _reset_peak()
-    trainer.train()
+    # deltatune's job trains with the attention kernel its precision is fastest with (eager under CPU
+    # bf16, train/precision.py); peft + Trainer keeps the model's own, as a peft user's script does.
+    attention = (training_attention(model.get_base_model(), choose_precision(config.train.bf16))
+                 if impl == "deltatune" else contextlib.nullcontext())
+    with attention:
+        trainer.train()
     train_peak_kb = _status_kb("VmHWM") if reset else 0
     (t0, c0, n0), (t1, c1, n1) = marks[warmup - 1], marks[-1]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -100,7 +107,7 @@ def worker(impl: str, steps: int, warmup: int, threads: int, overrides: list[str
         "rss_before_train_mb": before_kb / 1024,
         "train_peak_mb": train_peak_kb / 1024, "process_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-        "tokens_per_step": (n1 - n0) / (len(marks) - warmup),
+        "tokens_per_step": (n1 - n0) / (len(marks) - warmup), "bf16": bool(args.bf16),
     }
 
 
@@ -143,7 +150,8 @@ def main() -> None:
           f"{len(cfg.method.options.get('target_modules', []))} linears per block, batch {cfg.train.batch_size}, BBC "
           f"articles cut to {cfg.data.article_tokens} tokens), {args.steps} steps ({args.warmup} warm-up), "
           f"{args.threads} threads, median of {args.reps} alternating runs per side; load average {load[0]:.1f}"
-          + (f"; overrides {' '.join(args.set)}" if args.set else "") + "\n")
+          + (f"; overrides {' '.join(args.set)}" if args.set else "")
+          + f"; both sides' Trainer bf16={results['peft'][0]['bf16']}/{results['deltatune'][0]['bf16']}\n")
     print("| metric | peft + Trainer (standard loss) | deltatune (AdapterTrainer, fused loss) | deltatune / peft | target |")
     print("|---|---|---|---|---|")
     rows = [("tokens/s (wall clock)", "tokens_per_s", "{:.0f}", ">= 1.0x"),

@@ -4,11 +4,15 @@ loading SmolLM2-135M-Instruct into 4 bits plus one training step on it.
 Every measurement runs in its own process (peak RSS is per process); step times are the median of
 interleaved repetitions: the fp32-LoRA and QLoRA workers alternate, so machine noise hits both alike.
 
-    python benchmarks/bench_qlora.py [--reps 5]
+    python benchmarks/bench_qlora.py [--reps 5] [--bf16]
+
+--bf16 runs the steps under bf16 autocast on the CPU, as ``deltatune train`` does where the CPU has
+native bf16 (QLoRA's dequantized tiles are then bf16 too).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -73,25 +77,27 @@ def peft_model(model, quantized: bool):
     return dt.get_peft_model(model, dt.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS)).train()
 
 
-def train_steps(model, ids, n: int) -> list[float]:
+def train_steps(model, ids, n: int, bf16: bool = False) -> list[float]:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
+        with torch.autocast("cpu", torch.bfloat16) if bf16 else contextlib.nullcontext():
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
     return times
 
 
-def worker_step(kind: str, reps: int) -> dict:
+def worker_step(kind: str, reps: int, bf16: bool = False) -> dict:
     warm_up(kind)
     model = peft_model(small_llama(), quantized=kind == "qlora")
     ids = torch.randint(0, 32000, (4, 256), generator=torch.Generator().manual_seed(0))
     reset_peak()
     before = current()
-    times = train_steps(model, ids, reps + 1)[1:]  # first step warms up
+    times = train_steps(model, ids, reps + 1, bf16)[1:]  # first step warms up
     return {"median_s": statistics.median(times), "step_peak": rss() - before}
 
 
@@ -142,20 +148,23 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2, help="alternating worker rounds per kind")
     ap.add_argument("--worker", nargs="+")
+    ap.add_argument("--bf16", action="store_true", help="steps under bf16 autocast (both kinds)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     if args.worker:
         kind, what = args.worker[0], args.worker[1]
-        res = worker_step(kind, args.reps) if what == "step" else worker_smollm(kind)
+        res = worker_step(kind, args.reps, args.bf16) if what == "step" else worker_smollm(kind)
         print(json.dumps(res))
         return
     steps: dict[str, list[float]] = {"lora": [], "qlora": []}
     for _ in range(args.rounds):
         for kind in ("lora", "qlora"):
-            steps[kind].append(run_worker([kind, "step", "--reps", str(args.reps)])["median_s"])
+            steps[kind].append(run_worker([kind, "step", "--reps", str(args.reps), *(["--bf16"] if args.bf16 else [])])["median_s"])
     mem = {kind: run_worker([kind, "smollm"]) for kind in ("lora", "qlora")}
     lora, qlora = statistics.median(steps["lora"]), statistics.median(steps["qlora"])
-    print("\n| measurement | fp32 LoRA | QLoRA (NF4 + double quant) | QLoRA / LoRA |")
+    mode = "bf16 autocast" if args.bf16 else "fp32"
+    print(f"\nsteps in {mode}, 2 threads, wall clock, median of {args.reps} steps x {args.rounds} alternating worker rounds")
+    print("\n| measurement | LoRA (fp32 weights) | QLoRA (NF4 + double quant) | QLoRA / LoRA |")
     print("|---|---|---|---|")
     print(f"| training step, LLaMA h512 x 8 layers, batch 4x256, r=16 all 7 proj. | {lora:.2f} s | {qlora:.2f} s | {qlora / lora:.2f}x |")
     ml, mq = mem["lora"], mem["qlora"]

@@ -9,7 +9,11 @@ Time: all models live in one process and are timed interleaved (one step of each
 machine noise hits every config alike; we report the median. Memory: each config runs in its own
 process (peak RSS), and the bytes autograd saves for backward are counted with saved_tensors_hooks.
 
-    python benchmarks/bench_train_step.py [--reps 7] [--only lora,dora] [--seq 256] [--threads 2] [--cpu-time]
+    python benchmarks/bench_train_step.py [--reps 7] [--only lora,dora] [--seq 256] [--threads 2] [--cpu-time] [--bf16]
+
+--bf16 runs every step (the floor's too) under bf16 autocast on the CPU, as ``deltatune train`` does
+where the CPU has native bf16; weights, adapters and optimizer state stay fp32. The order of the
+configurations is shuffled every round (seeded), so no config always runs right after another.
 
 --cpu-time times each step by the process's CPU time instead of the wall clock. With --threads 1
 all work runs on the calling thread, so other processes competing for the cores barely move the
@@ -18,8 +22,10 @@ number: use it on a shared, loaded machine, and say so when reporting.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -66,20 +72,24 @@ def build(impl: str, config: str):
     return model.train(), opt
 
 
-def step(model, opt, ids, floor: bool) -> None:
-    if floor:
-        # Gradients through every activation, none into weights: the physical lower bound.
-        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-        loss = model(inputs_embeds=emb, labels=ids).loss
-    else:
-        loss = model(input_ids=ids, labels=ids).loss
+def step(model, opt, ids, floor: bool, bf16: bool = False) -> None:
+    with torch.autocast("cpu", torch.bfloat16) if bf16 else contextlib.nullcontext():
+        loss = _loss(model, ids, floor)
     loss.backward()
     if opt is not None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
 
-def saved_bytes(model, ids, floor: bool) -> int:
+def _loss(model, ids, floor: bool):
+    if floor:
+        # Gradients through every activation, none into weights: the physical lower bound.
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        return model(inputs_embeds=emb, labels=ids).loss
+    return model(input_ids=ids, labels=ids).loss
+
+
+def saved_bytes(model, ids, floor: bool, bf16: bool = False) -> int:
     """Bytes of distinct storages autograd keeps for backward during one forward."""
     seen: dict[int, int] = {}
 
@@ -90,24 +100,21 @@ def saved_bytes(model, ids, floor: bool) -> int:
         return t
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        if floor:
-            emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-            loss = model(inputs_embeds=emb, labels=ids).loss
-        else:
-            loss = model(input_ids=ids, labels=ids).loss
+    autocast = torch.autocast("cpu", torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        loss = _loss(model, ids, floor)
     loss.backward()
     model.zero_grad(set_to_none=True)
     return sum(v for k, v in seen.items() if k not in params)  # weights are not activations
 
 
-def worker(impl: str, config: str, seq: int) -> None:
+def worker(impl: str, config: str, seq: int, bf16: bool) -> None:
     torch.set_num_threads(2)
     model, opt = build(impl, config)
     ids = torch.randint(0, 32000, (4, seq), generator=torch.Generator().manual_seed(0))
     for _ in range(2):
-        step(model, opt, ids, config == "floor")
-    saved = saved_bytes(model, ids, config == "floor")
+        step(model, opt, ids, config == "floor", bf16)
+    saved = saved_bytes(model, ids, config == "floor", bf16)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"peak": peak, "saved": saved}))
 
@@ -121,9 +128,10 @@ def main() -> None:
     ap.add_argument("--worker", nargs=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cpu-time", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="every step under bf16 autocast")
     args = ap.parse_args()
     if args.worker:
-        return worker(*args.worker, args.seq)
+        return worker(*args.worker, args.seq, args.bf16)
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.cpu_time else time.perf_counter
     configs = args.only.split(",")
@@ -131,21 +139,24 @@ def main() -> None:
     models = {r: build(*r) for r in runs}
     ids = torch.randint(0, 32000, (4, args.seq), generator=torch.Generator().manual_seed(0))
     times: dict = {r: [] for r in runs}
+    order, shuffle = list(runs), random.Random(0).shuffle
     for rep in range(args.reps + 2):  # two warm-up rounds
-        for r in runs:
+        shuffle(order)
+        for r in order:
             t0 = clock()
-            step(*models[r], ids, r[1] == "floor")
+            step(*models[r], ids, r[1] == "floor", args.bf16)
             if rep >= 2:
                 times[r].append(clock() - t0)
     med = {r: statistics.median(v) for r, v in times.items()}
     mem = {}
     if not args.no_memory:
         for r in runs:
-            out = subprocess.run([sys.executable, __file__, "--worker", r[0], r[1], "--seq", str(args.seq)],
+            out = subprocess.run([sys.executable, __file__, "--worker", r[0], r[1], "--seq", str(args.seq),
+                                  *(["--bf16"] if args.bf16 else [])],
                                  capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
             mem[r] = json.loads(out.stdout.strip().splitlines()[-1])
     floor = med[("floor", "floor")]
-    print(f"\nbatch 4x{args.seq}, fp32, {torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time, median of {args.reps} interleaved steps; "
+    print(f"\nbatch 4x{args.seq}, {'bf16 autocast' if args.bf16 else 'fp32'}, {torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time, median of {args.reps} interleaved, shuffled steps; "
           f"floor step = {floor * 1000:.0f} ms\n")
     print("| config | peft / floor | deltatune / floor | deltatune / peft | peak RSS peft | peak RSS deltatune | saved act. peft | saved act. deltatune |")
     print("|---|---|---|---|---|---|---|---|")

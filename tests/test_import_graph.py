@@ -28,7 +28,7 @@ LAYERS = [
     ["deltatune.forward_signature", "deltatune.tuner", "deltatune.model_files", "deltatune.model", "deltatune.tasks",
      "deltatune.status", "deltatune.auto", "deltatune.helpers"],
     ["deltatune.integrations", "deltatune.inspect", "deltatune.train", "deltatune.plan", "deltatune.tune",
-     "deltatune.cli", "deltatune.optimizers", "deltatune"],
+     "deltatune.cli", "deltatune.optimizers", "deltatune.serve", "deltatune.export", "deltatune"],
 ]
 
 

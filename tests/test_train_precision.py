@@ -121,3 +121,30 @@ def test_the_runs_accuracy_scoring_runs_in_its_precision(bf16, monkeypatch):
     run.prepared = type("Prepared", (), {"eval": [], "template": "auto"})()
     run.score(tiny_llama(), "accuracy")
     assert seen == [bf16]
+
+
+def test_model_dtype_loads_bf16_weights_and_keeps_adapters_fp32(monkeypatch):
+    from deltatune.train import loading
+
+    asked = []
+
+    def fake_load(name, dtype, device=None):
+        asked.append(dtype)
+        return tiny_llama().to(dtype), None
+
+    monkeypatch.setattr(loading, "load_model_and_tokenizer", fake_load)
+    config = load_train_config(None, ["model_dtype=bfloat16"])
+    assert config.to_dict()["model_dtype"] == "bfloat16"
+    base = loading.load_model(config, log=lambda line: None)
+    assert asked == [torch.bfloat16] and base.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    model = dt.get_peft_model(base, config.method.build(10))
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert trainable == {torch.float32}  # peft's autocast_adapter_dtype: adapters (and Adam's state) stay fp32
+    assert load_train_config(None, []).model_dtype == "float32"
+
+
+def test_a_bad_model_dtype_names_the_choices():
+    from deltatune.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model_dtype.*float16.*expected one of float32, bfloat16"):
+        load_train_config(None, ["model_dtype=float16"])

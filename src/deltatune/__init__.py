@@ -8,6 +8,7 @@ from deltatune.model import PeftModel, get_peft_model
 from deltatune.tasks import (
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
     PeftModelForSeq2SeqLM,
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
@@ -46,7 +47,7 @@ _integrations.install()
 
 __all__ = [
     "LoraConfig", "PeftConfig", "PeftType", "TaskType", "PeftModel", "PeftModelForCausalLM",
-    "PeftModelForFeatureExtraction", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
+    "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
     "get_peft_model", "inject_adapter_in_model", "resolve_targets", "get_peft_model_state_dict",
     "set_peft_model_state_dict", "prepare_model_for_kbit_training",
     "IA3Config", "BottleneckConfig",

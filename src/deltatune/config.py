@@ -246,6 +246,28 @@ class LoraConfig(PeftConfig):
                 "layers_pattern only makes sense together with layers_to_transform; set both or neither",
             )
 
+    def _register_custom_module(self, mapping: Mapping[type, type]) -> None:
+        """peft's experimental hook mapping a layer type to a custom LoRA layer class: refused, with what to do instead.
+
+        peft's custom classes subclass its LoRA layers (``peft.tuners.lora.layer.Linear``: one module holding
+        every adapter's factors in per-adapter dicts, with peft's ``update_layer``/``forward`` contract).
+        deltatune has no such classes: an adapter is one :class:`deltatune.surgery.adapter.Adapter` per
+        adapter on a plain layer, so a peft layer class cannot be plugged in, and ignoring the mapping
+        would silently train something else (docs/api.md, "Custom layer types").
+
+        Raises:
+            NotImplementedError: always, naming the mapping and the alternatives.
+        """
+        names = {getattr(k, "__name__", repr(k)): getattr(v, "__name__", repr(v)) for k, v in dict(mapping).items()}
+        raise NotImplementedError(
+            f"LoraConfig._register_custom_module({names}) is not supported: deltatune's adapters are not peft "
+            "layer classes, so a custom peft LoRA layer cannot be used. Instead: for layer types deltatune already "
+            "wraps (nn.Linear, transformers' Conv1D, nn.Embedding, nn.Conv1d/2d/3d, deltatune's 4-bit/8-bit linears) "
+            "drop the mapping and name the layers in target_modules; for another layer type, target the nn.Linear "
+            "layers inside it, or write an adapter method (an Adapter subclass registered with register_method, "
+            "docs/methods/overview.md); or use peft for this model."
+        )
+
 
 # ---- readable type names (config errors, on the command line and in adapter_config.json) --------------
 def type_name(hint: Any) -> str:

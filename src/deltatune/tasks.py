@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from deltatune.config import TaskType
+from deltatune.config import PeftConfig, TaskType
 from deltatune.model import PeftModel
 
 
@@ -30,6 +30,21 @@ class PeftModelForTokenClassification(PeftModelForCausalLM):
     """peft's class for ``TaskType.TOKEN_CLS``; ``forward`` takes ``labels`` explicitly, as for causal LMs."""
 
     for_task: ClassVar[TaskType] = TaskType.TOKEN_CLS
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """peft's class for ``TaskType.QUESTION_ANS`` (extractive QA, ``*ForQuestionAnswering`` models): the span
+    head ``qa_outputs`` is added to ``modules_to_save`` and trains in full, as peft does. ``forward`` passes
+    ``start_positions``/``end_positions`` through; its signature is the base model's, so Trainer keeps them."""
+
+    for_task: ClassVar[TaskType] = TaskType.QUESTION_ANS
+    qa_module_names: ClassVar[tuple[str, ...]] = ("qa_outputs",)
+
+    def _prepare_config(self, config: PeftConfig) -> PeftConfig:
+        if hasattr(config, "modules_to_save"):  # prompt-learning configs have none, as in peft
+            extra = [n for n in self.qa_module_names if n not in (config.modules_to_save or ())]
+            config = config.replace(modules_to_save=tuple(config.modules_to_save or ()) + tuple(extra))
+        return super()._prepare_config(config)
 
 
 class PeftModelForFeatureExtraction(PeftModel):

@@ -7,7 +7,8 @@ feed-forward's hidden activations), ``W (l ⊙ x) + b``. Both are linear in the 
 multiplies the weight's rows (output) or columns (input), and the bias for output scaling.
 
 On disk each vector is ``base_model.model.<module>.ia3_l``, shaped (out, 1) for output scaling and
-(1, in) for input scaling, exactly as peft writes it.
+(1, in) for input scaling, exactly as peft writes it. Convolutions scale channels instead
+(:mod:`deltatune.methods.ia3_conv`, on disk (1, n, 1, …)).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from torch import nn
 from deltatune.config import PeftConfig, PeftType
 from deltatune.methods.base import Adapter, Method, adapter_dtype, dense_weight, linear_layer_types, register_method, set_dense_weight
 from deltatune.methods.default_targets import IA3_DEFAULT_TARGETS, model_type, present
+from deltatune.methods.ia3_conv import CONV_TYPES, IA3Conv
 from deltatune.surgery.targets import linear_layer_names, resolve_targets
 
 # peft's per-family defaults: (target_modules, feedforward_modules) when target_modules is None.
@@ -222,16 +224,22 @@ def _features(layer: nn.Module) -> tuple[int, int]:
     return in_f, out_f
 
 
-def make_ia3_adapter(config: IA3Config, base_layer: nn.Module, module_name: str) -> IA3Scale:
-    """Build one IA³ vector for ``base_layer``; input scaling if ``module_name`` is a feed-forward module."""
-    in_f, out_f = _features(base_layer)
+def make_ia3_adapter(config: IA3Config, base_layer: nn.Module, module_name: str) -> IA3Scale | IA3Conv:
+    """Build one IA³ vector for ``base_layer``; input scaling if ``module_name`` is a feed-forward module.
+
+    Convolutions get channel vectors (:mod:`deltatune.methods.ia3_conv`), other layers feature vectors.
+    """
     ff = is_feedforward(config.feedforward_modules, module_name)
     dtype = adapter_dtype(base_layer)
+    if isinstance(base_layer, CONV_TYPES):
+        return IA3Conv(base_layer, ff, init_ones=config.init_ia3_weights, dtype=dtype)
+    in_f, out_f = _features(base_layer)
     return IA3Scale(in_f, out_f, ff, init_ones=config.init_ia3_weights, dtype=dtype)
 
 
 def _supported_types() -> tuple[type, ...]:
-    return linear_layer_types()
+    # "all-linear" leaves the convolutions out (surgery/targets.py), as peft's does.
+    return (*linear_layer_types(), *CONV_TYPES)
 
 
 register_method(

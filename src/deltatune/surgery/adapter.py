@@ -77,6 +77,9 @@ def layer_dims(layer: nn.Module) -> tuple[int, int]:
         return int(layer.out_features), int(layer.in_features)
     if isinstance(layer, nn.Embedding):
         return int(layer.embedding_dim), int(layer.num_embeddings)
+    if hasattr(layer, "in_channels") and hasattr(layer, "out_channels"):
+        # A grouped convolution's weight is (out, in / groups, *kernel); its channels are the real sizes.
+        return int(layer.out_channels), int(layer.in_channels)
     shape = layer.weight.shape
     return (int(shape[1]), int(shape[0])) if _stores_transposed(layer) else (int(shape[0]), int(shape[1]))
 

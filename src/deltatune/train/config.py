@@ -157,7 +157,8 @@ class EvalSection:
             _fail("eval", "max_new_tokens", self.max_new_tokens, "an integer >= 1")
 
 
-TOP_LEVEL = {"model": str, "output_dir": str | None}
+TOP_LEVEL = {"model": str, "model_dtype": str, "output_dir": str | None}
+MODEL_DTYPES = ("float32", "bfloat16")
 SECTIONS = ("method", "data", "train", "eval", "quant")
 
 
@@ -167,6 +168,11 @@ class TrainConfig:
 
     model: str = DEFAULT_MODEL
     """A registered model name (``smollm2-135m-instruct``), a transformers model folder or a .gguf file."""
+    model_dtype: str = "float32"
+    """The base model's weights: ``float32`` or ``bfloat16`` (half the weight memory; the residual stream
+    and norms then run in bf16 too). Adapters and optimizer state stay fp32 either way. fp32 weights with
+    bf16 autocast (``train.bf16``) are the default: on this CPU bf16 weights trained no faster
+    (docs/training.md#bf16-weights)."""
     output_dir: str | None = None
     """Where the run writes its adapter, config, metrics, plot, logs and checkpoints.
     None: ``runs/<date>-<time>``."""
@@ -183,7 +189,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain YAML-ready values (what ``config.yaml`` in a run holds)."""
-        out = {"model": self.model, "output_dir": self.output_dir, "method": self.method.to_dict(),
+        out = {"model": self.model, "model_dtype": self.model_dtype, "output_dir": self.output_dir, "method": self.method.to_dict(),
                "data": self.data.to_dict(), "train": asdict(self.train), "eval": asdict(self.eval)}
         if self.quant is not None:
             out["quant"] = self.quant.to_dict()
@@ -204,6 +210,8 @@ class TrainConfig:
             if key not in TOP_LEVEL and key not in SECTIONS:
                 raise unknown_key_error("", str(key), [*TOP_LEVEL, *SECTIONS])
         top = {k: check_value(k, tree[k], TOP_LEVEL[k]) for k in TOP_LEVEL if k in tree}
+        if top.get("model_dtype", "float32") not in MODEL_DTYPES:
+            raise ConfigError(f"Config key 'model_dtype' is {top['model_dtype']!r}; expected one of {', '.join(MODEL_DTYPES)}.")
         method = _section(tree, "method")
         method.setdefault("name", "lora")
         spec = method_spec(method["name"])

@@ -126,7 +126,7 @@ def load_model(config: TrainConfig, log: Callable[[str], None] = print) -> Any:
     """The base model, quantized to 4 bits for QLoRA and with gradient checkpointing if asked."""
     # Under torchrun each rank loads onto its own GPU (LOCAL_RANK), not all onto cuda:0.
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else None
-    model, _ = load_model_and_tokenizer(config.model, device=device)
+    model, _ = load_model_and_tokenizer(config.model, dtype=getattr(torch, config.model_dtype), device=device)
     if config.method.spec.quantized:
         quantize_model(model, config.quant)
         log(f"quantized the linear layers to {config.quant.bits}-bit {config.quant.quant_type} (QLoRA)")
