@@ -78,6 +78,14 @@ class _LastMask(threading.local):
 _LAST_MASK = _LastMask()
 
 
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on x's device, None where autocast is off."""
+    device = x.device.type
+    if device in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
 def _shared_dropout_mask(x: torch.Tensor, p: float, user: nn.Module) -> torch.Tensor:
     """A keep-mask (bool, 1 byte per element) for dropout on ``x``, shared by the adapters that read the
     very same input tensor in one forward (q/k/v read one hidden state, gate/up another).
@@ -145,10 +153,8 @@ class LoraLinear(Adapter):
         return (
             self.fuses_base
             and not base.weight.requires_grad
-            and x.dtype == base.weight.dtype == self.lora_A.dtype
+            and (_autocast_dtype(x) is not None or x.dtype == base.weight.dtype == self.lora_A.dtype)
             and not (self.use_dora and self._dropping())
-            # Under autocast the fused kernel would see mixed dtypes; the generic path lets autocast cast.
-            and not (x.device.type in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(x.device.type))
         )
 
     def forward(self, x: torch.Tensor, base_layer: nn.Module, base_out: torch.Tensor | None) -> torch.Tensor:
@@ -198,11 +204,28 @@ class LoraLinear(Adapter):
         return W
 
     def _fused(self, x: torch.Tensor, base: nn.Linear) -> torch.Tensor:
+        scale = mask = None
         if self.use_dora:
-            scale = self.lora_magnitude_vector / self._norm(base.weight).to(x.dtype)  # (out,), norm detached
-            return dora_linear(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, scale, self.lora_magnitude_vector)
-        mask = _shared_dropout_mask(x, self.dropout_p, self) if self._dropping() else None
-        return lora_linear(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, mask, 1 / (1 - self.dropout_p))
+            scale = self.lora_magnitude_vector / self._norm(base.weight)  # (out,), norm detached
+        elif self._dropping():
+            mask = _shared_dropout_mask(x, self.dropout_p, self)  # drawn for x itself, shared by its readers
+        dt = _autocast_dtype(x)
+        if dt is None:
+            return self._fused_in(x, base.weight, base.bias, self.lora_A, self.lora_B, scale, mask)
+        # Under autocast (bf16 training on CPUs with native bf16, or on GPUs) the kernel runs in autocast's
+        # dtype with every operand cast once here: what autocast would do to F.linear and the two thin
+        # matmuls, minus its second cast of x for the LoRA branch, the float dropout mask and the separate
+        # delta + sum. The casts of A and B are autograd ops, so their gradients arrive in fp32; W is
+        # frozen and cast per call, as autocast does (a cached copy would cost half the weights' memory).
+        with torch.autocast(x.device.type, enabled=False):
+            bias = None if base.bias is None else base.bias.to(dt)
+            return self._fused_in(x.to(dt), base.weight.to(dt), bias, self.lora_A.to(dt), self.lora_B.to(dt), scale, mask)
+
+    def _fused_in(self, x, weight, bias, A, B, scale, mask) -> torch.Tensor:
+        if self.use_dora:
+            # the kernel returns the magnitude's gradient in the magnitude's own dtype (fp32)
+            return dora_linear(x, weight, bias, A, B, self.scaling, scale.to(x.dtype), self.lora_magnitude_vector)
+        return lora_linear(x, weight, bias, A, B, self.scaling, mask, 1 / (1 - self.dropout_p))
 
     def _generic(self, x: torch.Tensor, base: nn.Module, base_out: torch.Tensor) -> torch.Tensor:
         xd = F.dropout(x, self.dropout_p, self.training).to(self.lora_A.dtype)

@@ -11,6 +11,18 @@ import torch
 import torch.nn.functional as F
 
 
+def _thin(left_t: torch.Tensor, right_t: torch.Tensor) -> torch.Tensor:
+    """(left_t @ right_t)ᵀ: a product whose result has only r columns, computed as the r-row product.
+
+    BLAS kernels handle an (M × K) @ (K × r) product with tiny r and a transposed operand badly: on
+    this project's Zen 5 CPU in fp32 (1 thread), g B for g (992 × 1536), B (1536 × 8) took 1.76 ms as
+    written and 0.42 ms as (Bᵀ gᵀ)ᵀ; gᵀ xa 2.59 ms against 0.45 ms; bf16 gains less (0.37 -> 0.22 ms).
+    That is ~8% of a fp32 layer's forward + backward. The result is a transposed view; every consumer
+    here takes either layout.
+    """
+    return torch.mm(left_t, right_t).T
+
+
 class _LoraLinearFn(torch.autograd.Function):
     """y = x Wᵀ + b + s · (x̃ Aᵀ) Bᵀ, where x̃ = x ⊙ mask · k (dropout; k = 1/(1-p)) or x̃ = x.
 
@@ -21,6 +33,7 @@ class _LoraLinearFn(torch.autograd.Function):
       ∂L/∂b = Σ_N g
     W is frozen: no gradient, and it is saved by reference, never copied.
     Saved: x (the same tensor the caller holds), the bool mask, and x̃ Aᵀ (N × r).
+    The two products with r columns, g B and gᵀ (x̃ Aᵀ), are formed transposed (:func:`_thin`).
     """
 
     @staticmethod
@@ -40,10 +53,10 @@ class _LoraLinearFn(torch.autograd.Function):
         s, keep = ctx.scaling, ctx.keep
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         x2 = x.reshape(-1, x.shape[-1])
-        u = (g @ B).mul_(s)  # (N, r)
+        u = _thin(B.T, g.T).mul_(s)  # (N, r) = s · g B
         grad_x = grad_a = grad_b = grad_bias = None
         if ctx.needs_input_grad[4]:
-            grad_b = (g.T @ xa).mul_(s)  # (out, r)
+            grad_b = _thin(xa.T, g).mul_(s)  # (out, r) = s · gᵀ xa
         if ctx.needs_input_grad[3]:
             xd = x2 if mask is None else torch.where(mask.reshape(x2.shape), x2, 0.0).mul_(keep)
             grad_a = u.T @ xd  # (r, in)
@@ -95,9 +108,9 @@ class _DoraLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[2] and bias is not None:
             grad_bias = g.sum(0)
         gc = g * scale  # (N, out)
-        u = (gc @ B).mul_(s)  # (N, r)
+        u = _thin(B.T, gc.T).mul_(s)  # (N, r) = s · gc B
         if ctx.needs_input_grad[4]:
-            grad_b = (gc.T @ xa).mul_(s)
+            grad_b = _thin(xa.T, gc).mul_(s)  # (out, r) = s · gcᵀ xa
         if ctx.needs_input_grad[3]:
             grad_a = u.T @ x2
         if ctx.needs_input_grad[0]:
