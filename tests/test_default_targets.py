@@ -67,12 +67,15 @@ def test_method_modules_and_registry_expose_the_one_table():
     assert dict(get_method(PeftType.ADALORA).default_targets) == ADALORA_DEFAULT_TARGETS
 
 
-def test_a_model_type_in_no_table_still_needs_target_modules():
+def test_a_model_type_in_no_table_needs_target_modules_except_for_lora():
     model = copy.deepcopy(_build("bert"))
     model.config.model_type = "no-such-family"
-    for config in (dt.LoraConfig(), dt.IA3Config(), dt.AdaLoraConfig(total_step=10)):
+    for config in (dt.IA3Config(), dt.AdaLoraConfig(total_step=10)):
         with pytest.raises(ValueError, match="target_modules"):
             dt.get_peft_model(copy.deepcopy(model), config)
+    # LoRA derives its defaults from the attention modules (tests/test_default_targets_derived.py)
+    derived = dt.get_peft_model(copy.deepcopy(model), dt.LoraConfig()).peft_config["default"].target_modules
+    assert set(derived) == {"query", "value"}
 
 
 # ---- (b) the architectures ----------------------------------------------------------------------------

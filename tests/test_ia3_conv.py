@@ -215,12 +215,36 @@ def test_resnet_with_classifier_saved_loads_in_peft(tmp_path):
         assert_close(loaded(pixel_values=pixels).logits, expected)
 
 
-def test_mixed_batches_and_weighted_combination_refuse_conv_vectors():
-    # Documented limits (docs/methods/ia3.md): clear errors, and the model is left as it was.
+def test_mixed_batches_refuse_conv_vectors():
+    # Documented limit (docs/methods/ia3.md): a clear error, and the model is left as it was.
     _, _, mine, x = _pair("conv2d", "second")
     mine.add_adapter("other", dt.IA3Config(target_modules=["0", "2"], feedforward_modules=["2"]))
     with pytest.raises(ValueError, match="IA3Conv adapter cannot be served in a mixed-adapter batch"):
         mine(x, adapter_names=["default", "other"])
-    with pytest.raises(ValueError, match="IA3Conv"):
-        mine.add_weighted_adapter(["default", "other"], [0.5, 0.5], "sum")
     assert set(mine.peft_config) == {"default", "other"}
+
+
+@pytest.mark.parametrize("case", ["conv2d", "conv3d", "conv2d-groups2"])
+def test_weighted_combination_of_conv_vectors_matches_peft(case):
+    # peft's IA3Model.add_weighted_adapter sums every IA3Layer's vectors, its conv layers included.
+    _, theirs, mine, x = _pair(case, "second")
+    kw = dict(target_modules=["0", "2"], feedforward_modules=["2"], init_ia3_weights=False)
+    theirs.add_adapter("other", peft.IA3Config(**kw))
+    mine.add_adapter("other", dt.IA3Config(**kw))
+    torch.manual_seed(8)
+    sd = {k: 0.3 + torch.rand_like(v) for k, v in peft.get_peft_model_state_dict(theirs, adapter_name="other").items()}
+    peft.set_peft_model_state_dict(theirs, sd, adapter_name="other")
+    dt.set_peft_model_state_dict(mine, sd, adapter_name="other")
+    for model in (theirs, mine):
+        model.add_weighted_adapter(["default", "other"], [0.7, -0.4], "sum")
+        model.set_adapter("sum")
+    combined = dt.get_peft_model_state_dict(mine, adapter_name="sum")
+    expected = peft.get_peft_model_state_dict(theirs, adapter_name="sum")
+    assert combined.keys() == expected.keys()
+    first = dt.get_peft_model_state_dict(mine, adapter_name="default")
+    for key, value in combined.items():
+        assert value.shape == expected[key].shape  # (1, n, 1, …): the conv layout on disk
+        assert_close(value, expected[key])
+        assert_close(value, 0.7 * first[key] - 0.4 * sd[key])  # the closed form
+    with torch.no_grad():
+        assert_close(mine(x), theirs(x))

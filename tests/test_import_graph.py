@@ -26,7 +26,7 @@ LAYERS = [
     ["deltatune.methods"],
     ["deltatune.serving", "deltatune.combine"],
     ["deltatune.forward_signature", "deltatune.tuner", "deltatune.model_files", "deltatune.model", "deltatune.tasks",
-     "deltatune.status", "deltatune.auto", "deltatune.helpers"],
+     "deltatune.status", "deltatune.auto", "deltatune.helpers", "deltatune.mixed_model"],
     ["deltatune.integrations", "deltatune.inspect", "deltatune.train", "deltatune.plan", "deltatune.tune",
      "deltatune.cli", "deltatune.optimizers", "deltatune.serve", "deltatune.export", "deltatune"],
 ]

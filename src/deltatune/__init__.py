@@ -5,6 +5,7 @@ Code written for peft runs after changing ``from peft import ...`` to ``from del
 from deltatune._version import __version__
 from deltatune.config import LoraConfig, PeftConfig, PeftType, TaskType
 from deltatune.model import PeftModel, get_peft_model
+from deltatune.mixed_model import PeftMixedModel
 from deltatune.tasks import (
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
@@ -20,6 +21,7 @@ from deltatune.auto import (
     AutoPeftModel,
     AutoPeftModelForCausalLM,
     AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
     AutoPeftModelForSeq2SeqLM,
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
@@ -46,7 +48,7 @@ from deltatune import methods as _methods  # noqa: F401 (registers the built-in 
 _integrations.install()
 
 __all__ = [
-    "LoraConfig", "PeftConfig", "PeftType", "TaskType", "PeftModel", "PeftModelForCausalLM",
+    "LoraConfig", "PeftConfig", "PeftType", "TaskType", "PeftModel", "PeftMixedModel", "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
     "get_peft_model", "inject_adapter_in_model", "resolve_targets", "get_peft_model_state_dict",
     "set_peft_model_state_dict", "prepare_model_for_kbit_training",
@@ -55,7 +57,8 @@ __all__ = [
     "BitFitConfig", "PartialConfig",
     "PromptTuningConfig", "PromptTuningInit", "PrefixTuningConfig",
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction", "AutoPeftModelForSeq2SeqLM",
-    "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification", "get_peft_config",
+    "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification",
+    "get_peft_config",
     "get_layer_status", "get_model_status", "TunerLayerStatus", "TunerModelStatus",
     "cast_mixed_precision_params",
 ]

@@ -22,6 +22,7 @@ from deltatune.model import PeftModel
 from deltatune.tasks import (
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
     PeftModelForSeq2SeqLM,
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
@@ -29,7 +30,8 @@ from deltatune.tasks import (
 
 __all__ = [
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
-    "AutoPeftModelForTokenClassification", "AutoPeftModelForFeatureExtraction", "get_peft_config",
+    "AutoPeftModelForTokenClassification", "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",
+    "get_peft_config",
 ]
 
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
@@ -205,6 +207,13 @@ class AutoPeftModelForTokenClassification(_BaseAutoPeftModel):
     _target_peft_class = PeftModelForTokenClassification
 
 
+class AutoPeftModelForQuestionAnswering(_BaseAutoPeftModel):
+    """``task_type="QUESTION_ANS"``: the base through ``AutoModelForQuestionAnswering``."""
+
+    _target_class = _TransformersClass("AutoModelForQuestionAnswering")
+    _target_peft_class = PeftModelForQuestionAnswering
+
+
 class AutoPeftModelForFeatureExtraction(_BaseAutoPeftModel):
     """``task_type="FEATURE_EXTRACTION"``: the base through ``AutoModel``."""
 
@@ -217,6 +226,7 @@ _AUTO_CLASS_NAMES: dict[TaskType, str] = {
     TaskType.SEQ_2_SEQ_LM: AutoPeftModelForSeq2SeqLM.__name__,
     TaskType.SEQ_CLS: AutoPeftModelForSequenceClassification.__name__,
     TaskType.TOKEN_CLS: AutoPeftModelForTokenClassification.__name__,
+    TaskType.QUESTION_ANS: AutoPeftModelForQuestionAnswering.__name__,
     TaskType.FEATURE_EXTRACTION: AutoPeftModelForFeatureExtraction.__name__,
 }
-"""task_type -> the Auto class that loads it (QUESTION_ANS has none yet: no task class for it)."""
+"""task_type -> the Auto class that loads it (every task type has one, as in peft)."""

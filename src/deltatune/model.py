@@ -26,7 +26,6 @@ from deltatune.surgery.targets import CLASSIFIER_NAMES, check_modules_to_save
 from deltatune.tuner import AdapterModel
 
 
-
 class PeftModel(AdapterFiles, ModelReport, PushToHubMixin, nn.Module):
     """A model with one or more adapters. Build with :func:`get_peft_model` or :meth:`from_pretrained`.
 
@@ -372,16 +371,25 @@ def _check_mixable(first: PeftConfig, new: PeftConfig) -> None:
         )
 
 
+_MIXED_MODEL: list[type[PeftModel]] = []  # what get_peft_model(mixed=True) builds (register_mixed_model)
+
+
+def register_mixed_model(cls: type[PeftModel]) -> None:
+    """Called by :mod:`deltatune.mixed_model` for its ``PeftMixedModel`` (it imports this module, not the reverse)."""
+    _MIXED_MODEL[:] = [cls]
+
+
 def get_peft_model(
-    model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", autocast_adapter_dtype: bool = True, **_: Any
+    model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", mixed: bool = False,
+    autocast_adapter_dtype: bool = True, **_: Any
 ) -> PeftModel:
     """Wrap ``model`` with a new trainable adapter (peft's entry point; see :meth:`PeftModel.add_adapter`
-    for ``autocast_adapter_dtype``)."""
+    for ``autocast_adapter_dtype``). ``mixed=True``: a ``PeftMixedModel`` (:mod:`deltatune.mixed_model`)."""
     if isinstance(model, PeftModel):
         raise ValueError("model is already a PeftModel; use model.add_adapter(name, config) to add another adapter")
     if any(isinstance(m, AdaptedLayer) for m in model.modules()):
         raise ValueError("model already has adapters injected (inject_adapter_in_model); wrap the original model instead")
-    return _model_class(peft_config)(model, peft_config, adapter_name, autocast_adapter_dtype)
+    return (_MIXED_MODEL[0] if mixed else _model_class(peft_config))(model, peft_config, adapter_name, autocast_adapter_dtype)
 
 
 def count_trainable(module: nn.Module) -> int:

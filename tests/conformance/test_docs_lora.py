@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from docs_support import bug, imp, issue18, llama_config, load_causal_lm, local_llama, oracle, ours, perturb, same_start
+from docs_support import bug, imp, llama_config, load_causal_lm, local_llama, oracle, ours, perturb, same_start
 from support_data import tiny_tokenizer
 from tolerances import assert_close
 

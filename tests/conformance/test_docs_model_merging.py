@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from docs_support import bug, load_causal_lm, local_llama, oracle, ours
+from docs_support import load_causal_lm, local_llama, oracle, ours
 from tolerances import assert_close
 
 INSTRUCT = [{"role": "user", "content": "Write an essay about Generative AI."}]

@@ -22,7 +22,7 @@ from transformers import (DebertaConfig, DebertaForSequenceClassification, Llama
                           MistralConfig, MistralForCausalLM, ResNetConfig, ResNetForImageClassification, T5Config,
                           T5Model)
 
-from docs_support import bug, issue18, llama_config, load_causal_lm, local_llama, oracle, ours, perturb, same_start
+from docs_support import bug, llama_config, load_causal_lm, local_llama, oracle, ours, perturb, same_start
 from support_data import tiny_tokenizer
 from tolerances import assert_close
 

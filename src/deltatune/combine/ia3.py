@@ -1,10 +1,11 @@
 """``PeftModel.add_weighted_adapter`` for IA³ adapters: a weighted sum of the IA³ vectors.
 
-peft 0.21's ``IA3Model.add_weighted_adapter`` semantics (parity-tested): the new adapter takes the first
-adapter's config with the union of the ``target_modules`` and of the ``feedforward_modules`` (the
-alternation of the patterns when they are regexes; lists and regexes cannot be mixed), and on each
-layer its vector is ``sum(weight_i * vector_i)`` over the combined adapters present on that layer
-(so a layer missing from an adapter contributes nothing there, and the new vector starts from 0, not 1).
+peft 0.21's ``IA3Model.add_weighted_adapter`` semantics (parity-tested, on linear and conv layers): the
+new adapter takes the first adapter's config with the union of the ``target_modules`` and of the
+``feedforward_modules`` (the alternation of the patterns when they are regexes; lists and regexes cannot
+be mixed), and on each layer its vector is ``sum(weight_i * vector_i)`` over the combined adapters present
+on that layer (so a layer missing from an adapter contributes nothing there, and the new vector starts
+from 0, not 1).
 
 Deliberate differences from peft:
 
@@ -24,6 +25,11 @@ from deltatune.combine.request import check_names_and_weights
 from deltatune.config import PeftType
 from deltatune.surgery.inject import adapted_layers, save_wrappers
 from deltatune.methods.ia3 import IA3Scale
+from deltatune.methods.ia3_conv import IA3Conv
+
+IA3_VECTORS: tuple[type, ...] = (IA3Scale, IA3Conv)
+"""The adapters holding one IA³ vector ``ia3_l`` (linear and conv layers); the weighted sum is elementwise, so it
+fits either shape: (n,) on a linear layer, (1, n, 1, …) on a conv."""
 
 
 def is_ia3_request(peft_model: Any, adapters: Sequence[str]) -> bool:
@@ -100,13 +106,19 @@ def _fill(name: str, host: Any, adapters: Sequence[str], weights: Sequence[float
         if a not in host.adapters:
             continue
         source = host.adapters[a]
-        if not isinstance(source, IA3Scale):
-            raise ValueError(f"{name}: adapter {a!r} is a {type(source).__name__}, not an IA³ vector.")
+        if not isinstance(source, IA3_VECTORS):
+            kinds = ", ".join(t.__name__ for t in IA3_VECTORS)
+            raise ValueError(f"{name}: adapter {a!r} is a {type(source).__name__}, not an IA³ vector ({kinds}).")
         if source.feedforward != target.feedforward:
             raise ValueError(
                 f"{name}: adapter {a!r} scales this layer's {'input' if source.feedforward else 'output'} but the "
                 f"combined adapter scales its {'input' if target.feedforward else 'output'} (feedforward_modules "
                 "differ); such vectors have no meaningful sum. Combine adapters with the same feedforward_modules."
+            )
+        if source.ia3_l.shape != target.ia3_l.shape:  # same layer, same feedforward: only a damaged adapter differs
+            raise ValueError(
+                f"{name}: adapter {a!r}'s IA³ vector has shape {tuple(source.ia3_l.shape)}, the combined adapter's "
+                f"{tuple(target.ia3_l.shape)}; reload {a!r} from its checkpoint."
             )
         total += w * source.ia3_l.detach().to(device=total.device, dtype=torch.float32)
     target.ia3_l.copy_(total.to(target.ia3_l.dtype))

@@ -5,8 +5,9 @@ The data is copied from peft 0.21.2 (``peft/utils/constants.py``: ``TRANSFORMERS
 ``..._IA3_TARGET_MODULES_MAPPING`` with ``..._IA3_FEEDFORWARD_MODULES_MAPPING``, ``..._ADALORA_TARGET_MODULES_MAPPING``);
 deltatune does not import peft. tests/test_default_targets.py checks every row against the installed peft and
 wraps every architecture that builds from a tiny config with both libraries. A value is a tuple of names (suffix
-match on the module path) or, as peft has it for gemma4, one regex matched against the full path. A model type in
-no table keeps target_modules required (the error lists the layers that exist).
+match on the module path) or, as peft has it for gemma4, one regex matched against the full path. A transformers
+model type with no LoRA row gets LoRA's default from its architecture (``surgery.targets.derived_attention_targets``:
+its attention's query and value projections); one in no IA³ or AdaLoRA table keeps target_modules required there.
 """
 from __future__ import annotations
 

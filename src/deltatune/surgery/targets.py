@@ -98,22 +98,67 @@ def _no_match_error(model: nn.Module, entry: str, layer_types: tuple[type, ...])
     )
 
 
+# Roles of the linear layers inside attention modules, by the names transformers' architectures give them
+# (last path component, case-insensitive). peft's table picks the query and value projections, or the fused
+# projection that computes them, for almost every family; these patterns recover exactly that.
+QUERY_NAMES = r"(q|query|wq|to_q)(_proj|_lin|_linear)?"
+VALUE_NAMES = r"(v|value|wv|to_v)(_proj|_lin|_linear)?"
+FUSED_QKV_NAMES = r"qkv|qkv_proj|qkv_lin|query_key_value|c_attn|wqkv|w_pack|in_proj"
+ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
+
+
+def derived_attention_targets(model: nn.Module, layer_types: tuple[type, ...]) -> tuple[str, ...]:
+    """LoRA's default targets read from the architecture: the query and value projections of its attention.
+
+    An attention module is one whose class or attribute name contains ``attn`` or ``attention``; the linear
+    layers under it get a role from their own name (:data:`QUERY_NAMES`, :data:`VALUE_NAMES`). When the
+    model has both roles the result is their names (``("q_proj", "v_proj")``); otherwise the fused
+    projections (:data:`FUSED_QKV_NAMES`, e.g. ``("query_key_value",)``); otherwise ``()``.
+
+    Returns:
+        Module names (suffix match, as in peft's table), in model order.
+    """
+    linear = tuple(t for t in layer_types if not issubclass(t, (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)))
+    attention = [  # path prefixes of the attention modules
+        n + "." for n, m in model.named_modules()
+        if n and (ATTENTION.search(type(m).__name__) or ATTENTION.search(n.rsplit(".", 1)[-1]))
+    ]
+    roles: dict[str, dict[str, None]] = {"q": {}, "v": {}, "qkv": {}}
+    for name, module in iter_layers(model):
+        if not isinstance(module, linear) or not any(name.startswith(a) for a in attention):
+            continue
+        last = name.rsplit(".", 1)[-1]
+        for role, pattern in (("q", QUERY_NAMES), ("v", VALUE_NAMES), ("qkv", FUSED_QKV_NAMES)):
+            if re.fullmatch(pattern, last, re.IGNORECASE):
+                roles[role].setdefault(last, None)
+    if roles["q"] and roles["v"]:
+        return (*roles["q"], *roles["v"])
+    return tuple(roles["qkv"])
+
+
 def _default_targets(model: nn.Module, layer_types: tuple[type, ...]) -> tuple[str, ...] | str:
     # peft's LoRA defaults per family (deltatune.methods.default_targets, declared by the LoRA method) serve
-    # every layer method; a value is names or, for gemma4, one regex.
+    # every layer method; a value is names or, for gemma4, one regex. A transformers model of a family with
+    # no row gets them from its architecture, so that a new family needs no row; a model without a
+    # transformers config (a custom nn.Module) names its targets, as in peft.
     defaults = get_method(PeftType.LORA).default_targets
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in defaults:
         return defaults[model_type]
+    derived = derived_attention_targets(model, layer_types) if model_type is not None else ()
+    if derived:
+        return derived
     raise ValueError(
-        f"target_modules is not set and deltatune has no default for model type {model_type!r}; "
-        f"pass target_modules=[...] or 'all-linear'. Layers that can be targeted: "
+        f"target_modules is not set and deltatune has no default for model type {model_type!r}"
+        + (" (and found no attention query/value projections to derive one from)" if model_type is not None else "")
+        + f"; pass target_modules=[...] or 'all-linear'. Layers that can be targeted: "
         f"{', '.join(linear_layer_names(model, layer_types))}"
     )
 
 
 def default_targets(model: nn.Module, peft_type: Any) -> tuple[str, ...] | str:
-    """peft's default ``target_modules`` for the model's family (an error naming the layers if none)."""
+    """peft's default ``target_modules`` for the model's family, else those derived from its attention
+    (:func:`derived_attention_targets`); an error naming the layers if neither."""
     return _default_targets(model, get_method(peft_type).layer_types)
 
 
