@@ -382,7 +382,7 @@ def lorafa(lib, model_id):
     return model, optimizer
 
 
-@bug("create_lorafa_optimizer (LoRA-FA): no module deltatune.optimizers (the LoRA+ half is in issue 18)", raises=ImportError)
+@bug("create_lorafa_optimizer (LoRA-FA) is not implemented (deltatune.optimizers has LoRA+ only)", raises=ImportError)
 def test_lora_fa_optimizer(hub):
     model_t, opt_t = oracle(lorafa, hub["model_id"])
     assert not any(p.requires_grad for n, p in model_t.named_parameters() if "lora_A" in n)  # A is frozen

@@ -263,8 +263,8 @@ def test_layoutlm_notebook_with_default_targets_written_out_matches_peft(tmp_pat
 
 
 @pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="issue 18: parameter naming (peft's `query.lora_A.default.weight`; "
-                          "deltatune's is `query.adapters.default.lora_A`)")
+                   reason="by design (docs/api.md, 'Parameter names'): the cell reads peft's in-memory "
+                          "`query.lora_A.default.weight`; deltatune's is `query.adapters.default.lora_A`")
 def test_layoutlm_notebook_print_cell(tmp_path):
     layoutlm_notebook("deltatune", str(tmp_path / "dt"), SameStart(), print_cell=True, targets_written_out=True)
     layoutlm_notebook("peft", str(tmp_path / "peft"), SameStart(), print_cell=True)  # the oracle runs it
