@@ -60,6 +60,21 @@ def test_each_row_equals_its_adapter_alone(llama, compiled):
     assert_close(mixed, _alone(llama, ROWS, input_ids=x))
 
 
+@torch.no_grad()
+def test_mixed_rows_under_bf16_autocast(llama):
+    # bf16 serving on CPUs with native bf16 (issue 17, item 3): the in-place low-rank update used to mix
+    # the autocast bf16 product with the fp32 bank ("expected scalar type")
+    x = input_ids(batch=len(ROWS), seq=13)
+    with torch.autocast("cpu", torch.bfloat16):
+        mixed = llama(input_ids=x, adapter_names=ROWS).logits
+        alone = _alone(llama, ROWS, input_ids=x)
+    assert mixed.dtype == alone.dtype == torch.bfloat16
+    # both sides round every product to bf16 (2^-8 relative), in different orders: a few bf16 ulps
+    # of logits of size ~1 through 2 layers
+    torch.testing.assert_close(mixed.float(), alone.float(), rtol=0, atol=0.1)
+    assert (mixed.float() - alone.float()).abs().mean() < 0.02
+
+
 @pytest.mark.parametrize("compiled", [True, False], ids=["cpu-kernel", "torch-path"])
 @torch.no_grad()
 def test_rows_in_any_order_and_one_adapter_for_all(llama, compiled):

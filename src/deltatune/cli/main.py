@@ -19,9 +19,10 @@ COMMANDS = {
     "generate": "Generate text with a base model and an optional adapter.",
     "inspect": "Show a model's layers and target presets, or check an adapter folder.",
     "merge": "Combine adapters into a new adapter (linear, cat, svd, ties, dare, ...).",
-    "export": "Merge an adapter into its base model and write a plain transformers folder.",
+    "export": "Merge an adapter into its base model (transformers folder), or write GGUF for llama.cpp / Ollama.",
     "plan": "Parameter counts, a memory estimate and method/rank recommendations.",
     "tune": "Hyperparameter search with Optuna (resumable).",
+    "serve": "Serve a model and many adapters over an OpenAI-compatible HTTP API.",
 }
 
 

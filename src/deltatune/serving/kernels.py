@@ -83,6 +83,7 @@ def mixed_lora_(y: torch.Tensor, x: torch.Tensor, A_rows: torch.Tensor, Bt_rows:
     # Measured on this project's CPU (b=32, 512 -> 16): as fast as A·xᵀ with a row-major A at L=128
     # and 1.6-5x faster than A·xᵀ on the transposed storage for decode (L=1..7).
     xa = torch.bmm(x.to(A_rows.dtype), A_rows.transpose(1, 2))  # (b, L, r)
+    Bt_rows = _like(Bt_rows, xa)
     if xa.dtype == y.dtype and _can_write(y):
         return y.baddbmm_(xa, Bt_rows)  # (b, L, out)
     return y + torch.bmm(xa, Bt_rows).to(y.dtype)
@@ -98,6 +99,7 @@ def single_lora_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: torch.Te
             cpu_kernel.mixed_lora_cpu_(y1, x1, A[None], Bt[None])
             return y
     xa = x.reshape(-1, x.shape[-1]).to(A.dtype) @ A.T  # (N, r)
+    Bt = _like(Bt, xa)
     if xa.dtype == y.dtype and _can_write(y) and y.is_contiguous():
         y.view(-1, y.shape[-1]).addmm_(xa, Bt)  # (N, out)
         return y
@@ -132,6 +134,13 @@ def affine_rows(y: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor
     if shift is not None:
         y = y + shift[:, None, :].to(y.dtype)
     return y
+
+
+def _like(factor: torch.Tensor, xa: torch.Tensor) -> torch.Tensor:
+    """``factor`` in ``xa``'s dtype. Under autocast (bf16 serving on CPUs with native bf16) the first
+    product ran in autocast's dtype, and the in-place second one is not autocast: both factors must
+    be cast the same way, or it mixes bf16 and fp32. Elsewhere the dtypes already agree (a no-op)."""
+    return factor if factor.dtype == xa.dtype else factor.to(xa.dtype)
 
 
 def _can_write(y: torch.Tensor) -> bool:

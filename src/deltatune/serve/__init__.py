@@ -1,0 +1,1 @@
+"""`deltatune serve`: an OpenAI-compatible HTTP server over the mixed-adapter engine (:mod:`deltatune.serving`)."""
