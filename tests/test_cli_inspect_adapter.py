@@ -64,6 +64,16 @@ def test_cli_reports_config_ranks_and_a_successful_load(tmp_path, capsys):
     assert "model.layers.*.self_attn.q_proj  x2" in out
     assert f"Loads on {tmp_path / 'base'}: yes" in out and "Base model: matches" in out
     assert "vLLM       ok" in out
+    assert "llama.cpp: yes: deltatune export --format gguf writes a GGUF LoRA" in out
+
+
+def test_cli_says_why_an_adapter_is_no_gguf_lora(tmp_path, capsys):
+    tiny_llama().save_pretrained(tmp_path / "base")
+    adapter = _save(tmp_path / "a", dt.LoraConfig(r=4, use_dora=True, target_modules=["q_proj"],
+                                                  base_model_name_or_path=str(tmp_path / "base")))
+    assert main(["inspect", "--adapter", str(adapter)]) == 0  # it loads; it just is no GGUF LoRA
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("llama.cpp:"))
+    assert "no GGUF LoRA: DoRA rescales" in line and "--merged" in line
 
 
 def test_cli_exits_1_when_the_adapter_does_not_fit_and_says_why(tmp_path, capsys):

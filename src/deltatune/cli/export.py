@@ -1,7 +1,12 @@
-"""``deltatune export``: merge an adapter into its base model and write a plain transformers folder.
+"""``deltatune export``: merge an adapter into its base model and write a plain transformers folder,
+or (``--format gguf``) write it for llama.cpp and Ollama.
 
     deltatune export --adapter runs/bbc/adapter --out exported/bbc-merged
     deltatune export --adapter merged-adapter --model ./base --dtype bfloat16 --out exported/m --force
+    deltatune export --adapter runs/bbc/adapter --format gguf --out exported/bbc-lora.gguf --ollama
+    deltatune export --adapter runs/bbc/adapter --format gguf --merged --quant q8_0 --out exported/bbc-q8_0.gguf
+
+The GGUF forms live in :mod:`deltatune.export` (see docs/export.md); this module parses arguments.
 
 The result (safetensors weights, config, generation config, tokenizer) loads with
 ``AutoModelForCausalLM.from_pretrained`` and gives the logits of base + adapter, with no deltatune
@@ -20,76 +25,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from deltatune.atomic import atomic_folder, check_output_folder
-from deltatune.io.config_io import CONFIG_NAME, load_config
-from deltatune.model import PeftModel
-from deltatune.models import load_model_and_tokenizer
+from deltatune.export.gguf_lora import export_gguf_lora
+from deltatune.export.gguf_merged import export_gguf_merged
+from deltatune.export.merging import NOT_MERGEABLE, base_model_for, merged_model, read_adapter_config
+
+__all__ = ["base_model_for", "export_merged", "read_adapter_config", "register", "run"]
 
 _DTYPES = ("float32", "bfloat16", "float16")
-# Methods whose adapters can never be folded into the weights, and why.
-_NOT_MERGEABLE = {
-    "PROMPT_TUNING": "prompt tuning adds virtual tokens to the input",
-    "PREFIX_TUNING": "prefix tuning adds key/value prefixes to every attention layer",
-    "BOTTLENECK": "a bottleneck adapter has a nonlinearity between its two projections",
-}
-
-
-def read_adapter_config(folder: str | Path) -> Any:
-    """The adapter's config, with an error that says what a valid adapter folder holds."""
-    folder = Path(folder)
-    if not (folder / CONFIG_NAME).is_file():
-        raise FileNotFoundError(
-            f"no {CONFIG_NAME} in {folder}; pass the folder that save_pretrained (or deltatune train) wrote"
-        )
-    return load_config(folder)
-
-
-def base_model_for(configs: Sequence[Any], folders: Sequence[str | Path], model: str | None) -> str:
-    """``--model`` if given, else the base model the adapters name (which must agree)."""
-    if model is not None:
-        return model
-    names = {str(c.base_model_name_or_path) for c in configs if c.base_model_name_or_path}
-    if not names:
-        raise ValueError(f"{folders[0]} does not name its base model (base_model_name_or_path); pass --model")
-    if len(names) > 1:
-        raise ValueError(f"the adapters name different base models {sorted(names)}; pass --model to choose one")
-    return names.pop()
-
-
-def _embeddings(model: Any) -> tuple[Any, Any]:
-    inp = model.get_input_embeddings()
-    try:
-        out = model.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        out = None
-    return inp, out
-
-
-def untie_embeddings(model: Any) -> bool:
-    """Give the output head its own copy of a tied embedding matrix; True if they were tied."""
-    import torch
-
-    inp, out = _embeddings(model)
-    if out is None or getattr(out, "weight", None) is None or out.weight is not inp.weight:
-        return False
-    out.weight = torch.nn.Parameter(inp.weight.detach().clone(), requires_grad=False)
-    return True
-
-
-def retie_or_record(model: Any) -> bool:
-    """After merging an untied model: tie again if both matrices are still equal, else record in the
-    config that they are separate. Returns True if the exported model has separate matrices."""
-    import torch
-
-    inp, out = _embeddings(model)
-    if torch.equal(inp.weight, out.weight):
-        out.weight = inp.weight
-        return False
-    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-        config.tie_word_embeddings = False
-    return True
 
 
 def export_merged(adapter: str | Path, out: str | Path, model: str | None = None, dtype: str = "float32",
@@ -117,17 +62,13 @@ def export_merged(adapter: str | Path, out: str | Path, model: str | None = None
     check_output_folder(out, force)  # fail before the (slow) model load
     config = read_adapter_config(adapter)
     kind = config.peft_type.value
-    if kind in _NOT_MERGEABLE:
+    if kind in NOT_MERGEABLE:
         raise ValueError(
-            f"{adapter} is a {kind} adapter and cannot be merged into the weights: {_NOT_MERGEABLE[kind]}. "
+            f"{adapter} is a {kind} adapter and cannot be merged into the weights: {NOT_MERGEABLE[kind]}. "
             "Keep base model + adapter for inference (deltatune generate --adapter)."
         )
     base = base_model_for([config], [adapter], model)
-    base_model, tokenizer = load_model_and_tokenizer(base, dtype=torch.float32)
-    was_tied = untie_embeddings(base_model)  # so a merge into one cannot change the other
-    peft_model = PeftModel.from_pretrained(base_model, adapter)
-    merged = peft_model.merge_and_unload()
-    untied = retie_or_record(merged) if was_tied else False
+    merged, tokenizer, untied = merged_model(adapter, base)
     merged.to(getattr(torch, dtype))
     with atomic_folder(out, force) as tmp:
         merged.save_pretrained(tmp)
@@ -138,21 +79,60 @@ def export_merged(adapter: str | Path, out: str | Path, model: str | None = None
 def register(subparsers: Any) -> None:
     """Add the ``export`` subcommand."""
     p = subparsers.add_parser(
-        "export", help="Merge an adapter into its base model and write a plain transformers folder.",
+        "export", help="Merge an adapter into its base model (transformers folder), or write GGUF for llama.cpp / Ollama.",
         description="Writes safetensors weights, config and tokenizer that AutoModelForCausalLM loads "
-        "without deltatune; the logits equal base model + adapter.",
+        "without deltatune; the logits equal base model + adapter. With --format gguf: a GGUF LoRA adapter "
+        "for llama.cpp (--lora) and Ollama (ADAPTER), or with --merged one merged GGUF model.",
     )
     p.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder (LoRA, DoRA, IA3, ...)")
-    p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model folder to write")
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="model folder to write (transformers), or the .gguf file (--format gguf)")
     p.add_argument("--model", default=None,
                    help="base model: registered name, folder or .gguf (default: the adapter's base_model_name_or_path)")
     p.add_argument("--dtype", choices=_DTYPES, default="float32", help="dtype of the saved weights (merge runs in float32)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+    g = p.add_argument_group("GGUF (llama.cpp, Ollama, LM Studio)")
+    g.add_argument("--format", choices=("transformers", "gguf"), default="transformers",
+                   help="transformers folder (default) or GGUF file")
+    g.add_argument("--merged", action="store_true",
+                   help="gguf: merge the adapter into the base and write a whole model (default: a GGUF LoRA adapter)")
+    g.add_argument("--quant", default=None, metavar="TYPE",
+                   help="gguf: f32, f16, bf16, q8_0 (merged default), q5_1/q5_0/q4_1/q4_0 (merged, with --allow-lossy); "
+                   "adapter: f32 (default) or f16. K-quants: run llama-quantize on an f16 export")
+    g.add_argument("--allow-lossy", action="store_true",
+                   help="gguf --merged: allow 4/5-bit re-quantization, which erased most of the default job's fine-tune")
+    g.add_argument("--ollama", action="store_true", help="gguf: also write <out>.Modelfile for `ollama create`")
     p.set_defaults(func=run)
+
+
+def run_gguf(args: argparse.Namespace) -> int:
+    """``deltatune export --format gguf``."""
+    if args.dtype != "float32":
+        raise ValueError("--dtype applies to transformers folders; for GGUF use --quant (f32, f16, bf16, q8_0, ...)")
+    if args.merged:
+        summary = export_gguf_merged(args.adapter, args.out, args.model, args.quant or "q8_0", args.force,
+                                     args.allow_lossy, args.ollama)
+        print(f"exported {summary['method']} adapter {args.adapter} merged into {summary['base']} -> {args.out} "
+              f"[GGUF {summary['quant']}]")
+    else:
+        if args.allow_lossy:
+            raise ValueError("--allow-lossy applies to --merged exports; a GGUF LoRA is written as f32 or f16")
+        summary = export_gguf_lora(args.adapter, args.out, args.model, args.quant or "f32", args.force, args.ollama)
+        base = summary["base_gguf"] or summary["base"]
+        print(f"exported LoRA adapter {args.adapter} ({summary['tensors']} weights) -> {args.out} [GGUF LoRA "
+              f"{summary['quant']}]\nrun it on its base: llama-cli -m {base} --lora {args.out}")
+    if summary["modelfile"]:
+        print(f"Ollama: ollama create NAME -f {summary['modelfile']}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``deltatune export``."""
+    if args.format == "gguf":
+        return run_gguf(args)
+    for flag in ("merged", "quant", "allow_lossy", "ollama"):
+        if getattr(args, flag):
+            raise ValueError(f"--{flag.replace('_', '-')} applies to --format gguf")
     summary = export_merged(args.adapter, args.out, args.model, args.dtype, args.force)
     note = " (embed_tokens and lm_head written untied: the adapter changed one of them)" if summary["untied"] else ""
     print(f"exported {summary['method']} adapter {args.adapter} merged into {summary['base']} -> {args.out} "

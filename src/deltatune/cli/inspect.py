@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import Any
 
-from deltatune.inspect.adapter_check import base_model_verdict, load_problems, parse_config, read_adapter
+from deltatune.inspect.adapter_check import base_model_verdict, llama_cpp_verdict, load_problems, parse_config, read_adapter
 from deltatune.inspect.architecture import describe, layer_groups, meta_model
 from deltatune.inspect.presets import expand_preset, preset_table, targets_config
 from deltatune.inspect.report import (
@@ -126,6 +126,7 @@ def inspect_adapter(args: argparse.Namespace, out=print) -> int:
         lines.append(f"Loads on {name}: yes (every key and shape matches; checked on the meta device, no weights read)")
     _, sentence = base_model_verdict(base, name)
     lines.append(f"Base model: {sentence}")
+    lines.append(f"llama.cpp: {llama_cpp_verdict(files, model_cfg)[1]}")
     out("\n".join(lines))
     return 1 if problems else 0
 

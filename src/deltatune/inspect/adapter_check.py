@@ -15,6 +15,8 @@ from typing import Any
 import torch
 
 from deltatune.config import PeftConfig, PeftType
+from deltatune.export.gguf_lora import gguf_lora_problems
+from deltatune.export.tensor_names import ARCHITECTURES
 from deltatune.io.checkpoint import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, reading_weights, set_peft_model_state_dict
 from deltatune.io.config_io import CONFIG_NAME, config_from_dict, read_config_json
 from deltatune.inspect.architecture import meta_model
@@ -176,3 +178,28 @@ def base_model_verdict(adapter_base: str | None, model: str) -> tuple[bool | Non
         f"differs: the adapter was trained on {adapter_base!r}, checked here on {model!r}. A different model "
         "of the same shape loads without error but gives outputs the adapter was not trained for"
     )
+
+
+def llama_cpp_verdict(files: AdapterFiles, model_config: Any | None = None) -> tuple[bool, str]:
+    """Can ``deltatune export --format gguf`` write this adapter as a GGUF LoRA for llama.cpp / Ollama?
+
+    Reads the config and tensor names only; with ``model_config`` also checks the architecture and an
+    ``lm_head`` LoRA on tied embeddings (llama.cpp then has no output tensor to apply it to).
+
+    Returns:
+        ``(yes, sentence)``; a "no" says why and what to do instead (usually ``--merged``).
+    """
+    problems = gguf_lora_problems(files.raw_config, list(files.tensors))
+    if model_config is not None:
+        model_type = getattr(model_config, "model_type", None)
+        if model_type not in ARCHITECTURES:
+            problems.append(f"GGUF export supports {', '.join(sorted(ARCHITECTURES))}, not {model_type!r}; export a "
+                            "transformers folder and convert it with llama.cpp's convert_hf_to_gguf.py")
+        targets = files.raw_config.get("target_modules") or []
+        if getattr(model_config, "tie_word_embeddings", False) and "lm_head" in targets:
+            problems.append("it trains lm_head, which this model ties to the token embedding; llama.cpp has no "
+                            "separate output tensor for it; export with --merged")
+    if problems:
+        return False, "no GGUF LoRA: " + "; ".join(problems)
+    return True, ("yes: deltatune export --format gguf writes a GGUF LoRA (llama-cli --lora, Ollama ADAPTER); "
+                  "rsLoRA and rank/alpha patterns are folded into B")
