@@ -154,8 +154,9 @@ def main() -> None:
           + f"; both sides' Trainer bf16={results['peft'][0]['bf16']}/{results['deltatune'][0]['bf16']}\n")
     print("| metric | peft + Trainer (standard loss) | deltatune (AdapterTrainer, fused loss) | deltatune / peft | target |")
     print("|---|---|---|---|---|")
-    rows = [("tokens/s (wall clock)", "tokens_per_s", "{:.0f}", ">= 1.0x"),
-            ("tokens per CPU-second (robust to other load)", "tokens_per_cpu_s", "{:.0f}", ">= 1.0x"),
+    # issue 17's targets for the default (bf16 autocast where native) against peft + Trainer(bf16=True)
+    rows = [("tokens/s (wall clock)", "tokens_per_s", "{:.0f}", ">= 1.3x"),
+            ("tokens per CPU-second (robust to other load)", "tokens_per_cpu_s", "{:.0f}", "-"),
             ("peak RSS during training", "train_peak_mb", "{:.0f} MB", "<= 0.7x"),
             ("peak RSS of the process", "process_peak_mb", "{:.0f} MB", "-"),
             ("RSS before training (model + data)", "rss_before_train_mb", "{:.0f} MB", "-")]

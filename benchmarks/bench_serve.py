@@ -96,7 +96,9 @@ def stream_one(port: int, model: str, prompt: list[int], max_tokens: int) -> dic
             raise RuntimeError(chunk["error"]["message"])
         if chunk.get("usage"):
             tokens = chunk["usage"]["completion_tokens"]
-        elif chunk["choices"] and chunk["choices"][0]["finish_reason"] is None:
+        elif chunk["choices"]:
+            # Any choice chunk marks text arriving. A random model's bytes can leave a chunk's text empty
+            # (an incomplete UTF-8 sequence is held back), so the final chunk may be the first with text.
             now = time.perf_counter()
             first = first or now
             last = now

@@ -102,3 +102,16 @@ def test_generate_text_counts_new_tokens(tiny_folder):
     model, tok = load_for_generation(str(tiny_folder), None, device="cpu")
     reply, n = generate_text(model, tok, build_prompt(tok, "Hi"), SamplingOptions(greedy=True, max_new_tokens=4))
     assert 1 <= n <= 4 and isinstance(reply, str)
+
+
+def test_dtype_auto_loads_bf16_weights_where_bf16_is_native(monkeypatch):
+    from deltatune.cli import generate
+    from deltatune.train import precision
+
+    asked = []
+    monkeypatch.setattr(generate, "load_model_and_tokenizer",
+                        lambda name, dtype, device: asked.append(dtype) or (torch.nn.Linear(2, 2), None))
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(precision, "_cpu_bf16_feature", lambda: "avx512_bf16" if native else None)
+        generate.load_for_generation("some-model", None, "auto", "cpu")
+        assert asked[-1] == expected

