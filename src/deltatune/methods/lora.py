@@ -86,6 +86,19 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+def _keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Bool mask like x, True (keep) with probability 1 - p (p rounded to 2^-15). The CPU generator is serial
+    (it does not scale with threads), so its draws are dropout's main cost: each 31-bit integer draw feeds
+    two elements. As two int16s its low half is uniform on [-2^15, 2^15), its high half on [0, 2^15) (top
+    bit 0): one threshold each. 2 threads, 4x256x512: 2.9 ms per mask at one draw per element, 1.75 ms here."""
+    n = x.numel()
+    draws = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_()  # [0, 2^31)
+    halves = draws.view(torch.int16).view(-1, 2)  # little-endian: column 0 is the low half
+    low, high = min(round(p * 2**16), 2**16 - 1) - 2**15, min(round(p * 2**15), 2**15 - 1)
+    thresholds = torch.tensor([low, high], dtype=torch.int16, device=x.device)
+    return (halves >= thresholds).view(-1)[:n].view(x.shape)
+
+
 def _shared_dropout_mask(x: torch.Tensor, p: float, user: nn.Module) -> torch.Tensor:
     """A keep-mask (bool, 1 byte per element) for dropout on ``x``, shared by the adapters that read the
     very same input tensor in one forward (q/k/v read one hidden state, gate/up another).
@@ -107,8 +120,7 @@ def _shared_dropout_mask(x: torch.Tensor, p: float, user: nn.Module) -> torch.Te
     if same_input and user not in last.users:
         last.users.add(user)
         return last.mask
-    # Integer draws are ~40% cheaper than float ones on CPU; the threshold is exact to 2^-31.
-    mask = torch.empty(x.shape, dtype=torch.int32, device=x.device).random_() >= int(p * 2**31)  # True = keep
+    mask = _keep_mask(x, p)
     last.x, last.p, last.mask, last.users = weakref.ref(x), p, mask, weakref.WeakSet([user])
     return mask
 
