@@ -8,8 +8,9 @@ from pathlib import Path
 
 from deltatune.atomic import atomic_write_text
 from deltatune.config import (  # noqa: F401 (re-exported: reading)
-    CONFIG_NAME, PEFT_INERT_KEYS, PeftConfig, check_types, config_from_dict, fits, load_config, read_config_json,
+    CONFIG_NAME, PEFT_INERT_KEYS, PeftConfig, config_from_dict, load_config, read_config_json,
 )
+from deltatune.config_types import check_types, fits  # noqa: F401 (re-exported)
 
 
 def config_json(config: PeftConfig, auto_mapping: dict[str, str] | None = None) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from deltatune.config import type_name
+from deltatune.config_types import type_name
 
 
 class ConfigError(ValueError):
