@@ -10,7 +10,7 @@ from deltatune.train.config_check import ConfigError
 from deltatune.train.method_config import METHODS
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-TRAIN_EXAMPLES = [EXAMPLES / f"{name}.yaml" for name in (*METHODS, "custom_data")]  # tune.yaml is deltatune tune's
+TRAIN_EXAMPLES = [EXAMPLES / f"{name}.yaml" for name in (*METHODS, "custom_data", "new_tokens")]  # tune.yaml is deltatune tune's
 
 
 def test_defaults_are_the_default_job():

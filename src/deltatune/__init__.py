@@ -4,6 +4,7 @@ Code written for peft runs after changing ``from peft import ...`` to ``from del
 """
 from deltatune._version import __version__
 from deltatune.config import LoraConfig, PeftConfig, PeftType, TaskType
+from deltatune.lora_options import LoftQConfig
 from deltatune.model import PeftModel, get_peft_model
 from deltatune.mixed_model import PeftMixedModel
 from deltatune.tasks import (
@@ -35,6 +36,8 @@ from deltatune.methods.bitfit import BitFitConfig
 from deltatune.methods.partial import PartialConfig
 from deltatune.methods.prompt import PromptTuningConfig, PromptTuningInit
 from deltatune.methods.prefix import PrefixTuningConfig
+from deltatune.methods.lora_loftq import replace_lora_weights_loftq
+from deltatune.methods.trainable_tokens import TrainableTokensConfig
 
 from deltatune import integrations as _integrations
 from deltatune.io import checkpoint as _ckpt
@@ -48,14 +51,14 @@ from deltatune import methods as _methods  # noqa: F401 (registers the built-in 
 _integrations.install()
 
 __all__ = [
-    "LoraConfig", "PeftConfig", "PeftType", "TaskType", "PeftModel", "PeftMixedModel", "PeftModelForCausalLM",
+    "LoraConfig", "LoftQConfig", "replace_lora_weights_loftq", "PeftConfig", "PeftType", "TaskType", "PeftModel", "PeftMixedModel", "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
     "get_peft_model", "inject_adapter_in_model", "resolve_targets", "get_peft_model_state_dict",
     "set_peft_model_state_dict", "prepare_model_for_kbit_training",
     "IA3Config", "BottleneckConfig",
     "AdaLoraConfig",
     "BitFitConfig", "PartialConfig",
-    "PromptTuningConfig", "PromptTuningInit", "PrefixTuningConfig",
+    "PromptTuningConfig", "PromptTuningInit", "PrefixTuningConfig", "TrainableTokensConfig",
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction", "AutoPeftModelForSeq2SeqLM",
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification",
     "get_peft_config",

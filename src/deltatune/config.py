@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 from deltatune.atomic import finish_interrupted_save
 from deltatune.config_types import check_types
+from deltatune.lora_options import REFUSED_LORA_OPTIONS, check_lora_extras, refusal_message, refuse_unimplemented_options
 
 
 class PeftType(str, enum.Enum):
@@ -38,6 +39,7 @@ class PeftType(str, enum.Enum):
     IA3 = "IA3"
     PROMPT_TUNING = "PROMPT_TUNING"
     PREFIX_TUNING = "PREFIX_TUNING"
+    TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
     # Not in peft: our own values, documented in the README.
     BOTTLENECK = "BOTTLENECK"
     BITFIT = "BITFIT"
@@ -91,6 +93,18 @@ def _check_regexes(config: Any) -> None:
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise ValueError(message)
+
+
+def check_token_indices(value: Any, per_layer: bool) -> Any:
+    """Token ids as a tuple (or ``{layer name: tuple}`` when ``per_layer`` allows a mapping); ValueError if bad."""
+    if per_layer and isinstance(value, Mapping):
+        _check(bool(value), "trainable_token_indices={} names no layer; give token ids or {'embed_tokens': [ids]}")
+        return {str(k): check_token_indices(v, False) for k, v in value.items()}
+    ok = isinstance(value, (list, tuple)) and bool(value) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)
+    _check(ok, f"token indices must be a non-empty list of token ids (ints >= 0), got {value!r}; "
+               "find them with tokenizer.convert_tokens_to_ids([...])")
+    _check(len(set(value)) == len(value), f"token indices {list(value)} repeat an id; list each token once")
+    return tuple(value)
 
 
 _CONFIG_CLASSES: dict[Any, type["PeftConfig"]] = {}
@@ -175,6 +189,7 @@ class PeftConfig:
         return load_config(path, subfolder=subfolder)
 
 
+@refuse_unimplemented_options  # peft's options deltatune lacks: a ValueError with the reason
 @dataclass(frozen=True)
 class LoraConfig(PeftConfig):
     """LoRA (Hu et al., 2021), rsLoRA (Kalajdzievski, 2023) and DoRA (Liu et al., 2024) in one config.
@@ -218,6 +233,17 @@ class LoraConfig(PeftConfig):
     """Per-module alpha overrides: {regex or name suffix: alpha}."""
     use_dora: bool = False
     """Weight-decomposed LoRA: a learned magnitude per output feature."""
+    trainable_token_indices: Sequence[int] | Mapping[str, Sequence[int]] | None = None
+    """Embedding rows that train besides the LoRA (peft's option, for added special tokens): a list of
+    token ids for the input embedding, or ``{layer name: ids}``. Tied output embeddings follow."""
+    loftq_config: Mapping[str, int] = field(default_factory=dict)
+    """With ``init_lora_weights="loftq"``: ``LoftQConfig(loftq_bits, loftq_iter)`` (kept as peft's dict)."""
+    lora_bias: bool = False
+    """A trainable bias on lora_B (peft's option); merging folds s·bias into the base layer's bias."""
+    target_parameters: Sequence[str] | None = None
+    """nn.Parameters to adapt directly (peft's option), e.g. ``["mlp.experts.gate_up_proj"]`` for MoE experts
+    stored as one 3-D tensor: one low-rank update per expert (:mod:`deltatune.methods.lora_param`). Suffix
+    match on ``<module path>.<parameter name>``; ``target_modules=[]`` adapts only these."""
 
     def validate(self) -> None:
         _check(isinstance(self.r, int) and self.r > 0, f"r must be a positive integer, got {self.r!r}")
@@ -228,16 +254,23 @@ class LoraConfig(PeftConfig):
             f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}",
         )
         init = self.init_lora_weights
-        ok_init = isinstance(init, bool) or init in ("gaussian", "pissa", "olora") or (
+        ok_init = isinstance(init, bool) or init in ("gaussian", "pissa", "olora", "loftq") or (
             isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init) is not None
         )
         _check(
             ok_init,
             f"init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'pissa', "
-            "'pissa_niter_K' or 'olora'",
+            "'pissa_niter_K', 'olora' or 'loftq'",
+        )
+        check_lora_extras(self)  # loftq_config and lora_bias (deltatune/lora_options.py)
+        _check(
+            self.target_parameters is None or all(isinstance(t, str) and t for t in self.target_parameters),
+            f"target_parameters must be a list of parameter names such as ['mlp.experts.down_proj'], got {self.target_parameters!r}",
         )
         for key, value in dict(self.rank_pattern).items():
             _check(isinstance(value, int) and value > 0, f"rank_pattern[{key!r}] must be a positive int, got {value!r}")
+        if self.trainable_token_indices is not None:
+            object.__setattr__(self, "trainable_token_indices", check_token_indices(self.trainable_token_indices, True))
         if self.layers_pattern is not None:
             _check(
                 self.layers_to_transform is not None,
@@ -275,9 +308,9 @@ PEFT_INERT_KEYS: dict[str, Any] = {
     "auto_mapping": _ANY, "peft_version": _ANY, "megatron_core": _ANY, "qalora_group_size": _ANY,
     "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None, "eva_config": None,
     "kasa_config": None, "lora_ga_config": None, "megatron_config": None, "monteclora_config": None,
-    "velora_config": None, "trainable_token_indices": None, "layer_replication": None,
-    "target_parameters": None, "use_bdlora": None, "loftq_config": {}, "ensure_weight_tying": False,
-    "lora_bias": False, "use_qalora": False, "runtime_config": _ANY, "num_transformer_submodules": _ANY,
+    "velora_config": None, "layer_replication": None,
+    "use_bdlora": None, "ensure_weight_tying": False,
+    "use_qalora": False, "runtime_config": _ANY, "num_transformer_submodules": _ANY,
     "num_attention_heads": _ANY, "num_layers": _ANY, "token_dim": _ANY, "modules_to_save": None,
 }
 
@@ -308,6 +341,7 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> PeftConfig
             f"{source}: this adapter uses peft features deltatune does not implement: "
             + ", ".join(f"{k}={v!r}" for k, v in active.items())
             + ". Loading it would give different outputs; re-train or convert it without them."
+            + "".join(f"\n  {refusal_message(k, v)}" for k, v in active.items() if k in REFUSED_LORA_OPTIONS)
         )
     unknown = sorted(k for k in rest if k not in PEFT_INERT_KEYS)
     if unknown:

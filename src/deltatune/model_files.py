@@ -12,6 +12,7 @@ from torch import nn
 from deltatune._version import __version__
 from deltatune.config import PeftConfig, load_config
 from deltatune.io import checkpoint as ckpt
+from deltatune.io.adapter_guard import checked_state_dict
 from deltatune.io.model_card import write_model_card
 from deltatune.methods.lora_init import mutated_to_lora_on_save
 from deltatune.surgery import inject
@@ -56,12 +57,14 @@ class AdapterFiles:
             ckpt.check_adapter_name(n)  # before anything is written
         if not is_main_process:
             return
+        ready = []  # every adapter is checked whole (deltatune.io.adapter_guard) before any is written
         for n in names:
-            folder = ckpt.adapter_folder(save_directory, n)
             config = self.peft_config[n].replace(inference_mode=True)
-            sd = self.get_adapter_state_dict(n, save_embedding_layers)
+            sd = checked_state_dict(self.base_model.model, n, lambda n=n: self.get_adapter_state_dict(n, save_embedding_layers))
             if path_initial_model_for_weight_conversion is not None:
                 sd, config = mutated_to_lora_on_save(sd, config, Path(path_initial_model_for_weight_conversion))
+            ready.append((ckpt.adapter_folder(save_directory, n), sd, config))
+        for folder, sd, config in ready:
             ckpt.save_adapter(sd, config, folder, safe_serialization, self._auto_mapping(config))  # one step; see deltatune.atomic
         self._write_model_card(save_directory)
 

@@ -84,8 +84,10 @@ def _is_peft_model(model: nn.Module) -> bool:
 
 def targeted_module_names(model: nn.Module) -> list[str]:
     """peft's ``targeted_module_names``: the paths (in ``model``) of the modules that got an adapter layer,
-    in module order; ``modules_to_save`` copies are not targets."""
-    return [name for name, module in model.named_modules() if isinstance(module, AdaptedLayer)]
+    in module order; ``modules_to_save`` copies are not targets, nor layers whose every adapter declares
+    ``targeted = False`` (LoRA's trainable-token rows, a tied output layer's follower: peft lists neither)."""
+    return [name for name, module in model.named_modules() if isinstance(module, AdaptedLayer)
+            and any(getattr(a, "targeted", True) for a in module.adapters.values())]
 
 
 def _agree(values: Iterable[bool | str]) -> bool | Irregular:

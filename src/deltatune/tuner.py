@@ -7,6 +7,7 @@ from torch import nn
 
 from deltatune.config import PeftConfig
 from deltatune.surgery import inject
+from deltatune.surgery.params import targeted_parameter_names
 from deltatune import status
 
 if TYPE_CHECKING:
@@ -45,6 +46,11 @@ class AdapterModel(nn.Module):
     def targeted_module_names(self) -> list[str]:
         """peft's tuner attribute: the paths (in ``.model``) of the modules that got an adapter layer."""
         return status.targeted_module_names(self.model)
+
+    @property
+    def targeted_parameter_names(self) -> list[str]:
+        """peft's tuner attribute: the paths (in ``.model``) of the parameters ``target_parameters`` adapted."""
+        return targeted_parameter_names(self.model)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         self._owner.set_adapter(adapter_name)

@@ -22,7 +22,7 @@ from transformers import (DebertaConfig, DebertaForSequenceClassification, Llama
                           MistralConfig, MistralForCausalLM, ResNetConfig, ResNetForImageClassification, T5Config,
                           T5Model)
 
-from docs_support import bug, llama_config, load_causal_lm, local_llama, oracle, ours, perturb, same_start
+from docs_support import llama_config, load_causal_lm, local_llama, oracle, ours, perturb, same_start
 from support_data import tiny_tokenizer
 from tolerances import assert_close
 
@@ -235,7 +235,6 @@ def trainable_tokens(lib, model_id):
     return lib.get_peft_model(base_model, lora_config)
 
 
-@bug("LoraConfig(trainable_token_indices=...) is not supported (TypeError: unexpected keyword)", raises=TypeError)
 def test_extending_the_vocabulary_with_trainable_tokens(tmp_path):
     model_id = local_llama(tmp_path / "base")
     theirs = oracle(trainable_tokens, model_id)

@@ -16,6 +16,7 @@ from typing import Any
 
 from deltatune.model import PeftModel
 from deltatune.models import DEFAULT_MODEL, load_model_and_tokenizer
+from deltatune.models.vocab import fit_embeddings, tokenizer_beside
 from deltatune.models.registry import get_spec
 from deltatune.train.precision import choose_precision
 
@@ -118,6 +119,9 @@ def load_for_generation(model_name: str | None, adapter: str | None, dtype: str 
         dtype = "bfloat16" if choose_precision("auto", cuda=device.startswith("cuda")).bf16 else "float32"
     model, tokenizer = load_model_and_tokenizer(model_name or DEFAULT_MODEL, dtype=getattr(torch, dtype), device=device)
     if adapter is not None:
+        # An adapter trained with added tokens carries its tokenizer: use it, and grow the embeddings to it first.
+        tokenizer = tokenizer_beside(adapter) or tokenizer
+        fit_embeddings(model, tokenizer)
         model = PeftModel.from_pretrained(model, adapter)
     return model.eval(), tokenizer
 

@@ -14,8 +14,17 @@ import argparse
 import sys
 from typing import Any
 
-from deltatune.inspect.adapter_check import base_model_verdict, llama_cpp_verdict, load_problems, parse_config, read_adapter
+from deltatune.inspect.adapter_check import (
+    base_model_verdict,
+    llama_cpp_verdict,
+    load_problems,
+    parse_config,
+    read_adapter,
+    tokenizer_verdict,
+    whole_verdict,
+)
 from deltatune.inspect.architecture import describe, layer_groups, meta_model
+from deltatune.inspect.parameters import parameter_groups
 from deltatune.inspect.presets import expand_preset, preset_table, targets_config
 from deltatune.inspect.report import (
     dry_run,
@@ -24,6 +33,7 @@ from deltatune.inspect.report import (
     format_dry_run,
     format_findings,
     format_layer_groups,
+    format_parameter_groups,
     format_presets,
 )
 from deltatune.inspect.servers import server_findings
@@ -91,6 +101,8 @@ def inspect_model(args: argparse.Namespace, out=print) -> int:
     arch = describe(config, model)
     lines = format_architecture(name, arch) + [""]
     lines += format_layer_groups(layer_groups(model, get_method("LORA").layer_types)) + [""]
+    experts = parameter_groups(model)  # MoE expert stacks: not layers, so listed on their own
+    lines += format_parameter_groups(experts, args.r) + [""] if experts else []
     lines += format_presets(preset_table(model, arch.model_type, args.r), args.r, arch.parameters)
     if args.targets or args.target_regex or args.config or args.exclude or args.layers:
         peft_config = _dry_run_config(args, arch.model_type, train_config)
@@ -100,13 +112,18 @@ def inspect_model(args: argparse.Namespace, out=print) -> int:
 
 
 def inspect_adapter(args: argparse.Namespace, out=print) -> int:
-    """Config, load check, base-model check and serving findings; 1 if it does not load on MODEL."""
+    """Config, saved-whole check, load check, base-model check and serving findings; 1 if a tensor was not
+    saved whole or it does not load on MODEL."""
     files = read_adapter(args.adapter)
     lines = format_adapter(files) + [""] + format_findings(server_findings(files.raw_config, files.tensors)) + [""]
+    whole, sentence = whole_verdict(files)  # needs no base model: a sharded save is broken on any model
+    lines += [f"Saved whole: {sentence}"]
     base = files.raw_config.get("base_model_name_or_path")
     name = args.model or base
     if not name:
         out("\n".join(lines))
+        if not whole:
+            return 1
         raise ValueError("the adapter names no base model; pass MODEL to check whether it loads")
     try:
         config = parse_config(files)
@@ -117,6 +134,8 @@ def inspect_adapter(args: argparse.Namespace, out=print) -> int:
         model_cfg = model_config(name)
     except (FileNotFoundError, ValueError) as err:
         out("\n".join(lines))
+        if not whole:
+            return 1
         raise FileNotFoundError(f"cannot build {name!r} to check the adapter against: {err} Pass MODEL explicitly.") from None
     problems = load_problems(files, config, model_cfg)
     if problems:
@@ -126,9 +145,12 @@ def inspect_adapter(args: argparse.Namespace, out=print) -> int:
         lines.append(f"Loads on {name}: yes (every key and shape matches; checked on the meta device, no weights read)")
     _, sentence = base_model_verdict(base, name)
     lines.append(f"Base model: {sentence}")
+    needs = tokenizer_verdict(files, model_cfg)
+    if needs:
+        lines.append(f"Tokenizer: {needs}")
     lines.append(f"llama.cpp: {llama_cpp_verdict(files, model_cfg)[1]}")
     out("\n".join(lines))
-    return 1 if problems else 0
+    return 1 if problems or not whole else 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -43,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"a preset ({', '.join(TARGET_PRESETS)}) or comma-separated layer names (default all-linear)")
     p.add_argument("--lora-dropout", type=float, default=0.05,
                    help="LoRA/DoRA dropout (default 0.05); DoRA with dropout takes a path that saves more for backward")
+    p.add_argument("--target-parameters", default="", metavar="NAMES",
+                   help="LoRA: comma-separated nn.Parameters to adapt too, e.g. mlp.experts.gate_up_proj,mlp.experts.down_proj "
+                        "(MoE experts; needs --lora-dropout 0; --targets none adapts only these)")
     p.add_argument("--num-virtual-tokens", type=int, default=20, help="prompt/prefix length (default 20)")
     p.add_argument("--batch", type=int, default=4, help="micro-batch size (default 4)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
@@ -71,6 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _setup(args: argparse.Namespace, method: str):
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     return TrainSetup(method=method, r=args.r, lora_alpha=args.alpha, lora_dropout=args.lora_dropout, targets=args.targets,
+                      target_parameters=args.target_parameters,
                       num_virtual_tokens=args.num_virtual_tokens, batch_size=args.batch, seq_len=args.seq_len,
                       grad_checkpointing=args.grad_checkpointing, dtype=dtype, optimizer=args.optimizer,
                       loss=args.loss, device=args.device)

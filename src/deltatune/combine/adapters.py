@@ -247,6 +247,11 @@ def _factors(name: str, adapter_name: str, adapter: nn.Module, base_layer: nn.Mo
             f"{name}: adapter {adapter_name!r} is a {type(adapter).__name__}; add_weighted_adapter combines LoRA "
             "adapters on linear and embedding layers (and IA3 adapters), not yet LoRA on convolutions."
         )
+    if getattr(adapter, "lora_B_bias", None) is not None:
+        raise ValueError(
+            f"{name}: adapter {adapter_name!r} has a lora_B bias (lora_bias=True); add_weighted_adapter combines the "
+            "low-rank factors only and would drop it. Merge such adapters into the weights instead (merge_and_unload)."
+        )
     # Embeddings and GPT-2's Conv1D store the base weight (in, out): peft prunes in that layout.
     fifo = isinstance(adapter, LoraEmbedding) or _is_conv1d(base_layer)
     return LoraFactors(adapter.lora_A.detach(), adapter.lora_B.detach(), float(adapter.scaling), fifo, adapter.use_dora)

@@ -27,3 +27,11 @@ def check_names_and_weights(known: Mapping[str, Any], adapters: Sequence[str], w
     missing = [a for a in adapters if a not in known]
     if missing:
         raise ValueError(f"no adapter named {missing[0]!r}; this model has {sorted(known)}.")
+    rows = [a for a in adapters if getattr(known[a], "trainable_token_indices", None) is not None]
+    if rows:
+        raise ValueError(f"adapter {rows[0]!r} trains embedding rows (trainable_token_indices), which "
+                         "add_weighted_adapter cannot combine; combine adapters without them")
+    params = [a for a in adapters if getattr(known[a], "target_parameters", None)]
+    if params:
+        raise ValueError(f"adapter {params[0]!r} adapts nn.Parameters (target_parameters: MoE experts), which "
+                         "add_weighted_adapter cannot combine (peft refuses it too); combine adapters without them")

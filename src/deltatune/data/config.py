@@ -77,6 +77,11 @@ class DataConfig:
     article_tokens: int = 112
     """``bbc-news`` only: token budget for the article's opening shown in the prompt."""
 
+    add_special_tokens: tuple[str, ...] = ()
+    """Special tokens to add to the tokenizer (e.g. ``["<tool_call>", "</tool_call>"]``): the embeddings are
+    resized, the new rows train (LoRA's ``trainable_token_indices``, or ``trainable_tokens``' ``token_indices``),
+    and the tokenizer is saved next to the adapter."""
+
     def __post_init__(self) -> None:
         def fail(field: str, got: object, expected: str) -> None:
             raise ValueError(f"DataConfig.{field} is {got!r}; expected {expected}.")
@@ -107,6 +112,11 @@ class DataConfig:
                  "and the answer need the rest); lower it or raise max_length")
         if self.is_builtin and self.eval_source is not None:
             fail("eval_source", self.eval_source, f"None for the built-in {self.source!r} dataset (use eval_size)")
+        tokens = self.add_special_tokens
+        if not isinstance(tokens, (list, tuple)) or not all(isinstance(t, str) and t.strip() for t in tokens) \
+                or len(set(tokens)) != len(tokens):
+            fail("add_special_tokens", tokens, 'a list of distinct non-empty strings, e.g. ["<tool_call>"]')
+        object.__setattr__(self, "add_special_tokens", tuple(tokens))
         if self.is_builtin and self.format not in ("auto", "chat"):
             fail("format", self.format, f"'auto' for the built-in {self.source!r} dataset (it is already chat-formatted)")
 
@@ -117,7 +127,7 @@ class DataConfig:
 
     def to_dict(self) -> dict:
         """Plain dict of the fields, for writing into a run's config file."""
-        return asdict(self)
+        return {**asdict(self), "add_special_tokens": list(self.add_special_tokens)}
 
     @classmethod
     def from_dict(cls, values: dict) -> "DataConfig":

@@ -12,6 +12,7 @@ import torch
 from deltatune.io.config_io import CONFIG_NAME, load_config
 from deltatune.model import PeftModel
 from deltatune.models import load_model_and_tokenizer
+from deltatune.models.vocab import fit_embeddings, tokenizer_beside
 from deltatune.models.cache import read_marker
 from deltatune.models.registry import get_spec
 
@@ -97,6 +98,7 @@ def load_adapted(adapter: str | Path, base: str) -> Any:
     """Base model (float32) with the adapter attached, unmerged; a shape mismatch is an error that says
     the adapter belongs to another base."""
     model, tokenizer = load_model_and_tokenizer(base, dtype=torch.float32)
+    tokenizer = _fit_to_adapter(model, adapter, tokenizer)
     return _attach(model, adapter, base), tokenizer
 
 
@@ -105,11 +107,27 @@ def merged_model(adapter: str | Path, base: str) -> tuple[Any, Any, bool]:
     so that a merge into one cannot change the other, and tied again if both stay equal; ``untied`` says
     they ended up separate."""
     base_model, tokenizer = load_model_and_tokenizer(base, dtype=torch.float32)
-    was_tied = untie_embeddings(base_model)
+    tokenizer = _fit_to_adapter(base_model, adapter, tokenizer)
+    # Trainable tokens write the same rows into tied embeddings, so the tie stays (as in peft).
+    was_tied = False if _trains_token_rows(adapter) else untie_embeddings(base_model)
     peft_model = _attach(base_model, adapter, base)
     merged = peft_model.merge_and_unload()
     untied = retie_or_record(merged) if was_tied else False
     return merged, tokenizer, untied
+
+
+def _fit_to_adapter(model: Any, adapter: str | Path, tokenizer: Any) -> Any:
+    """The adapter folder's tokenizer if it has one (added tokens), with ``model`` grown to it; else ``tokenizer``."""
+    own = tokenizer_beside(adapter)
+    if own is None:
+        return tokenizer
+    fit_embeddings(model, own)
+    return own
+
+
+def _trains_token_rows(adapter: str | Path) -> bool:
+    config = read_adapter_config(adapter)
+    return config.peft_type.value == "TRAINABLE_TOKENS" or getattr(config, "trainable_token_indices", None) is not None
 
 
 def _attach(model: Any, adapter: str | Path, base: str) -> Any:

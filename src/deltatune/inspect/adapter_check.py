@@ -7,7 +7,9 @@ copy is a no-op, so what it reports is exactly what a real load would refuse.
 """
 from __future__ import annotations
 
+import copy
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,11 +19,12 @@ import torch
 from deltatune.config import PeftConfig, PeftType
 from deltatune.export.gguf_lora import gguf_lora_problems
 from deltatune.export.tensor_names import ARCHITECTURES
-from deltatune.io.checkpoint import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, reading_weights, set_peft_model_state_dict
+from deltatune.io.adapter_guard import describe_problems, saved_adapter_problems
+from deltatune.io.checkpoint import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, reading_weights
 from deltatune.io.config_io import CONFIG_NAME, config_from_dict, read_config_json
 from deltatune.inspect.architecture import meta_model
-from deltatune.methods.base import get_method
 from deltatune.model import get_peft_model
+from deltatune.models.vocab import tokenizer_beside
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -110,6 +113,8 @@ def _shape_only(config: PeftConfig) -> PeftConfig:
     changes: dict[str, Any] = {"inference_mode": True}
     if isinstance(getattr(config, "init_lora_weights", None), str):
         changes["init_lora_weights"] = True
+        if getattr(config, "loftq_config", None):
+            changes["loftq_config"] = {}  # LoftQ's settings go with its initialisation
     if getattr(config, "prompt_tuning_init", None) == "TEXT":
         changes.update(prompt_tuning_init="RANDOM", tokenizer_kwargs=None)
     return config.replace(**changes)
@@ -121,6 +126,11 @@ def load_problems(files: AdapterFiles, config: PeftConfig, model_config: Any) ->
     Runs the same steps as ``PeftModel.from_pretrained`` (attach, then the method's all-or-nothing
     loader) on a meta-device model with meta tensors of the saved shapes.
     """
+    vocab = adapter_vocab(files)
+    if vocab is not None and tokenizer_beside(files.folder) is not None and hasattr(model_config, "vocab_size"):
+        # the loaders grow the base to the tokenizer saved beside the adapter first (tokenizer_verdict says so)
+        model_config = copy.copy(model_config)
+        model_config.vocab_size = vocab
     model = meta_model(model_config, config.task_type)
     try:
         with torch.device("meta"):
@@ -133,6 +143,46 @@ def load_problems(files: AdapterFiles, config: PeftConfig, model_config: Any) ->
     except ValueError as err:
         return [str(err)]
     return _prompt_size_problems(config, model_config)
+
+
+_EMBEDDING_KEY = re.compile(r"(embed_tokens|wte|word_embeddings|lm_head)(\.token_adapter)?(\.base_layer)?\.weight$")
+
+
+def adapter_vocab(files: AdapterFiles) -> int | None:
+    """The vocabulary the adapter was trained with: its saved tokenizer's size, else the rows of a saved
+    embedding matrix (peft saves them when the vocabulary was resized); None if neither is there."""
+    tokenizer = tokenizer_beside(files.folder)
+    if tokenizer is not None:
+        return len(tokenizer)
+    rows = [shape[0] for k, (shape, _) in files.tensors.items() if len(shape) == 2 and _EMBEDDING_KEY.search(k)]
+    return max(rows) if rows else None
+
+
+def tokenizer_verdict(files: AdapterFiles, model_config: Any) -> str | None:
+    """Which tokenizer the adapter needs when its vocabulary differs from the base model's; None when it does not."""
+    vocab, base = adapter_vocab(files), getattr(model_config, "vocab_size", None)
+    if vocab is None or base is None or vocab <= base:
+        return None
+    if tokenizer_beside(files.folder) is not None:
+        return (f"the adapter's vocabulary has {vocab} tokens, the base model's {base}: use the tokenizer saved in "
+                f"{files.folder} and resize the base's embeddings to it before loading (deltatune generate and "
+                "export, and AutoPeftModel, do)")
+    return (f"the adapter's vocabulary has {vocab} tokens, the base model's {base}, and no tokenizer is saved beside "
+            "it: add the same tokens to the base tokenizer, then model.resize_token_embeddings(len(tokenizer))")
+
+
+def whole_verdict(files: AdapterFiles) -> tuple[bool, str]:
+    """Was every tensor saved whole? The checks :mod:`deltatune.io.adapter_guard` runs on each save, on the
+    folder's config and saved shapes alone (empty tensors, flattened 1-D factors, FSDP1 wrapper keys, ranks
+    that disagree): what ZeRO-3 and FSDP runs wrote before that guard existed.
+
+    Returns:
+        ``(whole, text)``; when not whole, the text names each tensor, the cause and the fix.
+    """
+    problems = saved_adapter_problems(files.raw_config, {k: shape for k, (shape, _) in files.tensors.items()})
+    if not problems:
+        return True, "yes (no empty, flattened or FSDP-wrapped tensors; ranks agree with the config)"
+    return False, f"NO: {len(problems)} tensors were not saved whole\n{describe_problems(problems)}"
 
 
 def _model_value(model_config: Any, names: tuple[str, ...]) -> Any:

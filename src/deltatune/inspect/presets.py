@@ -11,7 +11,9 @@ from typing import Any, Sequence
 from torch import nn
 
 from deltatune.config import LoraConfig
+from deltatune.inspect.parameters import parameter_lora_count
 from deltatune.methods.base import layer_dims
+from deltatune.methods.lora_param import peft_moe_config
 # The preset table lives with target resolution; re-exported here, where the inspection API names it.
 from deltatune.surgery.presets import FAMILY_PRESETS, PRESET_NAMES, presets_for  # noqa: F401
 from deltatune.surgery.targets import pattern_value, resolve_targets
@@ -56,11 +58,13 @@ def preset_table(model: nn.Module, model_type: str, r: int) -> list[PresetRow]:
     for name, targets in presets_for(model_type).items():
         config = LoraConfig(r=r, target_modules=targets)
         try:
+            config = peft_moe_config(config, model) or config  # fused-MoE families: router/experts become parameters
             chosen = resolve_targets(model, config)
         except ValueError as err:
             rows.append(PresetRow(name, targets, 0, 0, str(err)))
             continue
-        rows.append(PresetRow(name, targets, len(chosen), lora_parameter_count(model, config, chosen), None))
+        trainable = lora_parameter_count(model, config, chosen) + parameter_lora_count(model, config)
+        rows.append(PresetRow(name, targets, len(chosen), trainable, None))
     return rows
 
 

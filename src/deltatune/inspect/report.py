@@ -11,6 +11,7 @@ from torch import nn
 from deltatune.config import PeftConfig
 from deltatune.inspect.adapter_check import AdapterFiles
 from deltatune.inspect.architecture import Architecture, LayerGroup
+from deltatune.inspect.parameters import ParameterGroup
 from deltatune.inspect.presets import PresetRow
 from deltatune.inspect.servers import Finding
 from deltatune.model import get_peft_model
@@ -49,6 +50,13 @@ def format_layer_groups(groups: Sequence[LayerGroup]) -> list[str]:
         for g in groups
     ]
     return ["Layers an adapter can wrap (* = block index):", *_table(rows)]
+
+
+def format_parameter_groups(groups: Sequence[ParameterGroup], r: int) -> list[str]:
+    """One line per group of parameters only ``target_parameters`` reaches (MoE experts), with its LoRA size."""
+    rows = [[g.pattern, f"{g.experts} x {g.in_features}->{g.out_features}" if g.experts > 1 else f"{g.in_features}->{g.out_features}",
+             f"x{g.count}", f"target_parameters: {g.target!r}", f"r={r}: {g.lora_parameters(r):,} params"] for g in groups]
+    return ["Parameters only target_parameters can adapt (experts x in->out; one LoRA per expert):", *_table(rows)]
 
 
 def format_presets(rows: Sequence[PresetRow], r: int, base_parameters: int) -> list[str]:

@@ -75,12 +75,16 @@ def adapter_key_map(
     """
     keys: dict[str, torch.Tensor] = {}
     optional: set[str] = set()
+    with_embeddings: dict[str, torch.Tensor] = {}
     for name, host in adapted_layers(model):
         adapter = host.adapters[adapter_name] if adapter_name in host.adapters else None
         if adapter is None:
             continue
         for suffix, tensor in adapter.peft_state_dict().items():
             keys[f"{PREFIX}{name}.{suffix}"] = tensor
+        # peft writes some tensors only inside the embedding matrices it saves (a tied token adapter's rows)
+        for suffix, tensor in getattr(adapter, "peft_embedding_state_dict", dict)().items():
+            with_embeddings[f"{PREFIX}{name}.{suffix}"] = tensor
     for name, wrapper in save_wrappers(model):
         if adapter_name in wrapper.modules_to_save:
             for pname, tensor in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
@@ -105,6 +109,7 @@ def adapter_key_map(
     embeddings = _embedding_layers_to_save(model, config, save_embedding_layers)
     if embeddings is not None:
         extra.update(_embedding_params(model, embeddings == "wrapped"))
+        extra.update(with_embeddings)
     for k, v in extra.items():
         if k not in keys:
             keys[k] = v

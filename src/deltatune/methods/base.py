@@ -105,6 +105,9 @@ class Method:
     callbacks: tuple[Callable[[], Any], ...] = ()
     """Factories of the transformers ``TrainerCallback``s that training with this method needs
     (AdaLoRA's rank allocation); ``deltatune train`` adds them."""
+    make_param_adapter: Callable[[PeftConfig, nn.Module, str, tuple[str, ...]], Adapter] | None = None
+    """``(config, module, module_name, parameter names) -> ParameterAdapter`` for ``target_parameters``
+    (LoRA on MoE expert stacks, :mod:`deltatune.methods.lora_param`); None: the method cannot adapt parameters."""
 
     def __post_init__(self) -> None:
         if not self.name:

@@ -1,5 +1,5 @@
 """LoRA, rsLoRA and DoRA on Linear, transformers' Conv1D, Embedding and 4-bit/8-bit linear layers
-(nn.Conv1d/2d/3d: :mod:`deltatune.methods.lora_conv`).
+(nn.Conv1d/2d/3d: :mod:`deltatune.methods.lora_conv`; MoE expert parameters: :mod:`deltatune.methods.lora_param`).
 
 LoRA (Hu et al., 2021, arXiv:2106.09685): y = W x + s · B A x, with s = alpha / r.
 rsLoRA (Kalajdzievski, 2023, arXiv:2312.03732): s = alpha / sqrt(r).
@@ -31,7 +31,9 @@ from deltatune.methods.base import LLAMA_LINEAR, Adapter, Method, Variant, adapt
 from deltatune.methods.default_targets import LORA_DEFAULT_TARGETS, present  # LORA_DEFAULT_TARGETS re-exported
 from deltatune.methods.lora_conv import CONV_TYPES, make_lora_conv
 from deltatune.methods.lora_init import init_factors
-from deltatune.methods.lora_kernels import dora_linear, lora_linear
+from deltatune.methods.lora_param import make_lora_param_adapter, peft_moe_config
+from deltatune.methods.lora_bias import fold_lora_bias, lora_bias_for
+from deltatune.methods.lora_kernels import autocast_dtype as _autocast_dtype, dora_linear, lora_linear
 from deltatune.quant import quantized_linear_types
 from deltatune.surgery.targets import default_targets, pattern_value
 
@@ -78,14 +80,6 @@ class _LastMask(threading.local):
 _LAST_MASK = _LastMask()
 
 
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast runs matmuls in on x's device, None where autocast is off."""
-    device = x.device.type
-    if device in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return None
-
-
 def _keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """Bool mask like x, True (keep) with probability 1 - p (p rounded to 2^-15). The CPU generator is serial
     (it does not scale with threads), so its draws are dropout's main cost: each 31-bit integer draw feeds
@@ -129,9 +123,11 @@ def _shared_dropout_mask(x: torch.Tensor, p: float, user: nn.Module) -> torch.Te
 class LoraLinear(Adapter):
     """LoRA/rsLoRA/DoRA for any layer with an (out, in) weight: nn.Linear, Conv1D, Linear4bit."""
 
-    peft_keys = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude_vector": "lora_magnitude_vector"}
+    peft_keys = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude_vector": "lora_magnitude_vector",
+                 "lora_B_bias": "lora_B.bias"}
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool) -> None:
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool,
+                 lora_bias: nn.Parameter | None = None) -> None:
         super().__init__()
         out_f, in_f = layer_dims(base_layer)
         dtype = adapter_dtype(base_layer)
@@ -141,8 +137,9 @@ class LoraLinear(Adapter):
         self.lora_A = nn.Parameter(torch.zeros(r, in_f, dtype=dtype))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(out_f, r, dtype=dtype))  # (out, r)
         self.lora_magnitude_vector = nn.Parameter(torch.ones(out_f, dtype=dtype)) if use_dora else None
-        # The fused kernels need a plain dense nn.Linear base; anything else takes the generic path.
-        self.fuses_base = type(base_layer) is nn.Linear
+        self.lora_B_bias = lora_bias  # (out,) peft's lora_B.bias, or None (methods/lora_bias.py)
+        # The fused kernels need a plain dense nn.Linear base and no lora bias; anything else takes the generic path.
+        self.fuses_base = type(base_layer) is nn.Linear and lora_bias is None
         self._merge_norm: torch.Tensor | None = None
         # Set by merged_inference() only; forward then takes merged_forward where it can.
         self.run_merged = False
@@ -242,6 +239,7 @@ class LoraLinear(Adapter):
     def _generic(self, x: torch.Tensor, base: nn.Module, base_out: torch.Tensor) -> torch.Tensor:
         xd = F.dropout(x, self.dropout_p, self.training).to(self.lora_A.dtype)
         delta = lora_delta(xd, self.lora_A, self.lora_B, self.scaling)  # (..., out)
+        delta = delta if self.lora_B_bias is None else delta + self.scaling * self.lora_B_bias  # lora_bias (no DoRA)
         if not self.use_dora:
             return base_out + delta.to(base_out.dtype)
         W = dense_weight(base, self.lora_A.dtype)
@@ -261,6 +259,7 @@ class LoraLinear(Adapter):
     @torch.no_grad()
     def merge(self, base_layer: nn.Module) -> None:
         if not self.use_dora:
+            fold_lora_bias(self, base_layer, +1)
             return super().merge(base_layer)
         W = dense_weight(base_layer, torch.float32)
         norm = self._norm(W)
@@ -271,6 +270,7 @@ class LoraLinear(Adapter):
     @torch.no_grad()
     def unmerge(self, base_layer: nn.Module) -> None:
         if not self.use_dora:
+            fold_lora_bias(self, base_layer, -1)
             return super().unmerge(base_layer)
         W = dense_weight(base_layer, torch.float32)
         scale = (self.lora_magnitude_vector.float() / self._merge_norm)[:, None]
@@ -346,6 +346,7 @@ def make_lora_adapter(config: LoraConfig, base_layer: nn.Module, module_name: st
     """Build and initialise one LoRA adapter for ``base_layer`` (may move the base weight for PiSSA/OLoRA)."""
     r = pattern_value(config.rank_pattern, module_name, config.r)
     alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
+    bias = lora_bias_for(config, base_layer, module_name, r)  # None without lora_bias (methods/lora_bias.py)
     if isinstance(base_layer, CONV_TYPES):
         return make_lora_conv(config, base_layer, r, alpha)  # methods/lora_conv.py
     if isinstance(base_layer, nn.Embedding):
@@ -356,8 +357,8 @@ def make_lora_adapter(config: LoraConfig, base_layer: nn.Module, module_name: st
             )
         adapter: Adapter = LoraEmbedding(base_layer, r, alpha, config.use_rslora)
     else:
-        adapter = LoraLinear(base_layer, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora)
-    init_factors(adapter, base_layer, config.init_lora_weights)
+        adapter = LoraLinear(base_layer, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora, bias)
+    init_factors(adapter, base_layer, config.init_lora_weights, config.loftq_config)
     if isinstance(adapter, LoraLinear):
         adapter.init_magnitude(base_layer)
     return adapter
@@ -372,9 +373,8 @@ def _supported_types() -> tuple[type, ...]:
 def prepare_lora_config(config: LoraConfig, model: nn.Module) -> LoraConfig:
     """peft's per-family default targets written into the config when ``target_modules`` is None, as peft
     does: the saved ``adapter_config.json`` then names the modules (serving tools read that list)."""
-    if config.target_modules is not None:
-        return config
-
+    if (prepared := peft_moe_config(config, model)) is not None:  # target_parameters, MoE experts: lora_param.py
+        return prepared
     targets = present(model, default_targets(model, PeftType.LORA))
     return config.replace(target_modules=targets if isinstance(targets, str) else list(targets))
 
@@ -395,6 +395,6 @@ register_method(
             Variant("qlora", quantized=True),
         ),
         train_preset=LORA_PRESET, default_targets=types.MappingProxyType(LORA_DEFAULT_TARGETS),
-        merges=True, servable=True, plannable=True,
+        merges=True, servable=True, plannable=True, make_param_adapter=make_lora_param_adapter,
     )
 )

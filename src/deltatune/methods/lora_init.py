@@ -7,6 +7,7 @@
 - "pissa" / "pissa_niter_K" (Meng et al., 2024, arXiv:2404.02948): A, B from the top-r singular
   triplets of W, and W keeps the residual, so the wrapped layer is unchanged at start.
 - "olora" (Büyükakyüz, 2024, arXiv:2406.01775): A, B from a QR decomposition of W; W keeps the residual.
+- "loftq" (Li et al., 2023, arXiv:2310.08659): :mod:`deltatune.methods.lora_loftq`; W becomes its quantization.
 """
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ from torch import nn
 from deltatune.config import PeftConfig, PeftType, load_config
 from deltatune.io import checkpoint as ckpt
 from deltatune.io.config_io import save_config
+from deltatune.methods.lora_loftq import loftq_init_
 from deltatune.surgery.adapter import dense_weight, set_dense_weight
 
 
 @torch.no_grad()
-def init_factors(adapter: nn.Module, base_layer: nn.Module, how: bool | str) -> None:
+def init_factors(adapter: nn.Module, base_layer: nn.Module, how: bool | str, loftq_config=None) -> None:
     A, B = adapter.lora_A, adapter.lora_B
     embedding = isinstance(base_layer, nn.Embedding)
     if how is True:
@@ -51,6 +53,8 @@ def init_factors(adapter: nn.Module, base_layer: nn.Module, how: bool | str) -> 
         _principal_init(adapter, base_layer, how)
     elif how == "olora":
         _residual_init(adapter, base_layer, *_qr_factors(dense_weight(base_layer, torch.float32), adapter.r))
+    elif how == "loftq":
+        loftq_init_(adapter, base_layer, loftq_config or {})
     else:
         raise ValueError(f"init_lora_weights={how!r} is not supported")
 

@@ -23,6 +23,14 @@ def _thin(left_t: torch.Tensor, right_t: torch.Tensor) -> torch.Tensor:
     return torch.mm(left_t, right_t).T
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on x's device, None where autocast is off."""
+    device = x.device.type
+    if device in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
 class _LoraLinearFn(torch.autograd.Function):
     """y = x Wᵀ + b + s · (x̃ Aᵀ) Bᵀ, where x̃ = x ⊙ mask · k (dropout; k = 1/(1-p)) or x̃ = x.
 

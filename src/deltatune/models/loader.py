@@ -103,6 +103,7 @@ def load_model_and_tokenizer(
     name_or_path: PathLike = DEFAULT_MODEL,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
+    **from_pretrained: Any,
 ) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer, with the registry's tokenizer fixes applied.
 
@@ -110,6 +111,7 @@ def load_model_and_tokenizer(
         name_or_path: as for :func:`resolve_model_path`.
         dtype: parameter dtype of the returned model.
         device: where to put the model; None leaves it on the CPU.
+        **from_pretrained: passed to transformers' ``from_pretrained`` (e.g. ``distributed_config``).
 
     Returns:
         ``(model, tokenizer)``. The model is in eval mode, has no quantizer attached, and its
@@ -128,7 +130,7 @@ def load_model_and_tokenizer(
     )
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **from_pretrained)
     except (OSError, ValueError) as err:
         hint = (
             f" It is a deltatune cache folder: delete it ({folder}) and run again to convert afresh."

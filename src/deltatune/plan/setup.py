@@ -113,6 +113,10 @@ class TrainSetup:
     lora_dropout: float = 0.05
     """LoRA dropout (a dropout > 0 keeps a 1-byte mask per adapted input for backward)."""
 
+    target_parameters: str = ""
+    """LoRA family: comma-separated ``nn.Parameter`` names to adapt too (``mlp.experts.gate_up_proj``: MoE
+    experts, one update per expert); needs ``lora_dropout=0``. With it, ``targets="none"`` adapts no module."""
+
     def __post_init__(self) -> None:
         def fail(field: str, expected: str) -> None:
             raise ValueError(f"TrainSetup.{field} is {getattr(self, field)!r}; expected {expected}.")
@@ -137,6 +141,10 @@ class TrainSetup:
             fail("lora_dropout", "a number in [0, 1)")
         if not isinstance(self.targets, str) or not self.targets.strip():
             fail("targets", f"a preset ({', '.join(TARGET_PRESETS)}) or comma-separated layer names")
+        if self.target_parameters and self.lora_dropout:
+            fail("lora_dropout", "0 with target_parameters (LoRA on a parameter has no dropout; --lora-dropout 0)")
+        if self.targets.strip() == "none" and not self.target_parameters:
+            fail("targets", "a preset or layer names ('none' only together with target_parameters)")
 
     def replace(self, **changes: Any) -> "TrainSetup":
         """A copy with some fields changed (validated again)."""
@@ -222,9 +230,11 @@ def peft_config_for(setup: TrainSetup, model: Any) -> Any:
     if method.peft_type == PeftType.BOTTLENECK:
         return cls(bottleneck_size=setup.r, task_type="CAUSAL_LM")
     if method.peft_type == PeftType.LORA:
+        params = [t for t in re.split(r"[,\s]+", setup.target_parameters) if t]
+        modules = [] if setup.targets.strip() == "none" else resolve_target_names(model, setup.targets)
         return cls(
-            r=setup.r, lora_alpha=setup.alpha, lora_dropout=setup.lora_dropout,
-            target_modules=resolve_target_names(model, setup.targets), task_type="CAUSAL_LM", **variant.fixed,
+            r=setup.r, lora_alpha=setup.alpha, lora_dropout=setup.lora_dropout, target_modules=modules,
+            target_parameters=params or None, task_type="CAUSAL_LM", **variant.fixed,
         )
     # Any other registered method: its train preset, with the rank and targets of the setup where it has them.
     values: dict[str, Any] = {**method.train_preset, **variant.fixed, "task_type": "CAUSAL_LM"}

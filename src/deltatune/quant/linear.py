@@ -25,7 +25,9 @@ Linear8bit:
 ``row_absmax``        float32    (out,)                          max|row|
 ====================  =========  ==============================  ==================================
 
-``n_blocks = ceil(out * in / blocksize)``. The codes and constants equal bitsandbytes'
+``n_blocks = ceil(out * in / blocksize)``. After :func:`deltatune.quant.fsdp.prepare_for_fsdp`, a 4-bit
+``qweight`` is a frozen ``nn.Parameter`` (so FSDP shards it), possibly stored as float bytes
+(``quant_storage``); the other keys stay buffers. The codes and constants equal bitsandbytes'
 (``quantize_4bit(..., compress_statistics=double_quant)`` and ``int8_vectorwise_quant``). The
 level tables are constants (see :mod:`deltatune.quant.codebooks`) and are not stored.
 """
@@ -122,10 +124,15 @@ class _QuantLinear(nn.Module):
                 y = y + self.bias.to(y.dtype)
         return y.view(*lead, self.out_features).to(dtype if autocast else x.dtype)
 
+    def _quant_tensor(self, name: str) -> torch.Tensor | None:
+        """Quantized tensor ``name``: a buffer, or a frozen parameter once prepared for FSDP."""
+        t = self._buffers.get(name)
+        return self._parameters.get(name) if t is None else t
+
     def _apply(self, fn, recurse=True):
-        # Module.to(dtype) / .half() would round the fp32 quantization constants; keep their dtype
-        # and apply only the device part of the move.
-        quant = {id(b) for k in self._QUANT_BUFFERS if (b := self._buffers.get(k)) is not None}
+        # Module.to(dtype) / .half() would round the fp32 quantization constants (and reinterpret
+        # float-stored packed bytes); keep their dtype and apply only the device part of the move.
+        quant = {id(b) for k in self._QUANT_BUFFERS if (b := self._quant_tensor(k)) is not None}
 
         def keep_dtype(t):
             out = fn(t)
@@ -140,7 +147,7 @@ class _QuantLinear(nn.Module):
                               error_msgs):
         # load_state_dict would silently cast e.g. float32 absmax into our uint8 buffer.
         for k in self._QUANT_BUFFERS:
-            mine, theirs = self._buffers.get(k), state_dict.get(prefix + k)
+            mine, theirs = self._quant_tensor(k), state_dict.get(prefix + k)
             if mine is not None and theirs is not None and theirs.dtype != mine.dtype:
                 error_msgs.append(
                     f"{prefix}{k} is {theirs.dtype} in the checkpoint but {mine.dtype} in this "
@@ -157,10 +164,12 @@ class _QuantLinear(nn.Module):
             self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
 
     def num_quantized_parameters(self) -> int:
-        """The weight's logical element count (out * in). The packed weight is a buffer, not a parameter,
-        so parameter counts (``get_nb_trainable_parameters``, ``plan``) add this to count the model whole,
-        as peft does for bitsandbytes layers."""
-        return self.in_features * self.out_features
+        """What parameter counts (``get_nb_trainable_parameters``, ``plan``) add to ``parameters()`` to
+        count this layer's weight as its logical out * in elements, as peft does for bitsandbytes layers:
+        out * in while the packed weight is a buffer, minus the packed elements once it is a parameter
+        (after ``prepare_for_fsdp``; a DTensor's numel is its global one, so sharding changes nothing)."""
+        packed = self._parameters.get("qweight")
+        return self.in_features * self.out_features - (0 if packed is None else packed.numel())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -168,7 +177,8 @@ class _QuantLinear(nn.Module):
 
 
 def quantized_parameter_count(model: nn.Module) -> int:
-    """The logical weight elements held by ``model``'s quantized layers (buffers, so ``parameters()`` misses them)."""
+    """The logical weight elements of ``model``'s quantized layers that ``parameters()`` misses (see
+    ``num_quantized_parameters``)."""
     return sum(m.num_quantized_parameters() for m in model.modules() if isinstance(m, _QuantLinear))
 
 
@@ -189,6 +199,8 @@ class Linear4bit(_QuantLinear):
     """
 
     _QUANT_BUFFERS = ("qweight", "absmax", "nested_absmax", "nested_offset")
+    quant_storage = torch.uint8
+    """dtype ``qweight`` is stored in; other than uint8 only after ``prepare_for_fsdp(..., quant_storage)``."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, quant_type: str = "nf4",
                  blocksize: int = 64, double_quant: bool = True, compute_dtype: torch.dtype = torch.float32,
@@ -221,10 +233,24 @@ class Linear4bit(_QuantLinear):
         return layer
 
     @property
+    def packed_weight(self) -> torch.Tensor:
+        """The packed codes as uint8 (ceil(out*in / 2),), sharing memory with ``qweight`` whatever its storage dtype."""
+        q = self.qweight
+        if q.dtype == torch.uint8:
+            return q
+        if q.dtype != self.quant_storage:
+            raise RuntimeError(
+                f"{type(self).__name__}.qweight holds packed 4-bit codes stored as {self.quant_storage} but is now "
+                f"{q.dtype}: something cast it (e.g. FSDP MixedPrecisionPolicy(param_dtype={q.dtype}) on a float "
+                "storage). Use prepare_for_fsdp(model, quant_storage=torch.uint8), which is never cast, or a "
+                "quant_storage equal to param_dtype.")
+        return q.view(torch.uint8)[: (self.qweight_numel + 1) // 2]
+
+    @property
     def quant_state(self) -> QuantState:
         """The stored weight as a :class:`QuantState` (shares memory with the buffers)."""
         dq = self.double_quant
-        return QuantState(self.qweight, self.absmax, torch.Size((self.out_features, self.in_features)),
+        return QuantState(self.packed_weight, self.absmax, torch.Size((self.out_features, self.in_features)),
                           self.compute_dtype, self.quant_type, self.blocksize,
                           self.nested_absmax if dq else None, self.nested_offset if dq else None)
 
@@ -234,13 +260,13 @@ class Linear4bit(_QuantLinear):
         self._check_weight(weight)
         state = quantize_4bit(weight.to(self.qweight.device), self.quant_type, self.blocksize, self.double_quant)
         for name, t in state.tensors().items():
-            getattr(self, "qweight" if name == "packed" else name).copy_(t)
+            (self.packed_weight if name == "packed" else getattr(self, name)).copy_(t)
         self._weight_cache = None
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight (out, in) in ``dtype`` (default: the compute dtype)."""
-        absmax = absmax_float(self.quant_state)
-        w = dequantize_range(self.qweight, absmax, self.quant_type, self.blocksize, 0, self.qweight_numel)
+        state = self.quant_state
+        w = dequantize_range(state.packed, absmax_float(state), self.quant_type, self.blocksize, 0, self.qweight_numel)
         return w.view(self.out_features, self.in_features).to(dtype or self.compute_dtype)
 
     @property

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from deltatune.models.checkpointing import enable_activation_checkpointing
+from deltatune.quant.linear import quantized_layers
 
 
 def prepare_model_for_kbit_training(
@@ -20,8 +21,8 @@ def prepare_model_for_kbit_training(
 
     1. freeze every parameter (adapters added afterwards are the only trainable ones);
     2. cast float16/bfloat16 parameters (norms, embeddings, head, biases; the quantized weights are
-       buffers and untouched) to float32, since low-precision norms and heads make training unstable
-       (QLoRA keeps them in higher precision);
+       buffers, or packed bytes after ``prepare_for_fsdp``, and untouched) to float32, since
+       low-precision norms and heads make training unstable (QLoRA keeps them in higher precision);
     3. with ``use_gradient_checkpointing``: make the input embeddings' output require grad (so the
        gradient reaches adapters inside checkpointed blocks whose inputs are otherwise frozen) and
        turn on gradient checkpointing, non-reentrant by default.
@@ -40,8 +41,9 @@ def prepare_model_for_kbit_training(
     """
     for param in model.parameters():
         param.requires_grad = False
+    packed = {id(layer.qweight) for _, layer in quantized_layers(model)}  # codes, not numbers
     for param in model.parameters():
-        if param.dtype in (torch.float16, torch.bfloat16):
+        if param.dtype in (torch.float16, torch.bfloat16) and id(param) not in packed:
             param.data = param.data.to(torch.float32)
     if not use_gradient_checkpointing:
         return model

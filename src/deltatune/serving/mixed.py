@@ -100,6 +100,11 @@ class MixedBatches:
                     f"adapter {n!r} is {configs[n].peft_type.value}, which changes the model's inputs and "
                     "cannot be mixed per row; run it alone with set_adapter"
                 )
+            if getattr(configs[n], "target_parameters", None):
+                raise ValueError(
+                    f"adapter {n!r} adapts nn.Parameters (target_parameters: MoE experts), which cannot be mixed per row: "
+                    "a batch sees one expert weight (peft refuses this too); run it alone with set_adapter"
+                )
             if not get_method(configs[n].peft_type).servable:
                 raise ValueError(
                     f"adapter {n!r} is {configs[n].peft_type.value}, which cannot be served in a mixed-adapter batch "

@@ -60,6 +60,8 @@ def slot_weights(adapter: Adapter, base_layer: nn.Module, where: str = "") -> Sl
     if isinstance(adapter, LoraLinear):
         A, B = adapter.lora_A.detach().clone(), adapter.lora_B.detach().clone()
         slot = SlotWeights(out_f, in_f, A=A, B=B, scaling=float(adapter.scaling))
+        if adapter.lora_B_bias is not None:  # peft's lora_bias: s·b on every row (never with DoRA)
+            slot.out_shift = adapter.lora_B_bias.detach().to(A.dtype) * adapter.scaling
         if adapter.use_dora:
             W = dense_weight(base_layer, A.dtype)
             norm = dora_weight_norm(W, A, B, adapter.scaling).to(A.dtype)  # (out,), frozen at inference

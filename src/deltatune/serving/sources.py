@@ -55,7 +55,8 @@ def read_adapter(model: nn.Module, folder: str | os.PathLike) -> tuple[object, d
         )
     config = method.prepare(config, model)
     if "init_lora_weights" in config.field_names():
-        config = config.replace(init_lora_weights=True)  # PiSSA/OLoRA init would rewrite the shared base
+        no_loftq = {"loftq_config": {}} if "loftq_config" in config.field_names() else {}
+        config = config.replace(init_lora_weights=True, **no_loftq)  # PiSSA/OLoRA/LoftQ init would rewrite the shared base
     adapters: dict[str, Adapter] = {}
     for name in resolve_targets(model, config):
         layer = model.get_submodule(name)

@@ -11,9 +11,10 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from deltatune.config import PeftConfig
+from deltatune.config import PeftConfig, PeftType
 from deltatune.registry import get_method
-from deltatune.surgery.layer import AdaptedLayer, ModulesToSaveWrapper
+from deltatune.surgery.layer import AdaptedLayer, ModulesToSaveWrapper, TokenAdapterHolder
+from deltatune.surgery.params import ParamAdaptedLayer, check_same_parameters, resolve_param_targets
 from deltatune.surgery.targets import resolve_modules_to_save, resolve_targets
 
 
@@ -63,6 +64,11 @@ def inject_adapter_in_model(
     method = get_method(config.peft_type)
     if method.wraps_forward:
         raise ValueError(f"{config.peft_type.value} does not attach to layers; use get_peft_model instead")
+    if state_dict is not None and getattr(config, "target_parameters", None):
+        raise ValueError(  # peft's rule: the keys of a parameter's LoRA name its module, not the parameter
+            "inject_adapter_in_model(state_dict=...) cannot be used with target_parameters (as in peft); inject "
+            "without state_dict, then load the weights with set_peft_model_state_dict"
+        )
     prepared = method.prepare(config, model)
     attach_config = prepared if state_dict is None else _targets_from_state_dict(prepared, model, state_dict)
     method.attach(model, attach_config, adapter_name)
@@ -133,9 +139,45 @@ def inject_layers(model: nn.Module, config: PeftConfig, adapter_name: str, make_
         if host is not module:
             host.set_active((adapter_name,))
             set_submodule(model, name, host)
+    if getattr(config, "target_parameters", None):  # LoRA's option: adapters on nn.Parameters (MoE experts)
+        inject_parameters(model, config, adapter_name, get_method(config.peft_type).make_param_adapter)
     add_modules_to_save(model, getattr(config, "modules_to_save", None), adapter_name)
+    if getattr(config, "trainable_token_indices", None) is not None:  # LoRA's option: some embedding rows train
+        get_method(PeftType.TRAINABLE_TOKENS).attach_rows(model, config, adapter_name)
     mark_trainable(model, [adapter_name], getattr(config, "bias", "none"))
     return targets
+
+
+def inject_parameters(model: nn.Module, config: PeftConfig, adapter_name: str, make_adapter: Callable | None) -> list[str]:
+    """Host each module that holds a ``config.target_parameters`` parameter in a
+    :class:`~deltatune.surgery.params.ParamAdaptedLayer` and add ``make_adapter(config, module, path,
+    parameter names)`` to it (peft's ``_inject_parameters``, after the module targets as in peft).
+
+    Returns:
+        The dotted paths of the adapted parameters.
+    """
+    if make_adapter is None:
+        raise ValueError(f"{config.peft_type.value} cannot adapt nn.Parameters; remove target_parameters from its config")
+    chosen = resolve_param_targets(model, config)
+    check_same_parameters(model, chosen, adapter_name)
+    for name, params in chosen.items():
+        module = model.get_submodule(name)
+        if not isinstance(module, ParamAdaptedLayer) and isinstance(module, (AdaptedLayer, ModulesToSaveWrapper)):
+            raise ValueError(
+                f"{name} is already wrapped as a whole ({type(module).__name__}: a target_modules or modules_to_save "
+                f"entry) and target_parameters selects its {list(params)}; a module can be adapted one way only. "
+                "Leave it out of target_modules (e.g. target_modules=[]) or out of target_parameters."
+            )
+        host = module if isinstance(module, ParamAdaptedLayer) else ParamAdaptedLayer(module)
+        adapter = make_adapter(config, host.base_layer, name, params)
+        device = _device_of(host.base_layer)
+        if device is not None:
+            adapter.to(device)
+        host.add(adapter_name, adapter)
+        if host is not module:
+            host.set_active((adapter_name,))
+            set_submodule(model, name, host)
+    return [f"{n}.{p}" for n, ps in chosen.items() for p in ps]
 
 
 def add_modules_to_save(model: nn.Module, keys, adapter_name: str) -> list[str]:
@@ -231,6 +273,14 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     for name, wrapper in list(save_wrappers(model)):
         if not wrapper.modules_to_save:
             set_submodule(model, name, wrapper.original_module)
+    _drop_empty_holders(model)
+
+
+def _drop_empty_holders(model: nn.Module) -> None:
+    """Replace each :class:`TokenAdapterHolder` whose adapted layer is gone by the plain layer it held."""
+    for name, holder in [(n, m) for n, m in model.named_modules() if isinstance(m, TokenAdapterHolder)]:
+        if not isinstance(holder.token_adapter, AdaptedLayer):
+            set_submodule(model, name, holder.token_adapter)
 
 
 def unwrap(model: nn.Module, keep_trained_copies: bool = True) -> nn.Module:
@@ -242,6 +292,7 @@ def unwrap(model: nn.Module, keep_trained_copies: bool = True) -> nn.Module:
             set_submodule(model, name, wrapper.modules_to_save[wrapper.active])
         else:
             set_submodule(model, name, wrapper.original_module)
+    _drop_empty_holders(model)
     return model
 
 
@@ -265,6 +316,8 @@ def untie_before_merge(model: nn.Module, adapter_names: Iterable[str]) -> list[s
         wanted = names & set(host.adapters) - set(host.merged)
         if not isinstance(weight, nn.Parameter) or not wanted or len(paths_of.get(id(weight), ())) < 2:
             continue
+        if all(getattr(host.adapters[n], "keeps_ties", False) for n in wanted):
+            continue  # trainable tokens write the same rows into the shared matrix: the tie stays (as in peft)
         others = [p for p in paths_of[id(weight)] if not p.startswith(f"{path}.")]
         host.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
         untied.append(path)

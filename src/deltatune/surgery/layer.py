@@ -104,6 +104,21 @@ class AdaptedLayer(_Passthrough):
                 self.merged.remove(name)
 
 
+class TokenAdapterHolder(_Passthrough):
+    """peft's ``TrainableTokensWrapper`` layout for LoRA's ``trainable_token_indices``: the embedding's
+    :class:`AdaptedLayer` one level down, at ``token_adapter``, so its keys (``<path>.token_adapter.
+    trainable_tokens_delta``, ``<path>.token_adapter.base_layer.weight``) are peft's without renaming."""
+
+    _wrapped_attr = "token_adapter"
+
+    def __init__(self, token_adapter: nn.Module) -> None:
+        super().__init__()
+        self.token_adapter = token_adapter
+
+    def forward(self, *args, **kwargs):
+        return self.token_adapter(*args, **kwargs)
+
+
 class ModulesToSaveWrapper(_Passthrough):
     """A frozen original module plus one trainable full copy per adapter (peft's ``modules_to_save``)."""
 

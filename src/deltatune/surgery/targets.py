@@ -199,7 +199,7 @@ def resolve_targets(model: nn.Module, config: Any) -> list[str]:
     if layers_to_transform is not None:
         wanted = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform)
         chosen = [n for n in chosen if layer_index(n, getattr(config, "layers_pattern", None)) in wanted]
-    if not chosen:
+    if not chosen and not getattr(config, "target_parameters", None):  # with it, target_modules=[] is valid
         raise ValueError(
             f"no module of {type(model).__name__} matches target_modules={spec!r} after exclude_modules / "
             f"layers_to_transform. Layers that can be targeted: {', '.join(linear_layer_names(model, layer_types))}"

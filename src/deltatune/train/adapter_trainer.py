@@ -49,6 +49,27 @@ class AdapterTrainer(FusedLossTrainer):
     prefix tuning's virtual tokens and adds AdaLoRA's orthogonality penalty, as the model's forward does.
     """
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.resumable_when_sharded()
+
+    def resumable_when_sharded(self) -> None:
+        """Checkpoint the optimizer of a model that transformers sharded at load time (FSDP2), after all.
+
+        transformers refuses such checkpoints unless ``save_only_model`` (their optimizer state would be
+        sharded DTensors it cannot save). An adapter attached after sharding is a set of plain tensors,
+        replicated on every rank, so its optimizer state is whole on rank 0 and saves and loads exactly
+        as in one process: that is what ``deltatune train`` asks for, and resuming on any number of
+        processes then works. A sharded trainable parameter keeps transformers' refusal.
+        """
+        if not (self.is_distributed_loading_by_transformers and self.args.save_only_model):
+            return
+        from torch.distributed.tensor import DTensor
+
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if trainable and not any(isinstance(p, DTensor) for p in trainable):
+            self.args.save_only_model = False
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():

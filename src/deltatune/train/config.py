@@ -26,6 +26,7 @@ from deltatune.quant import QuantConfig
 from deltatune.train.config_check import (
     ConfigError, build_section, check_section, check_value, parse_override, set_dotted, unknown_key_error,
 )
+from deltatune.train.distributed import DISTRIBUTED, FsdpSection
 from deltatune.train.method_config import MethodConfig, method_spec, same_options
 from deltatune.train.metrics import SCORINGS
 
@@ -77,6 +78,11 @@ class TrainSection:
     bf16, CPUs with AVX512-BF16 or AMX; off elsewhere). Adapters and optimizer state stay fp32."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (slower)."""
+    distributed: str = "auto"
+    """With several processes (torchrun, accelerate launch, mpirun, srun): ``auto`` or ``ddp`` replicate the
+    model (DDP); ``fsdp`` shards it (FSDP2, set up by ``train.fsdp``). One process ignores it."""
+    fsdp: FsdpSection = field(default_factory=FsdpSection)
+    """FSDP2's settings (:class:`deltatune.train.distributed.FsdpSection`)."""
     eval_steps: int | None = None
     """Evaluate the eval loss every N steps. None: 4 times over the run; 0: never during training."""
     save_steps: int | None = None
@@ -123,6 +129,8 @@ class TrainSection:
             _fail("train", "loraplus_lr_ratio", self.loraplus_lr_ratio, "None or a ratio > 0, e.g. 16")
         if isinstance(self.bf16, str) and self.bf16 != "auto":
             _fail("train", "bf16", self.bf16, "true, false or 'auto'")
+        if self.distributed not in DISTRIBUTED:
+            _fail("train", "distributed", self.distributed, f"one of {', '.join(DISTRIBUTED)}")
 
 
 @dataclass(frozen=True)
@@ -222,7 +230,12 @@ class TrainConfig:
         except (TypeError, ValueError) as err:
             raise ConfigError(f"Invalid 'method' config: {err}") from err
         data = build_section("data", DataConfig, check_section("data", _section(tree, "data"), DataConfig))
-        train = build_section("train", TrainSection, check_section("train", _section(tree, "train"), TrainSection))
+        train_values = _section(tree, "train")
+        fsdp = _section(train_values, "fsdp")  # a section inside train: checked as one
+        train_values.pop("fsdp", None)
+        train_values = check_section("train", train_values, TrainSection)
+        train_values["fsdp"] = build_section("train.fsdp", FsdpSection, check_section("train.fsdp", fsdp, FsdpSection))
+        train = build_section("train", TrainSection, train_values)
         evaluation = build_section("eval", EvalSection, check_section("eval", _section(tree, "eval"), EvalSection))
         quant = _quant_section(tree.get("quant"), spec.quantized, method["name"])
         return cls(method=method_cfg, data=data, train=train, eval=evaluation, quant=quant, **top)

@@ -5,7 +5,6 @@ commands that only load (``deltatune eval``, ``plan``) start fast.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Callable
 
 import torch
@@ -26,6 +25,11 @@ from deltatune.registry import get_method
 from deltatune.surgery.targets import resolve_targets
 from deltatune.train.config import TrainConfig
 from deltatune.train.config_check import ConfigError
+from deltatune.train.distributed import apply_fsdp_section, engine, fsdp_load_kwargs, shard_quantized
+from deltatune.train.precision import choose_precision
+from deltatune.train.new_tokens import add_tokens
+from deltatune.train.launch import world_info
+from deltatune.train.loftq import check_loftq, keep_dense_weights
 
 
 def load_tokenizer(name_or_path: str) -> Any:
@@ -52,6 +56,9 @@ def prepare_data(config: TrainConfig, log: Callable[[str], None] = print) -> tup
     """
     examples = validate_data(config.data)  # no tokenizer: fails fast on files, columns, emptiness
     tokenizer = load_tokenizer(config.model)
+    added = add_tokens(tokenizer, config.data.add_special_tokens)  # before tokenizing: each stays one token
+    if added:
+        log(f"added {len(added)} special token(s) to the tokenizer: ids {added}")
     if config.data.is_builtin:
         examples = load_examples(config.data, tokenizer)  # article budget measured in this tokenizer's tokens
     prepared = prepare_datasets(config.data, tokenizer, examples)
@@ -93,6 +100,7 @@ def check_quantized_support(config: TrainConfig) -> None:
     """
     if not config.method.spec.quantized:
         return
+    check_loftq(config)
     wanted = Linear4bit if config.quant.bits == 4 else Linear8bit
     if not issubclass(wanted, get_method(PeftType.LORA).layer_types):
         raise ValueError(
@@ -124,13 +132,26 @@ def check_targets(config: TrainConfig, peft_config: Any) -> None:
 
 def load_model(config: TrainConfig, log: Callable[[str], None] = print) -> Any:
     """The base model, quantized to 4 bits for QLoRA and with gradient checkpointing if asked."""
-    # Under torchrun each rank loads onto its own GPU (LOCAL_RANK), not all onto cuda:0.
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else None
-    model, _ = load_model_and_tokenizer(config.model, dtype=getattr(torch, config.model_dtype), device=device)
-    if config.method.spec.quantized:
+    world = world_info()
+    fsdp = engine(config.train.distributed, world.world_size) == "fsdp"
+    quantized = config.method.spec.quantized
+    bf16 = choose_precision(config.train.bf16).bf16
+    # Under torchrun/mpirun/srun each rank loads onto its own GPU (its local rank), not all onto cuda:0;
+    # transformers places FSDP's shards itself.
+    device = f"cuda:{world.local_rank}" if torch.cuda.is_available() and not fsdp else None
+    sharded = fsdp_load_kwargs(config.train.fsdp, world.world_size, bf16) if fsdp and not quantized else {}
+    model, _ = load_model_and_tokenizer(config.model, dtype=getattr(torch, config.model_dtype), device=device, **sharded)
+    if fsdp and not quantized:
+        apply_fsdp_section(model, config.train.fsdp)
+        log(f"FSDP2: loaded sharded over {world.world_size} processes (transformers' DistributedConfig)")
+    if quantized:
+        keep_dense_weights(model, config)  # LoftQ fits the adapter against these (train/loftq.py)
         quantize_model(model, config.quant)
         log(f"quantized the linear layers to {config.quant.bits}-bit {config.quant.quant_type} (QLoRA)")
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.train.gradient_checkpointing)
+        if fsdp:
+            shard_quantized(model, config.train.fsdp, bf16)
+            log(f"FSDP2: the quantized model sharded over {world.world_size} processes")
     elif config.train.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input grad
         enable_activation_checkpointing(model)

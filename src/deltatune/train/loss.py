@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltatune.model import PeftModel
+from deltatune.train.engines import engine_entry, gathered_plain_linear, run_as_forward, unwrap_engine
 
 DEFAULT_MEMORY_BUDGET = 64 * 2**20
 """Bytes one chunk's logits (and its gradient, computed in place) may take; picks the chunk size."""
@@ -252,9 +253,10 @@ def causal_lm_loss(
     Runs the decoder trunk, keeps the positions whose shifted label is not ``ignore_index``, and
     applies :func:`fused_linear_cross_entropy` with the output embedding's weight. Families in
     :data:`SUPPORTED_MODEL_TYPES` (llama, mistral, qwen2/3, gpt2, phi, phi3, gemma, olmo, smollm3,
-    ...) take this path; a model whose config scales or softcaps logits, an unlisted family, a
-    prompt-learning or AdaLoRA wrapper from HF peft or a DDP/FSDP wrapper falls back to the model's
-    own loss, with a warning once per reason.
+    ...) take this path; a model whose config scales or softcaps logits, an unlisted family, or a
+    prompt-learning or AdaLoRA wrapper from HF peft falls back to the model's own loss, with a warning
+    once per reason. Under DDP, FSDP1/FSDP2 or DeepSpeed the fused loss runs as the wrapped model's
+    forward, so the engine's parameter gathering and gradient hooks run around it.
 
     A deltatune :class:`~deltatune.model.PeftModel` gives the value of its own ``forward(...).loss``:
     the trunk runs on :meth:`~deltatune.model.PeftModel.model_inputs` (prompt tuning's virtual tokens
@@ -291,6 +293,7 @@ def causal_lm_loss(
             raise ValueError("causal_lm_loss needs labels, shift_labels or input_ids to know the targets.")
         labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, ignore_index)
     inputs = dict(kw, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
+    outer, model = model, unwrap_engine(model)  # DDP/FSDP1/DeepSpeed: the model they wrap
     ours = isinstance(model, PeftModel)
     if ours:
         # PeftModel.forward is its user model's forward on these inputs, plus loss_penalty() on the loss.
@@ -303,9 +306,19 @@ def causal_lm_loss(
     blocker = _fusion_blocker(model, lm, regularize)
     if blocker is not None:
         _warn_once(blocker)
-        loss = _model_loss(lm if ours else model, inputs, labels, shift_labels, num_items_in_batch)
+        if outer is not model and not ours:  # the engine's forward is the model's: call it
+            loss = _model_loss(outer, inputs, labels, shift_labels, num_items_in_batch)
+        elif outer is not model:  # inputs are model_inputs' already: run the user model inside the engine
+            loss = run_as_forward(outer, model, lambda: _model_loss(lm, inputs, labels, shift_labels, num_items_in_batch))
+        else:  # an FSDP2 root gathers in hooks that this call runs
+            loss = _model_loss(lm if ours else model, inputs, labels, shift_labels, num_items_in_batch)
     else:
-        loss = _fused_loss(lm, inputs, shifted, supervised, num_items_in_batch, ignore_index, chunk_size, recompute)
+        def fused() -> Tensor:
+            return _fused_loss(lm, inputs, shifted, supervised, num_items_in_batch, ignore_index, chunk_size, recompute)
+        # Under DDP/FSDP/DeepSpeed the fused loss runs as the model's forward, so the engine's gathering and
+        # gradient hooks run around it (deltatune.train.engines).
+        entry = engine_entry(outer, model, lm)
+        loss = fused() if entry is None else run_as_forward(*entry, fused)
     penalty = model.loss_penalty() if ours and regularize else None
     return (loss if penalty is None else loss + penalty), int(supervised.sum())
 
@@ -337,15 +350,14 @@ def _is_plain_linear(module: nn.Module | None) -> bool:
     # Exact forward and no hooks: 4-bit layers subclass nn.Linear with their own forward, and
     # adapter wrappers forward attribute lookups, so a ``.weight`` alone proves nothing.
     return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
-            and not module._forward_hooks and not module._forward_pre_hooks)
+            and not module._forward_hooks and not module._forward_pre_hooks) or gathered_plain_linear(module)
 
 
 def _fusion_blocker(model: nn.Module, lm: nn.Module, regularize: bool) -> str | None:
     """Why the fused path would not reproduce this model's loss, or None if it does."""
     cfg = getattr(lm, "config", None)
     if cfg is None or getattr(lm, "base_model", lm) is lm:
-        return (f"{type(model).__name__} is not a transformers model with a head on a trunk (a DDP/FSDP "
-                "wrapper? calling its trunk directly would bypass the wrapper's hooks)")
+        return f"{type(model).__name__} is not a transformers model with a head on a trunk"
     # HF peft's own PeftModel (ours answers model_inputs and loss_penalty instead): what its forward adds
     # is out of reach, so its loss is the one to use.
     peft_config = None if isinstance(model, PeftModel) else getattr(model, "active_peft_config", None)

@@ -22,11 +22,13 @@ from transformers.training_args import OptimizerNames
 
 from deltatune.train import outputs
 from deltatune.train.config import TrainConfig
+from deltatune.train.new_tokens import with_token_rows
 # What a run loads before training, re-exported here: the public path of a run's API.
 from deltatune.train.loading import (  # noqa: F401
     check_quantized_support, check_targets, load_model, load_tokenizer, prepare_data, total_steps, wants_accuracy,
 )
 from deltatune.train.config_check import ConfigError, did_you_mean
+from deltatune.train.distributed import check_distributed
 from deltatune.train.metrics import describe, score_accuracy
 from deltatune.train.outputs import OutputPlan, check_output_dir, plan_output_dir, resume_plan
 # The session's result types are re-exported here, the public path of a run's API.
@@ -48,6 +50,7 @@ def check_optimizer(name: str) -> None:
 def check_before_loading(config: TrainConfig, peft_config: Any) -> None:
     """Everything about the method and optimizer that can fail, checked before any weights load."""
     check_quantized_support(config)
+    check_distributed(config.train.distributed, config.method.name)
     check_optimizer(config.train.optim)
     check_targets(config, peft_config)
 
@@ -153,6 +156,9 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
     tokenizer, prepared = prepare_data(config, log)
     steps = total_steps(config, len(prepared.train))
     peft_config = config.method.build(total_steps=steps)
+    # data.add_special_tokens: the new tokens' embedding rows train with the adapter
+    new_ids = tokenizer.convert_tokens_to_ids(list(config.data.add_special_tokens))
+    peft_config = with_token_rows(peft_config, new_ids, config.method.name)
     check_before_loading(config, peft_config)
     accuracy = wants_accuracy(config, prepared)
     # Every rank of a torchrun job runs this; only rank 0 checks and writes the output folder

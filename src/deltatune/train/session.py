@@ -1,7 +1,6 @@
 """One training session of a run: load, score, wrap, train (or resume), save, score, report."""
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,13 +9,14 @@ from typing import Any, Callable
 import torch
 
 from deltatune.data.pipeline import PreparedData
-from deltatune.model import get_peft_model
 from deltatune.optimizers import create_loraplus_optimizer
 from deltatune.registry import get_method
-from deltatune.train import outputs
+from deltatune.train import launch, loftq, outputs
 from deltatune.train.adapter_trainer import AdapterTrainer, NonFiniteLossError
 from deltatune.train.callbacks import GracefulInterrupt, RunRecorder, StepBoundary
 from deltatune.train.config import TrainConfig
+from deltatune.train.distributed import engine
+from deltatune.train.new_tokens import resize_for
 from deltatune.train.metrics import describe, score_accuracy, training_warnings
 from deltatune.train.precision import choose_precision, inference_autocast, training_attention
 
@@ -42,8 +42,9 @@ class RunResult:
 
 
 def is_main_process() -> bool:
-    """True on rank 0 of a ``torchrun`` / ``accelerate launch`` job, and in a plain single process."""
-    return int(os.environ.get("RANK", "0")) == 0
+    """True on rank 0 of a ``torchrun`` / ``accelerate launch`` / ``mpirun`` / ``srun`` job, and in a plain single
+    process (:mod:`deltatune.train.launch`; raises its ``LaunchError`` for a launch that started too few processes)."""
+    return launch.is_main_process()
 
 
 def training_arguments(config: TrainConfig, output_dir: Path, steps: int, has_eval: bool) -> Any:
@@ -51,6 +52,7 @@ def training_arguments(config: TrainConfig, output_dir: Path, steps: int, has_ev
     from transformers import TrainingArguments
     from transformers.integrations import is_tensorboard_available
 
+    launch.export_launch_env()  # mpirun/srun: the RANK/WORLD_SIZE names transformers and torch.distributed read
     t = config.train
     eval_steps = (max(1, steps // 4) if t.eval_steps is None else t.eval_steps) if has_eval else 0
     save_steps = (eval_steps or max(1, steps // 4)) if t.save_steps is None else t.save_steps
@@ -74,7 +76,15 @@ def training_arguments(config: TrainConfig, output_dir: Path, steps: int, has_ev
         # Every trainable adapter parameter takes part in each forward, so DDP need not search the
         # autograd graph for unused ones each step (and that search breaks with checkpointing).
         ddp_find_unused_parameters=False,
+        # transformers refuses checkpoints of a model sharded at load time unless they are model-only;
+        # AdapterTrainer saves the replicated adapter's optimizer state after all (resumable_when_sharded).
+        save_only_model=sharded(config),
     )
+
+
+def sharded(config: TrainConfig) -> bool:
+    """Whether this run's model is sharded with FSDP2 (``train.distributed=fsdp`` with several processes)."""
+    return engine(config.train.distributed, launch.world_info().world_size) == "fsdp"
 
 
 def drop_autocast_wrapper(trainer: AdapterTrainer) -> None:
@@ -99,7 +109,8 @@ class TrainingSession:
         self.prepared, self.peft_config, self.steps, self.log = prepared, peft_config, steps, log
         self.load_model = load_model  # (config, log) -> the base model: run.load_model, passed in by the run
         self.metrics: dict[str, Any] = {"status": "running", "model": config.model, "method": config.method.name,
-                                        "output_dir": str(output_dir), "timings": {}}
+                                        "output_dir": str(output_dir), "timings": {},
+                                        "world_size": launch.world_info().world_size}
         self.callbacks: list[Any] = []  # extra Trainer callbacks (run_training's RunFolder)
         self.precision = choose_precision(config.train.bf16)  # training's, and the scoring's around it
 
@@ -111,6 +122,7 @@ class TrainingSession:
         timings["data_s"] = time.perf_counter() - started
         t0 = time.perf_counter()
         model = self.load_model(self.config, self.log)
+        resize_for(model, self.tokenizer, self.log)  # data.add_special_tokens: rows for the new tokens
         timings["load_model_s"] = time.perf_counter() - t0
         if checkpoint is not None:
             previous = outputs.read_metrics(self.output_dir)
@@ -122,7 +134,7 @@ class TrainingSession:
             if is_main_process():
                 outputs.write_metrics(self.output_dir, self.metrics)
         set_seed(self.config.train.seed)  # the adapter's initialisation
-        peft_model = get_peft_model(model, self.peft_config)
+        peft_model = loftq.wrap(model, self.peft_config, self.log)  # get_peft_model, plus LoftQ for QLoRA
         trainable, total = peft_model.get_nb_trainable_parameters()
         self.metrics.update(trainable_params=trainable, total_params=total)
         self.log(f"method {self.config.method.name}: {trainable:,d} trainable parameters of {total:,d} "
@@ -134,6 +146,10 @@ class TrainingSession:
         status = self.train(peft_model, checkpoint)
         if status == "completed" and is_main_process():
             peft_model.save_pretrained(self.output_dir / outputs.ADAPTER_DIR)
+            if self.config.data.add_special_tokens:  # loaders resize the base model to this tokenizer first
+                self.tokenizer.save_pretrained(self.output_dir / outputs.ADAPTER_DIR)
+        # FSDP2's forward gathers weights from every rank, so every rank scores (rank 0 reports)
+        if status == "completed" and (is_main_process() or sharded(self.config)):
             if accuracy:
                 self.metrics["final"] = self.score(peft_model, "accuracy after training")
                 timings["final_eval_s"] = self.metrics["final"]["seconds"]

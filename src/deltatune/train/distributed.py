@@ -1,0 +1,138 @@
+"""Which distributed engine a ``deltatune train`` run uses, and how FSDP2 is set up (``train.distributed``).
+
+We write no engine of our own:
+
+- **DDP** is accelerate's, applied by transformers' ``Trainer`` when it is launched with several
+  processes (``torchrun``, ``accelerate launch``, mpirun, srun).
+- **FSDP2** is transformers' native sharded loading: ``from_pretrained(..., distributed_config=
+  DistributedConfig(fsdp_size=N))`` builds the model on the meta device, loads each rank's shard and
+  applies ``fully_shard`` by the model's own FSDP plan (decoder layers, then the root; the final norm
+  and the head kept gathered). The adapter is attached after sharding, so its parameters stay plain
+  replicated tensors; the Trainer broadcasts them from rank 0 and averages their gradients
+  (``Trainer._sync_replicated_trainable_parameters``). We use this rather than accelerate's FSDP
+  plugin because accelerate only allows FSDP on accelerators: on CPU it silently runs DDP instead.
+- **QLoRA + FSDP2** cannot be loaded that way (our 4-bit layers are built from the full-precision
+  weights after loading), so the quantized model is sharded afterwards with the same ``fully_shard``
+  calls (:func:`shard_quantized`), the one gap where deltatune calls FSDP itself.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from torch import nn
+
+from deltatune.quant import prepare_for_fsdp
+from deltatune.train.config_check import ConfigError
+
+DISTRIBUTED = ("auto", "ddp", "fsdp")
+"""``train.distributed`` values: ``auto`` (DDP when launched with several processes), ``ddp``, ``fsdp``."""
+
+FSDP_ONLY_ADAPTERS = frozenset({"partial"})
+"""Methods whose trainable weights are copies of base modules, which FSDP2 has already sharded."""
+
+
+@dataclass(frozen=True)
+class FsdpSection:
+    """The ``train.fsdp`` section (used when ``train.distributed`` is ``fsdp``).
+
+    Mixed precision is not set here: it follows ``train.bf16`` (parameters gathered in bf16, gradients
+    reduced in fp32; the adapter and its optimizer state stay fp32).
+    """
+
+    reshard_after_forward: bool = True
+    """Free each decoder layer's gathered weights after its forward and gather them again for backward
+    (ZeRO-3's memory); false keeps them until backward (ZeRO-2-like: less communication, more memory)."""
+    cpu_offload: bool = False
+    """Keep the sharded parameters in CPU memory between uses (FSDP2's ``CPUOffloadPolicy``; GPUs only)."""
+
+
+def check_distributed(mode: str, method: str, env: Mapping[str, str] | None = None) -> None:
+    """``train.distributed`` is a known mode that fits the method and the launcher.
+
+    Raises:
+        ConfigError: an unknown mode, ``fsdp`` with a method FSDP2 cannot shard, or a launch through
+            accelerate's own FSDP or DeepSpeed plugin (``--use_fsdp``, ``distributed_type: FSDP``):
+            on CPU accelerate runs those as DDP without saying so, and on GPUs they would shard the
+            adapter too, which ``deltatune train`` does not gather.
+    """
+    env = os.environ if env is None else env
+    if mode not in DISTRIBUTED:
+        raise ConfigError(f"Config key 'train.distributed' is {mode!r}; expected one of {', '.join(DISTRIBUTED)}.")
+    for plugin, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
+        if env.get(flag, "false").lower() == "true":
+            raise ConfigError(
+                f"deltatune train was launched with accelerate's {plugin} plugin, which it does not use (on CPU "
+                f"accelerate would silently run DDP instead). For FSDP2 set train.distributed=fsdp and launch "
+                "with torchrun, or accelerate launch --config_file configs/accelerate/multi_gpu.yaml (GPUs) / "
+                "cpu_2proc.yaml (CPU); see docs/distributed.md.")
+    if mode == "fsdp" and method in FSDP_ONLY_ADAPTERS:
+        raise ConfigError(
+            f"train.distributed=fsdp does not support method.name={method}: its trainable weights are copies of "
+            "base modules, which FSDP2 has sharded. Use train.distributed=ddp, or a LoRA-family method.")
+
+
+def engine(mode: str, world_size: int) -> str:
+    """``"single"``, ``"ddp"`` or ``"fsdp"``: what a run with ``mode`` does with ``world_size`` processes.
+
+    One process needs no engine, whatever the mode: a checkpoint written by an FSDP run of N
+    processes resumes as a single process (the adapter is saved whole, its optimizer state too).
+    """
+    if world_size <= 1:
+        return "single"
+    return "fsdp" if mode == "fsdp" else "ddp"
+
+
+def fsdp_load_kwargs(fsdp: FsdpSection, world_size: int, bf16: bool) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments that load the model sharded over ``world_size`` ranks."""
+    from transformers.distributed import DistributedConfig
+
+    return {"distributed_config": DistributedConfig(
+        fsdp_size=world_size, fsdp_cpu_offload=fsdp.cpu_offload, fsdp_mixed_precision=bf16)}
+
+
+def apply_fsdp_section(model: nn.Module, fsdp: FsdpSection) -> None:
+    """Settings transformers' ``DistributedConfig`` has no field for, applied to the sharded modules."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not fsdp.reshard_after_forward:
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_reshard_after_forward(False, recurse=False)
+
+
+def shard_quantized(model: nn.Module, fsdp: FsdpSection, bf16: bool) -> None:
+    """``fully_shard`` a model already loaded and quantized (QLoRA): each decoder layer, then the root.
+
+    The same layout transformers' sharded loading gives (decoder layers reshard after forward, the
+    root does not), and the model is marked as sharded at load time so that the Trainer treats it the
+    same way (no DDP wrapper; the replicated adapter broadcast and its gradients averaged).
+    """
+    import torch
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from transformers.distributed import DistributedConfig
+
+    prepare_for_fsdp(model)  # the packed 4-bit weights become parameters FSDP can shard (uint8 storage)
+    policy: dict[str, Any] = {}
+    if fsdp.cpu_offload:
+        policy["offload_policy"] = CPUOffloadPolicy()
+    if bf16:
+        policy["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    layers = _decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=fsdp.reshard_after_forward, **policy)
+    fully_shard(model, reshard_after_forward=False, **policy)
+    world = torch.distributed.get_world_size()
+    model.config.distributed_config = DistributedConfig(fsdp_size=world, fsdp_cpu_offload=fsdp.cpu_offload,
+                                                        fsdp_mixed_precision=bf16)
+    model._is_distributed_loading_by_transformers = True  # what the Trainer reads (a read-only property)
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} names no decoder layer class (_no_split_modules), so FSDP does not "
+                         "know what to shard; use train.distributed=ddp for this model.")
+    return layers
