@@ -23,6 +23,7 @@ from deltatune.methods.lora_param import LoraParameters, adapted_weight, expert_
 from deltatune.plan.meta import count_parameters
 from deltatune.plan.setup import TrainSetup
 from deltatune.surgery.params import ParamAdaptedLayer
+from support_train import tiny_run_files  # noqa: F401 (fixture)
 from tolerances import assert_close
 
 SMALL = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
@@ -228,3 +229,38 @@ def test_plan_and_inspect_count_the_real_adapter():
     row = next(row for row in preset_table(base("mixtral"), "mixtral", 4) if row.name == "all-linear")
     everything = deltatune.get_peft_model(base("mixtral"), deltatune.LoraConfig(r=4, target_modules="all-linear"))
     assert row.trainable == everything.get_nb_trainable_parameters()[0]
+
+
+def test_deltatune_train_adapts_the_experts_and_peft_loads_the_result(tmp_path, tiny_run_files):  # noqa: F811
+    # method.target_parameters through the CLI's config on a tiny Mixtral with the tests' chat tokenizer:
+    # two steps train the expert adapters, and peft loads the saved adapter with equal logits.
+    from support_data import tiny_tokenizer
+    from deltatune.models.tokenizer import CHATML_TEMPLATE
+    from deltatune.train.config import load_train_config
+    from deltatune.train.run import run_training
+
+    tok = tiny_tokenizer(CHATML_TEMPLATE)
+    cls, _ = CONFIGS["mixtral"]
+    torch.manual_seed(0)
+    model = cls(MixtralConfig(**{**SMALL, "vocab_size": len(tok)}, intermediate_size=12, num_local_experts=4,
+                              num_experts_per_tok=2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id))
+    model.save_pretrained(tmp_path / "moe")
+    tok.save_pretrained(tmp_path / "moe")
+    config = load_train_config(None, [
+        f"model={tmp_path / 'moe'}", f"data.source={tiny_run_files['data']}", "data.eval_size=0", "data.max_length=64",
+        "method.target_modules=[q_proj]", f"method.target_parameters=[{','.join(EXPERTS)}]", "method.lora_dropout=0",
+        "train.max_steps=2", "train.batch_size=4", "train.save_steps=0", "train.progress_bar=false",
+        "train.tensorboard=false", "train.plot=false", "train.lr=0.05", f"output_dir={tmp_path / 'run'}"])
+    result = run_training(config, log=lambda line: None)
+    assert result.status == "completed"
+    trained = {n for n, p in result.model.named_parameters() if p.requires_grad}
+    assert any("experts" in n for n in trained) and any("q_proj" in n for n in trained)
+    adapter = tmp_path / "run" / "adapter"
+    ids = X.clamp(max=len(tok) - 1)
+    with torch.no_grad():
+        ours = deltatune.PeftModel.from_pretrained(cls.from_pretrained(tmp_path / "moe"), adapter).eval()(ids).logits
+        theirs = peft.PeftModel.from_pretrained(cls.from_pretrained(tmp_path / "moe"), adapter).eval()(ids).logits
+        plain = cls.from_pretrained(tmp_path / "moe").eval()(ids).logits
+    assert (ours - plain).abs().max() > 1e-5
+    assert_close(ours, theirs, tier="exact")

@@ -207,3 +207,17 @@ def test_generate_export_and_the_adapter_check_use_the_tokenizer_saved_with_the_
     cfg = model_config(str(folder))
     assert load_problems(files, dt.PeftConfig.from_pretrained(tmp_path / "adapter"), cfg) == []
     assert "use the tokenizer saved in" in tokenizer_verdict(files, cfg)
+
+
+def test_a_layer_that_is_no_embedding_is_refused_before_anything_is_wrapped():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import deltatune as dt
+    from deltatune.surgery.layer import AdaptedLayer
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    config = dt.TrainableTokensConfig(target_modules=["embed_tokens", "norm"], token_indices=[1, 2])
+    with pytest.raises(ValueError, match="is a LlamaRMSNorm; trainable tokens need an nn.Embedding"):
+        dt.get_peft_model(model, config)
+    assert not any(isinstance(m, AdaptedLayer) for m in model.modules())  # nothing half-done

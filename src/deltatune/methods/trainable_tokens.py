@@ -248,8 +248,19 @@ def attach_token_rows(model: nn.Module, layers: Mapping[str, Sequence[int]], nam
     tied = _tied_output(model, model.get_input_embeddings()) if hasattr(model, "get_input_embeddings") else None
     input_name = input_embedding_name(model) if hasattr(model, "get_input_embeddings") else None
     wanted = {path: tuple(ids) for key, ids in layers.items() for path in _resolve(model, key)}
+    for path in wanted:  # every layer is checked before any is wrapped: a refusal leaves the model as it was
+        layer = model.get_submodule(path)
+        if isinstance(layer, ModulesToSaveWrapper):
+            continue  # _host says why, before anything is wrapped (it is checked first below)
+        layer = getattr(layer, "token_adapter", layer)
+        layer = layer.base_layer if isinstance(layer, AdaptedLayer) else layer
+        if not isinstance(layer, (nn.Embedding, nn.Linear)):
+            raise ValueError(f"{path} is a {type(layer).__name__}; trainable tokens need an nn.Embedding")
     ids_in = wanted.get(input_name)
     follow = tied is not None and ids_in is not None and wanted.get(tied, ids_in) == ids_in
+    for path in wanted:
+        if isinstance(model.get_submodule(path), ModulesToSaveWrapper):
+            _host(model, path, holder)  # raises
     wrapped = []
     for path, ids in wanted.items():
         if follow and path == tied:
