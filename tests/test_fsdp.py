@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from deltatune.train.distributed import trainer_supports_sharded_loading
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -92,6 +94,8 @@ def test_fused_loss_runs_under_ddp_and_fsdp2_and_equals_the_models_own_loss(tmp_
         assert got["grad_norm"] > 1e-3 and got["grad_diff"] < 1e-5, (engine, got)
 
 
+@pytest.mark.skipif(not trainer_supports_sharded_loading(), reason="train.distributed=fsdp needs transformers >= 5.19 "
+                    "(an older one is refused with that message: test_train_distributed_config_and_its_refusals)")
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_train_distributed_fsdp_matches_one_process_and_resumes_on_one_process(method, tmp_path):
     # 4 steps, a checkpoint every 2: FSDP over 2 ranks x 2 rows, one process x 4 rows, then the FSDP run's
@@ -153,7 +157,17 @@ def test_train_distributed_config_and_its_refusals():
     for flag in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):  # accelerate's plugins: DDP on CPU, unsaved shards on GPUs
         with pytest.raises(ConfigError, match="set train.distributed=fsdp"):
             check_distributed("auto", "lora", env={flag: "true"})
-    check_distributed("fsdp", "qlora", env={"ACCELERATE_USE_FSDP": "false"})
+    check_distributed("auto", "lora", env={"ACCELERATE_USE_FSDP": "false"})
+
+
+def test_fsdp_with_a_trainer_too_old_for_sharded_models_is_refused(monkeypatch):
+    from deltatune.train import distributed
+    from deltatune.train.config_check import ConfigError
+
+    monkeypatch.setattr(distributed, "trainer_supports_sharded_loading", lambda: False)  # transformers < 5.19
+    with pytest.raises(ConfigError, match=r"needs transformers >= 5.19.*or use train.distributed=ddp"):
+        distributed.check_distributed("fsdp", "lora", env={})
+    distributed.check_distributed("ddp", "lora", env={})
 
 
 def accelerate_launch(args: list[str], cwd: Path) -> None:

@@ -67,10 +67,25 @@ def check_distributed(mode: str, method: str, env: Mapping[str, str] | None = No
                 f"accelerate would silently run DDP instead). For FSDP2 set train.distributed=fsdp and launch "
                 "with torchrun, or accelerate launch --config_file configs/accelerate/multi_gpu.yaml (GPUs) / "
                 "cpu_2proc.yaml (CPU); see docs/distributed.md.")
+    if mode == "fsdp" and not trainer_supports_sharded_loading():
+        import transformers
+
+        raise ConfigError(
+            f"train.distributed=fsdp needs transformers >= 5.19, whose Trainer trains a model sharded at load time "
+            f"(it broadcasts and averages the replicated adapter instead of wrapping DDP around the shards); this "
+            f"environment has transformers {transformers.__version__}. Upgrade it (pip install -U 'transformers>=5.19') "
+            "or use train.distributed=ddp.")
     if mode == "fsdp" and method in FSDP_ONLY_ADAPTERS:
         raise ConfigError(
             f"train.distributed=fsdp does not support method.name={method}: its trainable weights are copies of "
             "base modules, which FSDP2 has sharded. Use train.distributed=ddp, or a LoRA-family method.")
+
+
+def trainer_supports_sharded_loading() -> bool:
+    """Whether transformers' Trainer handles a model sharded by ``DistributedConfig`` (transformers >= 5.19)."""
+    from transformers import Trainer
+
+    return hasattr(Trainer, "_sync_replicated_trainable_parameters")
 
 
 def engine(mode: str, world_size: int) -> str:
