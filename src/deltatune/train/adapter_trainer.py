@@ -62,7 +62,8 @@ class AdapterTrainer(FusedLossTrainer):
         as in one process: that is what ``deltatune train`` asks for, and resuming on any number of
         processes then works. A sharded trainable parameter keeps transformers' refusal.
         """
-        if not (self.is_distributed_loading_by_transformers and self.args.save_only_model):
+        # (transformers < 5.19 has no such models: no attribute)
+        if not (getattr(self, "is_distributed_loading_by_transformers", False) and self.args.save_only_model):
             return
         from torch.distributed.tensor import DTensor
 
