@@ -139,10 +139,13 @@ def test_train_distributed_fsdp_matches_one_process_and_resumes_on_one_process(m
         _assert_peft_logits_match(tmp_path / "tiny", tmp_path / "fsdp" / "adapter")
 
 
-def test_train_distributed_config_and_its_refusals():
+def test_train_distributed_config_and_its_refusals(monkeypatch):
+    from deltatune.train import distributed
     from deltatune.train.config import load_train_config
     from deltatune.train.config_check import ConfigError
     from deltatune.train.distributed import check_distributed, engine
+
+    monkeypatch.setattr(distributed, "trainer_supports_sharded_loading", lambda: True)  # (tested below on its own)
 
     config = load_train_config(None, ["train.distributed=fsdp", "train.fsdp.reshard_after_forward=false"])
     assert config.train.distributed == "fsdp" and config.train.fsdp.reshard_after_forward is False
@@ -199,3 +202,27 @@ def _assert_peft_logits_match(model_dir: Path, adapter: Path) -> None:
 if __name__ == "__main__":  # the fused-loss worker
     sys.path.insert(0, str(HERE))
     fused_loss_worker(sys.argv[1], sys.argv[2])
+
+
+def test_resume_on_nodes_that_do_not_share_the_output_folder_stops_every_node(tmp_path):
+    # Two launchers as two nodes (1 process each) in two folders: node A has the run, node B does not (no shared
+    # filesystem). Before, node B failed and node A waited for it until its collective timeout (30 min); now
+    # both stop, each with the same message naming both ranks' findings.
+    from deltatune.train.config import load_train_config
+    from test_distributed import _free_port
+
+    (tmp_path / "A" / "run").mkdir(parents=True)
+    (tmp_path / "B").mkdir()
+    (tmp_path / "A" / "run" / "config.yaml").write_text(load_train_config(None, ["output_dir=run"]).to_yaml())
+    port = str(_free_port())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(i),
+         "--master_addr", "127.0.0.1", "--master_port", port, "-m", "deltatune.cli.main", "train", "--resume",
+         "output_dir=run"], cwd=tmp_path / node, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i, node in enumerate("AB")]
+    outputs = [node.communicate(timeout=180)[0] for node in nodes]
+    for node, output in zip(nodes, outputs):
+        assert node.returncode != 0
+        assert "do not agree on the output folder (rank 0: read the run's config; rank 1: error: --resume" in output
+        assert "a filesystem all nodes share" in output

@@ -6,13 +6,19 @@ import argparse
 import sys
 
 from deltatune.cli.train import resolve_config, split_args
+from deltatune.train.distributed import agree_on_plan
+from deltatune.train.launch import export_launch_env
 from deltatune.train.run import TrainingStopped, run_training
 
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``deltatune train``: 0 when done, 130 when interrupted (resumable), 1 when stopped."""
     config_file, overrides = split_args(args.args)
-    config = resolve_config(config_file, overrides, args.resume)
+    # Several processes (several nodes, maybe): each reads the run's config.yaml itself on --resume, and one
+    # node without it must stop every node, not leave the others waiting (deltatune.train.distributed).
+    processes = 1 if args.print_config else export_launch_env().world_size
+    config = agree_on_plan(lambda: resolve_config(config_file, overrides, args.resume), processes,
+                           lambda _: "read the run's config")
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from torch import nn
 
@@ -151,3 +151,40 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
         raise ValueError(f"{type(model).__name__} names no decoder layer class (_no_split_modules), so FSDP does not "
                          "know what to shard; use train.distributed=ddp for this model.")
     return layers
+
+
+def agree_on_plan(plan: Callable[[], Any], world_size: int, describe: Callable[[Any], str]) -> Any:
+    """Run ``plan()`` (the output folder's checks, the checkpoint to resume) on every rank and agree on it.
+
+    Each rank reads the output folder itself. Without a filesystem all nodes share, a node that finds no
+    checkpoint would stop while the others wait for it in their first collective until its timeout
+    (30 min). So with several processes every rank's outcome (its checkpoint, or its error) is gathered
+    over a gloo group first, and any error or disagreement stops every rank with the same message.
+
+    Raises:
+        ValueError: on every rank, when any rank's ``plan()`` failed or two ranks found different checkpoints.
+    """
+    if world_size <= 1:
+        return plan()
+    import torch
+    import torch.distributed as dist
+
+    try:
+        result, outcome = plan(), None
+    except (OSError, ValueError) as err:
+        result, outcome = None, f"error: {err}"
+    outcome = outcome or describe(result)
+    if not dist.is_initialized():  # the Trainer's accelerate state and transformers' loading reuse this group
+        dist.init_process_group(backend="cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo")
+    outcomes: list[Any] = [None] * dist.get_world_size()
+    group = dist.new_group(backend="gloo")  # objects travel on the CPU, whatever the default backend
+    try:
+        dist.all_gather_object(outcomes, outcome, group=group)
+    finally:
+        dist.destroy_process_group(group)
+    if len(set(outcomes)) > 1 or outcome.startswith("error: "):
+        seen = "; ".join(f"rank {rank}: {text}" for rank, text in enumerate(outcomes))
+        raise ValueError(
+            f"the processes do not agree on the output folder ({seen}). Every node must see the same output_dir: put "
+            "it on a filesystem all nodes share (rank 0 writes it, every rank resumes from it), or fix the error shown.")
+    return result

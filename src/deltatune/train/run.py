@@ -28,7 +28,8 @@ from deltatune.train.loading import (  # noqa: F401
     check_quantized_support, check_targets, load_model, load_tokenizer, prepare_data, total_steps, wants_accuracy,
 )
 from deltatune.train.config_check import ConfigError, did_you_mean
-from deltatune.train.distributed import check_distributed
+from deltatune.train.distributed import agree_on_plan, check_distributed
+from deltatune.train.launch import export_launch_env
 from deltatune.train.metrics import describe, score_accuracy
 from deltatune.train.outputs import OutputPlan, check_output_dir, plan_output_dir, resume_plan
 # The session's result types are re-exported here, the public path of a run's API.
@@ -164,10 +165,16 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
     # Every rank of a torchrun job runs this; only rank 0 checks and writes the output folder
     # (otherwise rank 1 finds rank 0's config.yaml and refuses to overwrite "another run").
     main = is_main_process()
-    if main:
-        plan = plan_output_dir(output_dir, resume, overwrite)
-    else:
-        plan = OutputPlan(checkpoint=resume_plan(output_dir).checkpoint if resume else None)
+
+    def make_plan() -> OutputPlan:
+        if main:
+            return plan_output_dir(output_dir, resume, overwrite)
+        return OutputPlan(checkpoint=resume_plan(output_dir).checkpoint if resume else None)
+
+    # with several processes every rank must find the same checkpoint (a filesystem all nodes share)
+    # (export_launch_env: mpirun/srun get the variable names torch.distributed reads, before it starts)
+    plan = agree_on_plan(make_plan, export_launch_env().world_size,
+                         lambda p: f"resumes {p.checkpoint.name}" if p.checkpoint else "starts afresh")
     if plan.checkpoint is not None and config.method.name == "adalora":
         raise ValueError("--resume is not supported for AdaLoRA: its rank allocator's importance scores are not "
                          "checkpointed and saved adapters hold only the kept ranks. Start the run again.")
