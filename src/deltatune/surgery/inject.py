@@ -131,14 +131,7 @@ def inject_layers(model: nn.Module, config: PeftConfig, adapter_name: str, make_
     for name in targets:
         module = model.get_submodule(name)
         host = module if isinstance(module, AdaptedLayer) else AdaptedLayer(module)
-        adapter = make_adapter(config, host.base_layer, name)
-        device = _device_of(host.base_layer)
-        if device is not None:
-            adapter.to(device)
-        host.add(adapter_name, adapter)
-        if host is not module:
-            host.set_active((adapter_name,))
-            set_submodule(model, name, host)
+        _install(model, name, module, host, adapter_name, make_adapter(config, host.base_layer, name))
     if getattr(config, "target_parameters", None):  # LoRA's option: adapters on nn.Parameters (MoE experts)
         inject_parameters(model, config, adapter_name, get_method(config.peft_type).make_param_adapter)
     add_modules_to_save(model, getattr(config, "modules_to_save", None), adapter_name)
@@ -169,15 +162,19 @@ def inject_parameters(model: nn.Module, config: PeftConfig, adapter_name: str, m
                 "Leave it out of target_modules (e.g. target_modules=[]) or out of target_parameters."
             )
         host = module if isinstance(module, ParamAdaptedLayer) else ParamAdaptedLayer(module)
-        adapter = make_adapter(config, host.base_layer, name, params)
-        device = _device_of(host.base_layer)
-        if device is not None:
-            adapter.to(device)
-        host.add(adapter_name, adapter)
-        if host is not module:
-            host.set_active((adapter_name,))
-            set_submodule(model, name, host)
+        _install(model, name, module, host, adapter_name, make_adapter(config, host.base_layer, name, params))
     return [f"{n}.{p}" for n, ps in chosen.items() for p in ps]
+
+
+def _install(model: nn.Module, name: str, module: nn.Module, host: nn.Module, adapter_name: str, adapter: nn.Module) -> None:
+    """Add ``adapter`` to ``host`` on its base layer's device; a new ``host`` (not ``module``) replaces ``module`` at ``name``."""
+    device = _device_of(host.base_layer)
+    if device is not None:
+        adapter.to(device)
+    host.add(adapter_name, adapter)
+    if host is not module:
+        host.set_active((adapter_name,))
+        set_submodule(model, name, host)
 
 
 def add_modules_to_save(model: nn.Module, keys, adapter_name: str) -> list[str]:
