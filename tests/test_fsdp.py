@@ -226,3 +226,15 @@ def test_resume_on_nodes_that_do_not_share_the_output_folder_stops_every_node(tm
         assert node.returncode != 0
         assert "do not agree on the output folder (rank 0: read the run's config; rank 1: error: --resume" in output
         assert "a filesystem all nodes share" in output
+
+
+def test_fsdp_refuses_what_changes_the_base_after_loading():
+    from deltatune.train.config import load_train_config
+    from deltatune.train.config_check import ConfigError
+    from deltatune.train.run import check_before_loading
+
+    loftq = ["method.name=qlora", "method.init_lora_weights=loftq", "method.loftq_config={loftq_bits: 4, loftq_iter: 1}"]
+    for extra in (["data.add_special_tokens=[<tool>]"], loftq):
+        config = load_train_config(None, ["train.distributed=fsdp", *extra])
+        with pytest.raises(ConfigError, match="cannot be combined with data.add_special_tokens or method.init_lora"):
+            check_before_loading(config, config.method.build(total_steps=10))

@@ -29,6 +29,7 @@ from deltatune.train.loading import (  # noqa: F401
 )
 from deltatune.train.config_check import ConfigError, did_you_mean
 from deltatune.train.distributed import agree_on_plan, check_distributed
+from deltatune.train.loftq import loftq_run
 from deltatune.train.launch import export_launch_env
 from deltatune.train.metrics import describe, score_accuracy
 from deltatune.train.outputs import OutputPlan, check_output_dir, plan_output_dir, resume_plan
@@ -52,6 +53,13 @@ def check_before_loading(config: TrainConfig, peft_config: Any) -> None:
     """Everything about the method and optimizer that can fail, checked before any weights load."""
     check_quantized_support(config)
     check_distributed(config.train.distributed, config.method.name)
+    if config.train.distributed == "fsdp" and (config.data.add_special_tokens or loftq_run(config)):
+        # both change the base model after loading (rows added to the embedding; the 4-bit weights refitted),
+        # which the shards FSDP2 made at load time cannot take
+        raise ConfigError(
+            "train.distributed=fsdp cannot be combined with data.add_special_tokens or method.init_lora_weights=loftq: "
+            "both change the base model after it is loaded, when it is already sharded. Use train.distributed=ddp, "
+            "or add the tokens to the model (resize its embeddings and save it) before training it with fsdp.")
     check_optimizer(config.train.optim)
     check_targets(config, peft_config)
 
