@@ -160,6 +160,13 @@ def test_train_distributed_config_and_its_refusals(monkeypatch):
     for flag in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):  # accelerate's plugins: DDP on CPU, unsaved shards on GPUs
         with pytest.raises(ConfigError, match="set train.distributed=fsdp"):
             check_distributed("auto", "lora", env={flag: "true"})
+    monkeypatch.setattr(distributed, "_cuda", lambda: True)  # on GPUs ZeRO-1/2 keep the adapter whole; ZeRO-3 does not
+    check_distributed("auto", "lora", env={"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"})
+    zero3 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+    with pytest.raises(ConfigError, match="DeepSpeed ZeRO-3 plugin"):
+        check_distributed("auto", "lora", env=zero3)
+    with pytest.raises(ConfigError, match="accelerate's FSDP plugin"):
+        check_distributed("auto", "lora", env={"ACCELERATE_USE_FSDP": "true"})
     check_distributed("auto", "lora", env={"ACCELERATE_USE_FSDP": "false"})
 
 

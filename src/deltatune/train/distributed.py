@@ -17,6 +17,7 @@ We write no engine of our own:
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -60,13 +61,19 @@ def check_distributed(mode: str, method: str, env: Mapping[str, str] | None = No
     env = os.environ if env is None else env
     if mode not in DISTRIBUTED:
         raise ConfigError(f"Config key 'train.distributed' is {mode!r}; expected one of {', '.join(DISTRIBUTED)}.")
-    for plugin, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
-        if env.get(flag, "false").lower() == "true":
-            raise ConfigError(
-                f"deltatune train was launched with accelerate's {plugin} plugin, which it does not use (on CPU "
-                f"accelerate would silently run DDP instead). For FSDP2 set train.distributed=fsdp and launch "
-                "with torchrun, or accelerate launch --config_file configs/accelerate/multi_gpu.yaml (GPUs) / "
-                "cpu_2proc.yaml (CPU); see docs/distributed.md.")
+    fsdp_plugin = env.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    deepspeed = env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    # accelerate's FSDP plugin would shard the adapter too, and neither plugin runs on CPU (DDP instead, silently).
+    # DeepSpeed ZeRO-1/2 on GPUs keep every parameter whole on each rank: let them through (untested here);
+    # ZeRO-3 partitions the adapter, which deltatune train does not gather for saving.
+    if fsdp_plugin or (deepspeed and (zero_stage(env) == 3 or not _cuda())):
+        plugin = "FSDP" if fsdp_plugin else ("DeepSpeed ZeRO-3" if zero_stage(env) == 3 else "DeepSpeed")
+        raise ConfigError(
+            f"deltatune train was launched with accelerate's {plugin} plugin, which it does not support: on CPU "
+            "accelerate would silently run DDP instead, and FSDP or ZeRO-3 would shard the adapter, which it does "
+            "not gather for saving. To shard the model set train.distributed=fsdp (FSDP2) and launch with torchrun, "
+            "or accelerate launch --config_file configs/accelerate/multi_gpu.yaml (GPUs) / cpu_2proc.yaml (CPU); "
+            "see docs/distributed.md.")
     if mode == "fsdp" and not trainer_supports_sharded_loading():
         import transformers
 
@@ -79,6 +86,24 @@ def check_distributed(mode: str, method: str, env: Mapping[str, str] | None = No
         raise ConfigError(
             f"train.distributed=fsdp does not support method.name={method}: its trainable weights are copies of "
             "base modules, which FSDP2 has sharded. Use train.distributed=ddp, or a LoRA-family method.")
+
+
+def zero_stage(env: Mapping[str, str]) -> int | None:
+    """The DeepSpeed ZeRO stage an ``accelerate launch --use_deepspeed`` child runs, if it can be told."""
+    if env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "").isdigit():
+        return int(env["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
+    path = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    try:
+        with open(path) as f:  # a missing or unreadable file is DeepSpeed's to report
+            return int(json.load(f)["zero_optimization"]["stage"])
+    except (TypeError, OSError, ValueError, KeyError):
+        return None
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def trainer_supports_sharded_loading() -> bool:
