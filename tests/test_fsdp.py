@@ -139,7 +139,7 @@ def test_train_distributed_fsdp_matches_one_process_and_resumes_on_one_process(m
         _assert_peft_logits_match(tmp_path / "tiny", tmp_path / "fsdp" / "adapter")
 
 
-def test_train_distributed_config_and_its_refusals(monkeypatch):
+def test_train_distributed_config_and_its_refusals(monkeypatch, tmp_path):
     from deltatune.train import distributed
     from deltatune.train.config import load_train_config
     from deltatune.train.config_check import ConfigError
@@ -157,16 +157,17 @@ def test_train_distributed_config_and_its_refusals(monkeypatch):
         load_train_config(None, ["train.fsdp.offload=true"])
     with pytest.raises(ConfigError, match="copies of base modules"):
         check_distributed("fsdp", "partial", env={})
-    for flag in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):  # accelerate's plugins: DDP on CPU, unsaved shards on GPUs
-        with pytest.raises(ConfigError, match="set train.distributed=fsdp"):
-            check_distributed("auto", "lora", env={flag: "true"})
-    monkeypatch.setattr(distributed, "_cuda", lambda: True)  # on GPUs ZeRO-1/2 keep the adapter whole; ZeRO-3 does not
-    check_distributed("auto", "lora", env={"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"})
-    zero3 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
-    with pytest.raises(ConfigError, match="DeepSpeed ZeRO-3 plugin"):
-        check_distributed("auto", "lora", env=zero3)
-    with pytest.raises(ConfigError, match="accelerate's FSDP plugin"):
+    # accelerate's FSDP plugin and DeepSpeed ZeRO-3 would shard the adapter; ZeRO-1/2 keep it whole on each rank
+    with pytest.raises(ConfigError, match="accelerate's FSDP plugin.*set train.distributed=fsdp"):
         check_distributed("auto", "lora", env={"ACCELERATE_USE_FSDP": "true"})
+    with pytest.raises(ConfigError, match="DeepSpeed ZeRO-3 plugin"):
+        check_distributed("auto", "lora", env={"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text('{"zero_optimization": {"stage": 3}}')
+    with pytest.raises(ConfigError, match="DeepSpeed ZeRO-3 plugin"):
+        check_distributed("auto", "lora", env={"ACCELERATE_USE_DEEPSPEED": "true",
+                                               "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds_json)})
+    check_distributed("auto", "lora", env={"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"})
     check_distributed("auto", "lora", env={"ACCELERATE_USE_FSDP": "false"})
 
 

@@ -63,17 +63,17 @@ def check_distributed(mode: str, method: str, env: Mapping[str, str] | None = No
         raise ConfigError(f"Config key 'train.distributed' is {mode!r}; expected one of {', '.join(DISTRIBUTED)}.")
     fsdp_plugin = env.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     deepspeed = env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    # accelerate's FSDP plugin would shard the adapter too, and neither plugin runs on CPU (DDP instead, silently).
-    # DeepSpeed ZeRO-1/2 on GPUs keep every parameter whole on each rank: let them through (untested here);
-    # ZeRO-3 partitions the adapter, which deltatune train does not gather for saving.
-    if fsdp_plugin or (deepspeed and (zero_stage(env) == 3 or not _cuda())):
-        plugin = "FSDP" if fsdp_plugin else ("DeepSpeed ZeRO-3" if zero_stage(env) == 3 else "DeepSpeed")
+    # accelerate's FSDP plugin would shard the adapter too (and on CPU accelerate runs DDP instead, silently);
+    # DeepSpeed ZeRO-3 partitions the adapter, which deltatune train does not gather for saving. ZeRO-1/2 keep
+    # every parameter whole on each rank and are let through (untested here: DeepSpeed is not in the lock).
+    if fsdp_plugin or (deepspeed and zero_stage(env) == 3):
+        plugin = "FSDP" if fsdp_plugin else "DeepSpeed ZeRO-3"
         raise ConfigError(
-            f"deltatune train was launched with accelerate's {plugin} plugin, which it does not support: on CPU "
-            "accelerate would silently run DDP instead, and FSDP or ZeRO-3 would shard the adapter, which it does "
-            "not gather for saving. To shard the model set train.distributed=fsdp (FSDP2) and launch with torchrun, "
-            "or accelerate launch --config_file configs/accelerate/multi_gpu.yaml (GPUs) / cpu_2proc.yaml (CPU); "
-            "see docs/distributed.md.")
+            f"deltatune train was launched with accelerate's {plugin} plugin, which it does not support: it would "
+            "shard the adapter, which deltatune train does not gather for saving (and on CPU accelerate runs DDP "
+            "instead of FSDP, silently). To shard the model set train.distributed=fsdp (FSDP2) and launch with "
+            "torchrun, or accelerate launch --config_file configs/accelerate/multi_gpu.yaml (GPUs) / cpu_2proc.yaml "
+            "(CPU); see docs/distributed.md.")
     if mode == "fsdp" and not trainer_supports_sharded_loading():
         import transformers
 
@@ -98,12 +98,6 @@ def zero_stage(env: Mapping[str, str]) -> int | None:
             return int(json.load(f)["zero_optimization"]["stage"])
     except (TypeError, OSError, ValueError, KeyError):
         return None
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def trainer_supports_sharded_loading() -> bool:
