@@ -163,8 +163,12 @@ def create_app(engine: Engine, base_name: str, max_model_len: int, api_key: str 
         prompt = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
         ids = engine.codec.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
         params = sampling(body, len(ids), 16, body.logprobs)  # OpenAI's default max_tokens for completions
-        events = await run(request, adapter, ids, params, body.stream)
         reply = _Reply("cmpl", body.model, chat=False, codec=engine.codec, logprobs=body.logprobs is not None)
+        return await respond(request, body, adapter, ids, params, reply)
+
+    async def respond(request: Request, body, adapter, ids, params, reply: "_Reply"):
+        """Run the request and answer it: an SSE stream, or the whole reply."""
+        events = await run(request, adapter, ids, params, body.stream)
         if body.stream:
             return sse(reply.stream(events, body.include_usage))
         return await reply.whole(events)
@@ -180,11 +184,8 @@ def create_app(engine: Engine, base_name: str, max_model_len: int, api_key: str 
         except Exception as e:  # the template itself refused the messages (roles out of order, ...)
             raise APIError(400, f"the chat template could not render these messages: {e}", param="messages") from None
         params = sampling(body, len(ids), max_model_len)
-        events = await run(request, adapter, ids, params, body.stream)
         reply = _Reply("chatcmpl", body.model, chat=True, codec=engine.codec, logprobs=False)
-        if body.stream:
-            return sse(reply.stream(events, body.include_usage))
-        return await reply.whole(events)
+        return await respond(request, body, adapter, ids, params, reply)
 
     @v1.post("/load_lora_adapter")
     async def load_lora_adapter(request: Request):
