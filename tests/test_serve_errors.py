@@ -127,8 +127,10 @@ def test_client_disconnect_cancels_its_sequence(server):
     streaming = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
     streaming.request("POST", "/v1/completions", json.dumps({**body, "max_tokens": MAX_LEN - 8, "stream": True}), headers)
     reply = streaming.getresponse()
+    # The first chunk is read before the hold: the headers come before any token, so a hold taken first
+    # could pause the engine before it made one, and the read would wait forever (seen once in CI).
+    assert reply.status == 200 and reply.read(6) == b"data: "
     with engine.hold():  # it is running (a chunk came) and cannot finish before the client leaves
-        assert reply.status == 200 and reply.read(6) == b"data: "
         streaming.sock.close()
         reply.close()
         _wait_for(lambda: engine.metrics.get("deltatune_requests_total", outcome="cancelled") >= before + 2)
