@@ -33,7 +33,7 @@ from deltatune.methods.lora_conv import CONV_TYPES, make_lora_conv
 from deltatune.methods.lora_init import init_factors
 from deltatune.methods.lora_param import make_lora_param_adapter, peft_moe_config
 from deltatune.methods.lora_bias import fold_lora_bias, lora_bias_for
-from deltatune.methods.lora_kernels import autocast_dtype as _autocast_dtype, dora_linear, lora_linear
+from deltatune.methods.lora_kernels import autocast_dtype as _autocast_dtype, dora_linear, frozen_cast, lora_linear
 from deltatune.quant import quantized_linear_types
 from deltatune.surgery.targets import default_targets, pattern_value
 
@@ -225,10 +225,10 @@ class LoraLinear(Adapter):
         # dtype with every operand cast once here: what autocast would do to F.linear and the two thin
         # matmuls, minus its second cast of x for the LoRA branch, the float dropout mask and the separate
         # delta + sum. The casts of A and B are autograd ops, so their gradients arrive in fp32; W is
-        # frozen and cast per call, as autocast does (a cached copy would cost half the weights' memory).
+        # frozen and cast per call, as autocast does, unless this step's cast is still saved (frozen_cast).
         with torch.autocast(x.device.type, enabled=False):
             bias = None if base.bias is None else base.bias.to(dt)
-            return self._fused_in(x.to(dt), base.weight.to(dt), bias, self.lora_A.to(dt), self.lora_B.to(dt), scale, mask)
+            return self._fused_in(x.to(dt), frozen_cast(base.weight, dt), bias, self.lora_A.to(dt), self.lora_B.to(dt), scale, mask)
 
     def _fused_in(self, x, weight, bias, A, B, scale, mask) -> torch.Tensor:
         if self.use_dora:

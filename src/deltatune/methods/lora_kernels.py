@@ -7,6 +7,8 @@ dropout mask as bytes, and computes every gradient with one matmul each.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +31,33 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     if device in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return None
+
+
+_CASTS: dict[int, tuple] = {}  # id(frozen weight) -> (weak weight, its version, dtype, weak cast)
+
+
+def frozen_cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight.to(dtype)`` for a frozen weight, reusing a cast of it that is still alive.
+
+    Under autocast each call casts the fp32 base weight, and the kernels below save that cast for backward.
+    A layer called twice in one step (a shared prefix, then the rows' remainders: train/shared_prefix.py)
+    finds its first cast still saved and reuses it instead of casting again and saving a second copy. Only
+    weak references are kept, so this never holds a copy alive by itself: with no graph holding one
+    (no_grad, or after backward), the weight is cast again. An in-place change to the weight recasts.
+    """
+    key = id(weight)
+    entry = _CASTS.get(key)
+    if entry is not None:
+        owner, version, dt, ref = entry
+        cast = ref()
+        if cast is not None and owner() is weight and version == weight._version and dt == dtype:
+            return cast
+    cast = weight.to(dtype)
+    if cast is not weight:
+        # (tensors compare elementwise, so they cannot be dict keys themselves: keyed by id, checked by identity)
+        owner = weakref.ref(weight, lambda _, k=key: _CASTS.pop(k, None))
+        _CASTS[key] = (owner, weight._version, dtype, weakref.ref(cast))
+    return cast
 
 
 class _LoraLinearFn(torch.autograd.Function):

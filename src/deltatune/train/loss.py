@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from deltatune.model import PeftModel
 from deltatune.train.engines import engine_entry, gathered_plain_linear, run_as_forward, unwrap_engine
+from deltatune.train.shared_prefix import trunk_hidden
 
 DEFAULT_MEMORY_BUDGET = 64 * 2**20
 """Bytes one chunk's logits (and its gradient, computed in place) may take; picks the chunk size."""
@@ -326,9 +327,9 @@ def causal_lm_loss(
 def _fused_loss(lm, inputs, shifted, supervised, num_items_in_batch, ignore_index, chunk_size, recompute) -> Tensor:
     """The trunk on ``inputs``, then the fused head and cross-entropy on the supervised positions."""
     inputs.setdefault("use_cache", False)  # a KV cache is dead weight in a training forward
-    # base_model (named by base_model_prefix) is the module the head's own forward calls; unlike
+    # lm.base_model (named by base_model_prefix) is the module the head's own forward calls; unlike
     # get_decoder() it is defined the same way in transformers 4.x and 5.x.
-    hidden = lm.base_model(**inputs)[0]  # (B, T, H)
+    hidden = trunk_hidden(lm, inputs)  # (B, T, H); a prefix shared by every row runs once
     if hidden.shape[:2] != shifted.shape:
         raise ValueError(
             f"the model's trunk returned {hidden.shape[1]} positions for targets of length {shifted.shape[1]}: an "

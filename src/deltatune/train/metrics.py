@@ -23,6 +23,7 @@ import torch
 
 from deltatune.data.templates import generation_prompt, resolve_template
 from deltatune.methods.lora import merged_inference
+from deltatune.train.shared_prefix import PrefixCache
 
 SCORINGS = ("auto", "first_token", "greedy")
 """Accepted values of ``scoring``."""
@@ -73,15 +74,17 @@ def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids.to(device), mask.to(device)
 
 
-def _predict_first_token_batch(model, tokenizer, prompts: list[str], labels: Sequence[str], device) -> list[str]:
+def _predict_first_token_batch(model, tokenizer, prompts: list[str], prompt_ids: list[list[int]],
+                               labels: Sequence[str], device, shared: PrefixCache | None = None) -> list[str]:
     """First-token predictions for several prompts in one padded forward pass."""
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     firsts = torch.tensor([[_answer_first_token(tokenizer, ids, p, lab) for lab in labels]
                            for ids, p in zip(prompt_ids, prompts)])  # (b, L)
-    if len(prompts) == 1:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if shared is not None:  # the prompts' common prefix ran once, for the whole pass
+        logits = shared.forward(model, prompt_ids, pad, device)
+    elif len(prompts) == 1:
         logits = _forward_last_logits(model, torch.tensor(prompt_ids, device=device))
     else:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         logits = _forward_last_logits(model, *_left_pad(prompt_ids, pad, device))  # (b, V)
     scores = logits.float().log_softmax(-1).gather(1, firsts.to(logits.device))  # (b, L)
     return [labels[int(k)] for k in scores.argmax(-1)]
@@ -193,6 +196,7 @@ def _score(model, tokenizer, ds, n, gold_all, labels, template, scoring, max_new
     confusion: dict[str, Counter] = {lab: Counter() for lab in labels}
     prompts = [generation_prompt(_messages(ds, i), tokenizer, template) for i in range(n)]
     if scoring == "first_token":
+        prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         # Batches of similar length waste little on padding: sort by prompt length.
         order = sorted(range(n), key=lambda i: len(prompts[i]))
         groups = [order[i:i + batch_size] for i in range(0, n, batch_size)]
@@ -207,9 +211,14 @@ def _score(model, tokenizer, ds, n, gold_all, labels, template, scoring, max_new
     scope = merged_inference(model) if scoring == "first_token" else torch.no_grad()
     try:
         with scope:
+            shared = None
+            if scoring == "first_token":  # e.g. a system prompt every row starts with: its keys/values once
+                lm = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+                shared = PrefixCache.build(model, lm, prompt_ids, device)
             for group in groups:
                 if scoring == "first_token":
-                    preds = _predict_first_token_batch(model, tokenizer, [prompts[i] for i in group], labels, device)
+                    preds = _predict_first_token_batch(model, tokenizer, [prompts[i] for i in group],
+                                                       [prompt_ids[i] for i in group], labels, device, shared)
                 else:
                     preds = [_predict_greedy(model, tokenizer, prompts[group[0]], labels, device, max_new_tokens)[0]]
                 for i, pred in zip(group, preds):
