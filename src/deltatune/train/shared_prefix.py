@@ -115,6 +115,16 @@ def _shared_length(inputs: dict[str, Any]) -> int | None:
     return length if length >= MIN_SHARED_TOKENS else None
 
 
+def _broadcast_rows(t: Tensor, batch: int) -> Tensor:
+    """``t`` (1, ...) repeated to (batch, ...), its gradient summed over the rows in fp32.
+
+    Under bf16 autocast the cached keys/values are bf16; summing the rows' gradients in bf16 would round at
+    every add, where the unshared path accumulates them in fp32 inside the projections' matmuls.
+    """
+    wide = t if t.dtype in (torch.float32, torch.float64) else t.float()
+    return wide.expand(batch, *t.shape[1:]).to(t.dtype)
+
+
 def trunk_hidden(lm: nn.Module, inputs: dict[str, Any]) -> Tensor:
     """``lm.base_model(**inputs)[0]`` (B, T, H), computing a prefix common to every row once."""
     trunk = lm.base_model
@@ -128,7 +138,8 @@ def trunk_hidden(lm: nn.Module, inputs: dict[str, Any]) -> Tensor:
     batch, total = ids.shape
     name = cache_argument(trunk)
     head = trunk(input_ids=ids[:1, :length], use_cache=True, **{name: cache})[0]  # (1, P, H); fills the cache
-    cache.batch_repeat_interleave(batch)  # (1, ...) -> (B, ...): a differentiable copy per layer
+    for layer in cache.layers:  # (1, ...) -> (B, ...), a differentiable copy per layer
+        layer.keys, layer.values = _broadcast_rows(layer.keys, batch), _broadcast_rows(layer.values, batch)
     positions = torch.arange(length, total, device=ids.device).expand(batch, -1)
     tail = trunk(input_ids=ids[:, length:], attention_mask=mask, position_ids=positions,
                  use_cache=True, **{name: cache})[0]  # (B, T - P, H)
