@@ -206,3 +206,20 @@ def test_frozen_cast_reuses_a_live_cast_only():
     del first, again
     assert ref() is None  # nothing here kept the cast alive
     assert frozen_cast(w, torch.float32) is w  # no cast needed: the weight itself
+    with torch.inference_mode():
+        made_here = torch.randn(6, 4)  # an inference tensor has no version counter: always a fresh cast
+    assert torch.equal(frozen_cast(made_here, torch.bfloat16), made_here.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("config, shares", [
+    (deltatune.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3), False),
+    (deltatune.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3), False),
+    (deltatune.IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"],
+                         feedforward_modules=["down_proj"]), True),
+], ids=["prompt", "prefix", "ia3"])
+def test_scoring_shares_only_where_the_forward_adds_no_virtual_tokens(config, shares):
+    model = deltatune.get_peft_model(tiny_llama(), config).eval()
+    rows = [[5] * PREFIX + [7, 8], [5] * PREFIX + [9]]
+    with torch.no_grad():
+        cache = shared_prefix.PrefixCache.build(model, model.get_base_model(), rows, torch.device("cpu"))
+    assert (cache is not None) == shares

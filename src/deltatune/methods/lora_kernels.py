@@ -45,6 +45,8 @@ def frozen_cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     weak references are kept, so this never holds a copy alive by itself: with no graph holding one
     (no_grad, or after backward), the weight is cast again. An in-place change to the weight recasts.
     """
+    if weight.is_inference():  # made under inference_mode: no version counter to trust a cached cast by
+        return weight.to(dtype)
     key = id(weight)
     entry = _CASTS.get(key)
     if entry is not None:
