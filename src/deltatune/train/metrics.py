@@ -23,6 +23,7 @@ import torch
 
 from deltatune.data.templates import generation_prompt, resolve_template
 from deltatune.methods.lora import merged_inference
+from deltatune.train.loss import SUPPORTED_MODEL_TYPES
 from deltatune.train.shared_prefix import PrefixCache
 
 SCORINGS = ("auto", "first_token", "greedy")
@@ -212,8 +213,11 @@ def _score(model, tokenizer, ds, n, gold_all, labels, template, scoring, max_new
     try:
         with scope:
             shared = None
-            if scoring == "first_token":  # e.g. a system prompt every row starts with: its keys/values once
-                lm = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+            lm = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+            family = getattr(getattr(lm, "config", None), "model_type", None)
+            # e.g. a system prompt every row starts with: its keys/values once, for the families the fused
+            # loss already trusts to be a plain causal trunk
+            if scoring == "first_token" and family in SUPPORTED_MODEL_TYPES:
                 shared = PrefixCache.build(model, lm, prompt_ids, device)
             for group in groups:
                 if scoring == "first_token":

@@ -19,7 +19,8 @@ call otherwise:
   or packed masks; the prefix is unpadded and its positions are ``0..P-1``;
 - a cache of plain full-attention layers (sliding windows keep a trimmed cache) on transformers'
   ``DynamicCache``;
-- a single process: engines (DDP, FSDP, DeepSpeed) expect one forward of each module per step.
+- a single process: engines (DDP, FSDP, DeepSpeed) expect one forward of each module per step;
+- for scoring, a family in ``deltatune.train.loss.SUPPORTED_MODEL_TYPES`` (plain causal trunks).
 
 Nobody configures it: :data:`MIN_SHARED_TOKENS` shared tokens turn it on.
 """
