@@ -28,6 +28,7 @@ import os
 from typing import Any
 
 from deltatune.config import PeftConfig
+from deltatune.surgery.partitioned import gathered
 from deltatune.integrations.hooks import patch_module
 from deltatune.integrations.recognition import PATCHED, is_deltatune_model, widen_peft_names
 
@@ -43,13 +44,14 @@ def _patch_trainer(module: Any) -> None:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if not is_deltatune_model(model):
             return original(self, output_dir, state_dict)
-        # The adapter's own tensors are saved; a gathered full state_dict (DeepSpeed ZeRO-3, FSDP) is not
-        # read here, so sharded runs must gather the adapter before saving (not supported yet).
+        # The adapter's own tensors are saved. Under DeepSpeed ZeRO-3 the Trainer calls this on every rank
+        # and each holds a partition of them: all gather the adapter, rank 0 writes it.
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        model.save_pretrained(output_dir)
+        with gathered(p for p in model.parameters() if p.requires_grad):
+            if not self.args.should_save:
+                return
+            os.makedirs(output_dir, exist_ok=True)
+            model.save_pretrained(output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         elif getattr(self.data_collator, "tokenizer", None) is not None:

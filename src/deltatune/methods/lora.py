@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.config import LoraConfig, PeftType
+from deltatune.surgery.partitioned import gathered, is_partitioned
 from deltatune.methods.base import LLAMA_LINEAR, Adapter, Method, Variant, adapter_dtype, dense_weight, layer_dims, register_method, set_dense_weight
 from deltatune.methods.default_targets import LORA_DEFAULT_TARGETS, present  # LORA_DEFAULT_TARGETS re-exported
 from deltatune.methods.lora_conv import CONV_TYPES, make_lora_conv
@@ -162,6 +163,7 @@ class LoraLinear(Adapter):
         return (
             self.fuses_base
             and not base.weight.requires_grad
+            and not is_partitioned(base.weight)  # ZeRO-3: only base_layer's own forward gathers its weight
             and (_autocast_dtype(x) is not None or x.dtype == base.weight.dtype == self.lora_A.dtype)
             and not (self.use_dora and self._dropping())
         )
@@ -242,7 +244,9 @@ class LoraLinear(Adapter):
         delta = delta if self.lora_B_bias is None else delta + self.scaling * self.lora_B_bias  # lora_bias (no DoRA)
         if not self.use_dora:
             return base_out + delta.to(base_out.dtype)
-        W = dense_weight(base, self.lora_A.dtype)
+        with gathered((getattr(base, "weight", None),)):  # ZeRO-3 released it after base's forward: a copy
+            W = dense_weight(base, self.lora_A.dtype)
+            W = W.clone() if is_partitioned(getattr(base, "weight", None)) else W
         scale = self.lora_magnitude_vector / self._norm(W).to(W.dtype)  # (out,)
         bias = getattr(base, "bias", None)
         if self._dropping():

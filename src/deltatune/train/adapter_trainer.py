@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deltatune.surgery.partitioned import gathered
 from deltatune.methods.lora import merged_inference
 from deltatune.train.loss import causal_lm_loss
 from deltatune.train.trainer import FusedLossTrainer
@@ -91,14 +92,17 @@ class AdapterTrainer(FusedLossTrainer):
     # ---- checkpoints: the adapter only -----------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
-        bad = nonfinite_parameters(self.model)
-        if bad:
-            step = self.state.global_step
-            raise NonFiniteLossError(f"trainable parameters {bad} are NaN or inf after step {step}", step)
-        os.makedirs(output_dir, exist_ok=True)
-        self.model.save_pretrained(output_dir)
+        # DeepSpeed ZeRO-3: the Trainer calls this on every rank, and each holds a partition of the adapter;
+        # all gather it, rank 0 writes it (state_dict, the Trainer's own gather, is keyed for its format).
+        with gathered(p for p in self.model.parameters() if p.requires_grad):
+            if not self.args.should_save:
+                return
+            bad = nonfinite_parameters(self.model)
+            if bad:
+                step = self.state.global_step
+                raise NonFiniteLossError(f"trainable parameters {bad} are NaN or inf after step {step}", step)
+            os.makedirs(output_dir, exist_ok=True)
+            self.model.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:

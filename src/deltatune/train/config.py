@@ -27,6 +27,7 @@ from deltatune.train.config_check import (
     ConfigError, build_section, check_section, check_value, parse_override, set_dotted, unknown_key_error,
 )
 from deltatune.train.distributed import DISTRIBUTED, FsdpSection
+from deltatune.train.zero import check_setting
 from deltatune.train.method_config import MethodConfig, method_spec, same_options
 from deltatune.train.metrics import SCORINGS
 
@@ -80,7 +81,11 @@ class TrainSection:
     """Recompute activations in backward to save memory (slower)."""
     distributed: str = "auto"
     """With several processes (torchrun, accelerate launch, mpirun, srun): ``auto`` or ``ddp`` replicate the
-    model (DDP); ``fsdp`` shards it (FSDP2, set up by ``train.fsdp``). One process ignores it."""
+    model (DDP); ``fsdp`` shards it (FSDP2, set up by ``train.fsdp``); ``deepspeed`` runs DeepSpeed ZeRO (set
+    up by ``train.deepspeed``). One process ignores ``ddp`` and ``fsdp``."""
+    deepspeed: str = "zero2"
+    """With ``train.distributed: deepspeed``: ``zero2`` or ``zero3`` (the shipped configs, also in
+    ``configs/deepspeed/``), or the path of a DeepSpeed JSON config (``"auto"`` values come from ``train.*``)."""
     fsdp: FsdpSection = field(default_factory=FsdpSection)
     """FSDP2's settings (:class:`deltatune.train.distributed.FsdpSection`)."""
     eval_steps: int | None = None
@@ -131,6 +136,8 @@ class TrainSection:
             _fail("train", "bf16", self.bf16, "true, false or 'auto'")
         if self.distributed not in DISTRIBUTED:
             _fail("train", "distributed", self.distributed, f"one of {', '.join(DISTRIBUTED)}")
+        if self.distributed == "deepspeed":
+            check_setting(self.deepspeed)
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,12 @@ from torch import nn
 
 from deltatune.quant import prepare_for_fsdp
 from deltatune.train.config_check import ConfigError
+from deltatune.train.method_config import method_spec
+from deltatune.train.zero import check_deepspeed
 
-DISTRIBUTED = ("auto", "ddp", "fsdp")
-"""``train.distributed`` values: ``auto`` (DDP when launched with several processes), ``ddp``, ``fsdp``."""
+DISTRIBUTED = ("auto", "ddp", "fsdp", "deepspeed")
+"""``train.distributed`` values: ``auto`` (DDP when launched with several processes), ``ddp``, ``fsdp``,
+``deepspeed`` (ZeRO, configured by ``train.deepspeed``: :mod:`deltatune.train.zero`)."""
 
 FSDP_ONLY_ADAPTERS = frozenset({"partial"})
 """Methods whose trainable weights are copies of base modules, which FSDP2 has already sharded."""
@@ -64,16 +67,19 @@ def check_distributed(mode: str, method: str, env: Mapping[str, str] | None = No
     fsdp_plugin = env.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     deepspeed = env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     # accelerate's FSDP plugin would shard the adapter too (and on CPU accelerate runs DDP instead, silently);
-    # DeepSpeed ZeRO-3 partitions the adapter, which deltatune train does not gather for saving. ZeRO-1/2 keep
-    # every parameter whole on each rank and are let through (untested here: DeepSpeed is not in the lock).
-    if fsdp_plugin or (deepspeed and zero_stage(env) == 3):
+    # accelerate's DeepSpeed plugin at ZeRO-3 partitions the adapter: deltatune train gathers it for saving when
+    # it set DeepSpeed up itself (train.distributed=deepspeed). ZeRO-1/2 keep every parameter whole on each rank.
+    if fsdp_plugin or (deepspeed and zero_stage(env) == 3 and mode != "deepspeed"):
         plugin = "FSDP" if fsdp_plugin else "DeepSpeed ZeRO-3"
         raise ConfigError(
             f"deltatune train was launched with accelerate's {plugin} plugin, which it does not support: it would "
             "shard the adapter, which deltatune train does not gather for saving (and on CPU accelerate runs DDP "
             "instead of FSDP, silently). To shard the model set train.distributed=fsdp (FSDP2) and launch with "
             "torchrun, or accelerate launch --config_file configs/accelerate/multi_gpu.yaml (GPUs) / cpu_2proc.yaml "
-            "(CPU); see docs/distributed.md.")
+            "(CPU); for DeepSpeed ZeRO-3 set train.distributed=deepspeed train.deepspeed=zero3 (or your JSON) with "
+            "the same launchers; see docs/distributed.md.")
+    if mode == "deepspeed":
+        check_deepspeed(method, quantized=method_spec(method).quantized)
     if mode == "fsdp" and not trainer_supports_sharded_loading():
         import transformers
 
@@ -108,11 +114,15 @@ def trainer_supports_sharded_loading() -> bool:
 
 
 def engine(mode: str, world_size: int) -> str:
-    """``"single"``, ``"ddp"`` or ``"fsdp"``: what a run with ``mode`` does with ``world_size`` processes.
+    """``"single"``, ``"ddp"``, ``"fsdp"`` or ``"deepspeed"``: what a run with ``mode`` does with ``world_size`` processes.
 
-    One process needs no engine, whatever the mode: a checkpoint written by an FSDP run of N
-    processes resumes as a single process (the adapter is saved whole, its optimizer state too).
+    One process needs no engine for DDP or FSDP: a checkpoint written by an FSDP run of N processes
+    resumes as a single process (the adapter is saved whole, its optimizer state too). DeepSpeed runs
+    whatever the count: its checkpoints hold its own optimizer format, and one process with ZeRO
+    (offload on one GPU) is a use of its own.
     """
+    if mode == "deepspeed":
+        return "deepspeed"
     if world_size <= 1:
         return "single"
     return "fsdp" if mode == "fsdp" else "ddp"

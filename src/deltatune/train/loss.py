@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deltatune.surgery.partitioned import gathered, is_partitioned, zero3_plain_linear
 from deltatune.model import PeftModel
 from deltatune.train.engines import engine_entry, gathered_plain_linear, run_as_forward, unwrap_engine
 from deltatune.train.shared_prefix import trunk_hidden
@@ -338,8 +339,12 @@ def _fused_loss(lm, inputs, shifted, supervised, num_items_in_batch, ignore_inde
     hidden, targets = hidden[supervised], shifted[supervised]  # (n, H), (n,): only these reach the projection
     head = lm.get_output_embeddings()
     if _is_plain_linear(head):
-        loss_sum = fused_linear_cross_entropy(hidden, head.weight, targets, bias=head.bias, ignore_index=ignore_index,
-                                              chunk_size=chunk_size, reduction="sum", recompute=recompute)
+        # ZeRO-3: the head is read here, never called. It is released after this block, so its gradients
+        # (for the hidden states; the head is frozen) are all computed inside: no recompute in backward.
+        with gathered((head.weight, head.bias)):
+            loss_sum = fused_linear_cross_entropy(hidden, head.weight, targets, bias=head.bias, ignore_index=ignore_index,
+                                                  chunk_size=chunk_size, reduction="sum",
+                                                  recompute=recompute and not is_partitioned(head.weight))
     else:
         # An adapter wraps the head (LoRA on lm_head, modules_to_save): only its own forward gives
         # the right logits, so run it on the supervised rows, (n, V), not all (B*T, V).
@@ -351,7 +356,8 @@ def _is_plain_linear(module: nn.Module | None) -> bool:
     # Exact forward and no hooks: 4-bit layers subclass nn.Linear with their own forward, and
     # adapter wrappers forward attribute lookups, so a ``.weight`` alone proves nothing.
     return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
-            and not module._forward_hooks and not module._forward_pre_hooks) or gathered_plain_linear(module)
+            and not module._forward_hooks and not module._forward_pre_hooks) or gathered_plain_linear(module) \
+        or zero3_plain_linear(module)
 
 
 def _fusion_blocker(model: nn.Module, lm: nn.Module, regularize: bool) -> str | None:

@@ -41,7 +41,8 @@ CORRUPT_PREFIX = "corrupt-"
 DIVERGED_WEIGHT = 1e4
 """Prefix a damaged checkpoint folder is renamed with, so that neither --resume nor the Trainer uses it."""
 CHECKPOINT_FILES = ("adapter_config.json", "trainer_state.json", "optimizer.pt", "scheduler.pt")
-"""Files a complete resumable checkpoint folder holds (``trainer_state.json`` is written last)."""
+"""Files a complete resumable checkpoint folder holds (``trainer_state.json`` is written last). Under DeepSpeed,
+``latest`` (naming its ``global_stepN`` folder of per-rank optimizer files) stands in for ``optimizer.pt``."""
 
 
 def write_config(output_dir: Path, config: Any) -> Path:
@@ -316,7 +317,9 @@ def latest_run(root: str | os.PathLike = "runs") -> Path | None:
 
 def is_complete_checkpoint(folder: Path) -> bool:
     """Whether ``folder`` holds everything a resume needs (a crash mid-save leaves it incomplete)."""
-    return folder.is_dir() and all((folder / f).is_file() for f in CHECKPOINT_FILES)
+    optimizer = "latest" if (folder / "latest").is_file() else "optimizer.pt"  # DeepSpeed's, or the Trainer's
+    return folder.is_dir() and all((folder / f).is_file() for f in CHECKPOINT_FILES if f != "optimizer.pt") \
+        and (folder / optimizer).is_file()
 
 
 def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:

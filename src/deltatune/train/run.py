@@ -33,6 +33,7 @@ from deltatune.train.loftq import loftq_run
 from deltatune.train.launch import export_launch_env
 from deltatune.train.metrics import describe, score_accuracy
 from deltatune.train.outputs import OutputPlan, check_output_dir, plan_output_dir, resume_plan
+from deltatune.train.zero import check_resume
 # The session's result types are re-exported here, the public path of a run's API.
 from deltatune.train.session import RunResult, TrainingSession, TrainingStopped, is_main_process  # noqa: F401
 
@@ -183,6 +184,8 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
     # (export_launch_env: mpirun/srun get the variable names torch.distributed reads, before it starts)
     plan = agree_on_plan(make_plan, export_launch_env().world_size,
                          lambda p: f"resumes {p.checkpoint.name}" if p.checkpoint else "starts afresh")
+    if plan.checkpoint is not None:  # a DeepSpeed checkpoint resumes under DeepSpeed, on as many processes
+        check_resume(plan.checkpoint, config.train.distributed, export_launch_env().world_size)
     if plan.checkpoint is not None and config.method.name == "adalora":
         raise ValueError("--resume is not supported for AdaLoRA: its rank allocator's importance scores are not "
                          "checkpointed and saved adapters hold only the kept ranks. Start the run again.")

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 
 from deltatune.data.pipeline import PreparedData
+from deltatune.surgery.partitioned import gathered, trainable_partitioned
 from deltatune.optimizers import create_loraplus_optimizer
 from deltatune.registry import get_method
 from deltatune.train import launch, loftq, outputs
@@ -19,6 +20,7 @@ from deltatune.train.distributed import engine
 from deltatune.train.new_tokens import resize_for
 from deltatune.train.metrics import describe, score_accuracy, training_warnings
 from deltatune.train.precision import choose_precision, inference_autocast, training_attention
+from deltatune.train.zero import deepspeed_config
 
 
 class TrainingStopped(RuntimeError):
@@ -79,6 +81,7 @@ def training_arguments(config: TrainConfig, output_dir: Path, steps: int, has_ev
         # transformers refuses checkpoints of a model sharded at load time unless they are model-only;
         # AdapterTrainer saves the replicated adapter's optimizer state after all (resumable_when_sharded).
         save_only_model=sharded(config),
+        deepspeed=deepspeed_config(t.deepspeed) if t.distributed == "deepspeed" else None,
     )
 
 
@@ -144,12 +147,15 @@ class TrainingSession:
         self.log(str(self.precision))
         self.metrics.update(bf16=self.precision.bf16)
         status = self.train(peft_model, checkpoint)
-        if status == "completed" and is_main_process():
-            peft_model.save_pretrained(self.output_dir / outputs.ADAPTER_DIR)
-            if self.config.data.add_special_tokens:  # loaders resize the base model to this tokenizer first
-                self.tokenizer.save_pretrained(self.output_dir / outputs.ADAPTER_DIR)
-        # FSDP2's forward gathers weights from every rank, so every rank scores (rank 0 reports)
-        if status == "completed" and (is_main_process() or sharded(self.config)):
+        # DeepSpeed ZeRO-3 partitions the adapter: every rank takes part in gathering it, rank 0 writes it
+        partitioned = trainable_partitioned(peft_model)
+        with gathered(p for p in peft_model.parameters() if p.requires_grad):
+            if status == "completed" and is_main_process():
+                peft_model.save_pretrained(self.output_dir / outputs.ADAPTER_DIR)
+                if self.config.data.add_special_tokens:  # loaders resize the base model to this tokenizer first
+                    self.tokenizer.save_pretrained(self.output_dir / outputs.ADAPTER_DIR)
+        # FSDP2's and ZeRO-3's forwards gather weights from every rank, so every rank scores (rank 0 reports)
+        if status == "completed" and (is_main_process() or sharded(self.config) or partitioned):
             if accuracy:
                 self.metrics["final"] = self.score(peft_model, "accuracy after training")
                 timings["final_eval_s"] = self.metrics["final"]["seconds"]
