@@ -162,6 +162,27 @@ def test_train_deepspeed_matches_one_process_and_saves_the_adapter_whole(stage, 
     assert "is a DeepSpeed checkpoint written by 2 processes" in err and "on 2 processes" in err, err
 
 
+def test_zero3_scores_accuracy_after_training_on_every_rank(tmp_path):
+    # Under ZeRO-3 each forward gathers weights from every rank, so every rank scores (rank 0 reports); a rank
+    # left out would hang the others. The scores must be one process's (same global batch, same adapter).
+    from deltatune.cli.main import main
+    from deltatune.train.zero import SHIPPED
+    from support_train import base_args, save_tiny_model, topic_rows, write_jsonl
+    from test_distributed import torchrun
+
+    files = {"model": save_tiny_model(tmp_path / "model"), "data": write_jsonl(tmp_path / "topics.jsonl", topic_rows())}
+    (tmp_path / "ds.json").write_text(json.dumps({**SHIPPED["zero3"], "zero_optimization": EVERY_PARAMETER_PARTITIONED}))
+    common = ["eval.accuracy=true", "train.max_steps=4", "train.bf16=false", "train.num_threads=1"]
+    torchrun(["-m", "deltatune.cli.main", *base_args(files, tmp_path / "zero3", *common), "train.batch_size=2",
+              "train.distributed=deepspeed", f"train.deepspeed={tmp_path / 'ds.json'}"], tmp_path)
+    assert main(base_args(files, tmp_path / "single", *common)) == 0
+    scores = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("zero3", "single")]
+    assert scores[0]["world_size"] == 2
+    for when in ("zero_shot", "final"):
+        ours, one = ({k: v for k, v in s[when].items() if k != "seconds"} for s in scores)
+        assert ours == one and ours["total"] == 6, when
+
+
 def test_shipped_configs_are_the_files_in_configs_deepspeed():
     from deltatune.train.zero import SHIPPED, deepspeed_config
 
