@@ -59,7 +59,7 @@ def worker(impl: str, steps: int, warmup: int, threads: int, overrides: list[str
 
     torch.set_num_threads(threads)
     from deltatune.train.config import load_train_config
-    from deltatune.train.run import load_model, prepare_data
+    from deltatune.train.run import adapter_config, load_model, prepare_data
     from deltatune.train.precision import choose_precision, training_attention
     from deltatune.train.session import training_arguments
 
@@ -69,7 +69,11 @@ def worker(impl: str, steps: int, warmup: int, threads: int, overrides: list[str
                                       *overrides])
     _, prepared = prepare_data(config, log=lambda line: None)
     model = load_model(config)
+    built = adapter_config(config, steps)  # the job's adapter: a relative layer choice resolved for this model
     options = dict(config.method.options)
+    if "layers_to_transform" in options:  # peft gets the same index list
+        layers = built.layers_to_transform
+        options["layers_to_transform"] = None if layers is None else list(layers)
     torch.manual_seed(config.train.seed)
     if impl == "peft":
         import peft
@@ -80,7 +84,7 @@ def worker(impl: str, steps: int, warmup: int, threads: int, overrides: list[str
         import deltatune
         from deltatune.train.adapter_trainer import AdapterTrainer
 
-        model = deltatune.get_peft_model(model, config.method.build(steps))
+        model = deltatune.get_peft_model(model, built)
         trainer_cls = AdapterTrainer
     marks: list[tuple[float, float, int]] = []
 

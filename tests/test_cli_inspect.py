@@ -121,6 +121,7 @@ def test_cli_dry_run_of_a_train_config_uses_its_model_and_method(tmp_path, capsy
         f"model: {tmp_path / 'llama'}\nmethod: {{name: dora, r: 4, target_modules: [q_proj]}}\n")
     assert main(["inspect", "--config", str(tmp_path / "run.yaml")]) == 0
     out = capsys.readouterr().out
-    # DoRA on q_proj (32->32) in 2 blocks: r*(in+out) + a magnitude per output feature, per module.
-    assert "wraps 2 modules; trainable parameters 576 " in out
-    assert out.rstrip().endswith("model.layers.0.self_attn.q_proj\n  model.layers.1.self_attn.q_proj")
+    # DoRA on q_proj (32->32) in the upper of the 2 blocks (deltatune train's preset, layers_to_transform:
+    # upper_half, resolved for this model): r*(in+out) + a magnitude per output feature.
+    assert "wraps 1 modules; trainable parameters 288 " in out
+    assert out.rstrip().endswith("trainable parameters 288 (1.16% of the base model)\n  model.layers.1.self_attn.q_proj")

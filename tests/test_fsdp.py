@@ -249,4 +249,4 @@ def test_fsdp_refuses_what_changes_the_base_after_loading(monkeypatch):
     for extra in (["data.add_special_tokens=[<tool>]"], loftq):
         config = load_train_config(None, ["train.distributed=fsdp", *extra])
         with pytest.raises(ConfigError, match="cannot be combined with data.add_special_tokens or method.init_lora"):
-            check_before_loading(config, config.method.build(total_steps=10))
+            check_before_loading(config, config.method.build(total_steps=10, num_layers=30))

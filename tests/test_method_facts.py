@@ -28,6 +28,8 @@ def _fit(method) -> dict:
         return {"total_step": 10}
     if method.name == "partial":
         return {"layers_to_train": "last:1"}
+    if "layers_to_transform" in method.train_preset:  # deltatune train resolves "upper_half" for the model: all layers here
+        return {"layers_to_transform": None}
     return {}
 
 

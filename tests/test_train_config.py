@@ -19,8 +19,9 @@ def test_defaults_are_the_default_job():
     assert cfg.method.name == "lora" and cfg.method.options["r"] == 8
     assert cfg.data.source == "bbc-news" and cfg.data.article_tokens == 64
     assert cfg.train.bf16 == "auto" and cfg.eval.scoring == "auto"
-    peft = cfg.method.build(total_steps=10)
+    peft = cfg.method.build(total_steps=10, num_layers=30)  # SmolLM2-135M's 30 blocks
     assert isinstance(peft, LoraConfig) and peft.task_type.value == "CAUSAL_LM"
+    assert cfg.method.options["layers_to_transform"] == "upper_half" and list(peft.layers_to_transform) == list(range(15, 30))
 
 
 def test_yaml_then_overrides_with_numbers_lists_and_null(tmp_path):
@@ -71,7 +72,7 @@ def test_switching_method_class_drops_lora_options_but_lora_variants_keep_them()
     cfg = load_train_config(None, ["method.r=4", "method.name=ia3"])
     assert cfg.method.options == {} and isinstance(cfg.method.build(5), IA3Config)
     cfg = load_train_config(None, ["method.r=4", "method.name=dora"])
-    peft = cfg.method.build(5)
+    peft = cfg.method.build(5, num_layers=2)
     assert peft.r == 4 and peft.use_dora
     with pytest.raises(ConfigError, match="contradicts method.name='dora'"):
         load_train_config(None, ["method.name=dora", "method.use_dora=false"])
@@ -114,7 +115,7 @@ def test_file_errors(tmp_path):
 @pytest.mark.parametrize("path", TRAIN_EXAMPLES, ids=lambda p: p.stem)
 def test_every_example_config_is_valid(path):
     cfg = load_train_config(path, [])
-    assert cfg.method.build(total_steps=cfg.train.max_steps or 100) is not None
+    assert cfg.method.build(total_steps=cfg.train.max_steps or 100, num_layers=30) is not None  # written for SmolLM2
 
 
 def test_each_method_example_runs_its_method():
@@ -151,3 +152,38 @@ def test_a_bad_regex_is_a_config_error_naming_the_field(overrides):
     # checked when the config is built, not as re.error from deep inside injection
     with pytest.raises(ConfigError, match="does not compile"):
         load_train_config(None, overrides).method.build(10)
+
+
+def test_relative_layers_resolve_against_the_models_depth(tmp_path):
+    # method.layers_to_transform=upper_half: one config for models of any depth. The run's config.yaml keeps the
+    # name (a resume resolves it again); the adapter gets peft's index list; only those layers get adapters.
+    import json
+
+    from deltatune.cli.main import main
+    from deltatune.train.loading import adapter_config
+    from support_cli_generate import write_tiny_model
+    from support_train import base_args, topic_rows, write_jsonl
+
+    cfg = load_train_config(None, ["method.layers_to_transform=upper_half"])
+    assert cfg.method.options["layers_to_transform"] == "upper_half" and cfg.method.relative_layers
+    assert list(cfg.method.build(10, num_layers=30).layers_to_transform) == list(range(15, 30))
+    assert list(cfg.method.build(10, num_layers=5).layers_to_transform) == [2, 3, 4]
+    with pytest.raises(ConfigError, match="needs the model's number of decoder layers"):
+        cfg.method.build(10)
+    with pytest.raises(ConfigError, match="'method.layers_to_transform' is 'upper'; expected a layer index, a list of "
+                                          "them, or one of upper_half"):
+        load_train_config(None, ["method.layers_to_transform=upper"])
+    assert list(load_train_config(None, ["method.layers_to_transform=[1,2]"]).method.build(10).layers_to_transform) == [1, 2]
+
+    write_tiny_model(tmp_path / "tiny4", layers=4)
+    files = {"model": tmp_path / "tiny4", "data": write_jsonl(tmp_path / "topics.jsonl", topic_rows())}
+    resolved = adapter_config(load_train_config(None, [f"model={files['model']}", "method.layers_to_transform=upper_half"]), 2)
+    assert list(resolved.layers_to_transform) == [2, 3]
+    assert main(base_args(files, tmp_path / "run", "method.layers_to_transform=upper_half", "train.max_steps=2")) == 0
+    saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert saved["layers_to_transform"] == [2, 3]
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["method"]["layers_to_transform"] == "upper_half"
+    from safetensors.torch import load_file
+
+    layers = {int(k.split(".layers.")[1].split(".")[0]) for k in load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")}
+    assert layers == {2, 3}

@@ -10,7 +10,7 @@ from deltatune.model import PeftModel, get_peft_model
 from deltatune.models import load_model_and_tokenizer
 from deltatune.train.config import load_train_config
 from deltatune.train.method_config import METHODS
-from deltatune.train.run import run_training
+from deltatune.train.run import adapter_config, run_training
 from support_train import tiny_run_files  # noqa: F401  (fixture)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -43,13 +43,13 @@ def test_example_config_trains_and_saves_a_loadable_adapter(example, tiny_run_fi
     # Training reached the adapter: its parameters moved away from the same-seed initialisation
     # (a loss path that skipped the method's forward, e.g. a soft prompt, would leave them unchanged).
     set_seed(config.train.seed)
-    initial = get_peft_model(load_model_and_tokenizer(model)[0], config.method.build(2))
+    initial = get_peft_model(load_model_and_tokenizer(model)[0], adapter_config(config, 2))
     trained = dict(result.model.named_parameters())
     moved = [n for n, p in initial.named_parameters() if p.requires_grad and not torch.equal(p, trained[n])]
     assert moved, "no trainable parameter changed"
     # The saved adapter is peft-format and loads back onto a fresh base model.
     loaded = PeftModel.from_pretrained(load_model_and_tokenizer(model)[0], result.output_dir / "adapter")
-    assert loaded.peft_config["default"].peft_type == config.method.build(2).peft_type
+    assert loaded.peft_config["default"].peft_type == adapter_config(config, 2).peft_type
 
 
 def test_bitfit_on_a_model_without_biases_stops_with_a_clear_error(tiny_run_files, tmp_path):

@@ -137,7 +137,7 @@ def test_model_dtype_loads_bf16_weights_and_keeps_adapters_fp32(monkeypatch):
     assert config.to_dict()["model_dtype"] == "bfloat16"
     base = loading.load_model(config, log=lambda line: None)
     assert asked == [torch.bfloat16] and base.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
-    model = dt.get_peft_model(base, config.method.build(10))
+    model = dt.get_peft_model(base, config.method.build(10, num_layers=len(base.model.layers)))
     trainable = {p.dtype for p in model.parameters() if p.requires_grad}
     assert trainable == {torch.float32}  # peft's autocast_adapter_dtype: adapters (and Adam's state) stay fp32
     assert load_train_config(None, []).model_dtype == "float32"

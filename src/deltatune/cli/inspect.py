@@ -41,6 +41,7 @@ from deltatune.methods.base import get_method
 from deltatune.models import DEFAULT_MODEL, model_config
 from deltatune.surgery.presets import PRESET_NAMES  # the preset table `deltatune plan` reads too
 from deltatune.train.config import load_train_config
+from deltatune.train.loading import adapter_config  # the run's adapter config (a relative layers_to_transform resolved)
 
 
 def register(subparsers: Any) -> None:
@@ -77,7 +78,7 @@ def _train_config(args: argparse.Namespace):
 def _dry_run_config(args: argparse.Namespace, model_type: str, train_config=None):
     if train_config is not None:
         # AdaLoRA's schedule needs a step count; any positive number gives the same layout.
-        return train_config.method.build(total_steps=train_config.train.max_steps or 1)
+        return adapter_config(train_config, train_config.train.max_steps or 1)
     fields: dict[str, Any] = {"r": args.r}
     if args.exclude:
         fields["exclude_modules"] = tuple(t.strip() for t in args.exclude.split(",") if t.strip())

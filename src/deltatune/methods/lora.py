@@ -384,10 +384,11 @@ def prepare_lora_config(config: LoraConfig, model: nn.Module) -> LoraConfig:
 
 
 LORA_PRESET: Mapping[str, Any] = types.MappingProxyType(
-    {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": list(LLAMA_LINEAR)}
+    {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": list(LLAMA_LINEAR), "layers_to_transform": "upper_half"}
 )
-"""Default LoRA options of ``deltatune train``: rank 8 on every linear layer of the blocks (the
-default model is LLaMA-shaped; for other families set ``method.target_modules``, or ``all-linear``)."""
+"""Default LoRA options of ``deltatune train``: rank 8 on every linear layer of the upper half of the blocks
+(resolved per model, ``train.method_config.RELATIVE_LAYERS``: backward then stops halfway, docs/training.md);
+the default model is LLaMA-shaped: for other families set ``method.target_modules``, or ``all-linear``."""
 
 register_method(
     Method(

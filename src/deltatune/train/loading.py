@@ -79,6 +79,23 @@ def total_steps(config: TrainConfig, n_rows: int) -> int:
     return max(1, math.ceil(per_epoch * t.epochs))
 
 
+def adapter_config(config: TrainConfig, steps: int) -> Any:
+    """``config.method`` built for a run of ``steps``: a relative ``layers_to_transform`` (``upper_half``)
+    resolved against the model's decoder layer count, read from its config (no weights load).
+
+    Raises:
+        ConfigError: the model's config names no layer count, or the method's options are invalid.
+    """
+    layers = None
+    if config.method.relative_layers:
+        layers = getattr(model_config(config.model), "num_hidden_layers", None)
+        if not isinstance(layers, int):
+            raise ConfigError(f"method.layers_to_transform={config.method.options['layers_to_transform']!r} needs the "
+                              f"number of decoder layers, which {config.model}'s config does not give "
+                              "(num_hidden_layers); list the layer indices instead.")
+    return config.method.build(total_steps=steps, num_layers=layers)
+
+
 def wants_accuracy(config: TrainConfig, prepared: PreparedData) -> bool:
     """Whether to score label accuracy (``eval.accuracy``; ``auto``: the eval data has labels).
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import types
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from deltatune.config import PeftConfig
 from deltatune.methods.adalora import AdaLoraConfig
 from deltatune.methods.base import LLAMA_LINEAR, method_names  # noqa: F401  (LLAMA_LINEAR re-exported)
 from deltatune.methods.lora import LORA_PRESET  # noqa: F401  (re-exported: the default method's options)
-from deltatune.train.config_check import ConfigError, check_section, did_you_mean
+from deltatune.train.config_check import ConfigError, check_section, did_you_mean, field_hints
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,14 @@ class _MethodTable(Mapping[str, MethodSpec]):
 METHODS: Mapping[str, MethodSpec] = _MethodTable()
 """Every method ``deltatune train`` can run, by ``method.name``."""
 
+RELATIVE_LAYERS: Mapping[str, Callable[[int], list[int]]] = types.MappingProxyType({
+    "upper_half": lambda n: list(range(n // 2, n)),
+})
+"""``method.layers_to_transform`` values of ``deltatune train`` that name layers by their place in the model
+rather than by index, so that one config fits models of any depth. Resolved against the model's decoder
+layer count (:meth:`MethodConfig.build`); the adapter's ``adapter_config.json`` gets the index list, as peft
+writes it. ``upper_half``: the layers ``n // 2 .. n - 1``. Without adapters below them, backward stops there."""
+
 
 def method_spec(name: Any) -> MethodSpec:
     """The spec for ``method.name``.
@@ -90,7 +98,13 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         spec = method_spec(self.name)
-        options = check_section("method", dict(self.options), spec.config_cls)
+        relative = {"layers_to_transform": Sequence[int] | int | str | None} \
+            if "layers_to_transform" in field_hints(spec.config_cls) else None
+        options = check_section("method", dict(self.options), spec.config_cls, extra=relative)
+        layers = options.get("layers_to_transform")
+        if isinstance(layers, str) and layers not in RELATIVE_LAYERS:
+            raise ConfigError(f"Config key 'method.layers_to_transform' is {layers!r}; expected a layer index, a list "
+                              f"of them, or one of {', '.join(RELATIVE_LAYERS)}.")
         for key, value in spec.fixed.items():
             if key in options and options[key] != value:
                 raise ConfigError(
@@ -99,20 +113,32 @@ class MethodConfig:
                 )
         object.__setattr__(self, "options", types.MappingProxyType(options))
         if spec.config_cls is not AdaLoraConfig or "total_step" in options:
-            self.build(total_steps=None)  # the config class's own validation, now rather than after loading
+            # the config class's own validation, now rather than after loading (a 2-layer stand-in for the depth)
+            self.build(total_steps=None, num_layers=2)
 
     @property
     def spec(self) -> MethodSpec:
         """The :class:`MethodSpec` of :attr:`name`."""
         return METHODS[self.name]
 
-    def build(self, total_steps: int | None) -> PeftConfig:
-        """The adapter config for a run of ``total_steps`` optimizer steps.
+    @property
+    def relative_layers(self) -> bool:
+        """Whether ``layers_to_transform`` names layers by place (:data:`RELATIVE_LAYERS`): build needs the depth."""
+        return isinstance(self.options.get("layers_to_transform"), str)
+
+    def build(self, total_steps: int | None, num_layers: int | None = None) -> PeftConfig:
+        """The adapter config for a run of ``total_steps`` optimizer steps on a model of ``num_layers`` decoder layers.
 
         Raises:
-            ConfigError: the config class rejects the options (its message says which).
+            ConfigError: the config class rejects the options (its message says which), or
+                ``layers_to_transform`` is relative and ``num_layers`` is not given.
         """
         values = {"task_type": "CAUSAL_LM", **self.options, **self.spec.fixed}
+        if self.relative_layers:
+            if num_layers is None:
+                raise ConfigError(f"method.layers_to_transform={values['layers_to_transform']!r} needs the model's "
+                                  "number of decoder layers; build the config with num_layers.")
+            values["layers_to_transform"] = RELATIVE_LAYERS[values["layers_to_transform"]](num_layers)
         if self.spec.config_cls is AdaLoraConfig and values.get("total_step") is None:
             values["total_step"] = total_steps
         try:

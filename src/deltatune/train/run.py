@@ -25,7 +25,8 @@ from deltatune.train.config import TrainConfig
 from deltatune.train.new_tokens import with_token_rows
 # What a run loads before training, re-exported here: the public path of a run's API.
 from deltatune.train.loading import (  # noqa: F401
-    check_quantized_support, check_targets, load_model, load_tokenizer, prepare_data, total_steps, wants_accuracy,
+    adapter_config, check_quantized_support, check_targets, load_model, load_tokenizer, prepare_data, total_steps,
+    wants_accuracy,
 )
 from deltatune.train.config_check import ConfigError, did_you_mean
 from deltatune.train.distributed import agree_on_plan, check_distributed
@@ -165,7 +166,7 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
     output_dir = Path(config.output_dir)
     tokenizer, prepared = prepare_data(config, log)
     steps = total_steps(config, len(prepared.train))
-    peft_config = config.method.build(total_steps=steps)
+    peft_config = adapter_config(config, steps)
     # data.add_special_tokens: the new tokens' embedding rows train with the adapter
     new_ids = tokenizer.convert_tokens_to_ids(list(config.data.add_special_tokens))
     peft_config = with_token_rows(peft_config, new_ids, config.method.name)

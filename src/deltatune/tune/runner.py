@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 
 from deltatune.train import outputs
 from deltatune.train.config import TrainConfig
-from deltatune.train.run import check_output_dir, load_model, prepare_data, total_steps, wants_accuracy
+from deltatune.train.run import adapter_config, check_output_dir, load_model, prepare_data, total_steps, wants_accuracy
 from deltatune.train.session import TrainingSession
 
 Report = Callable[[int, float], None]
@@ -63,7 +63,7 @@ def run_trial(config_tree: Mapping[str, Any], report: Report) -> float:
         raise ValueError("tuning minimises the eval loss, but the data has no eval split: set data.eval_size > 0 "
                          "or data.eval_source.")
     steps = total_steps(config, len(prepared.train))
-    peft_config = config.method.build(total_steps=steps)
+    peft_config = adapter_config(config, steps)
     accuracy = wants_accuracy(config, prepared)
     check_output_dir(output_dir, resume=False, overwrite=True)
     outputs.write_config(output_dir, config)
