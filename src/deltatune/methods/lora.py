@@ -35,6 +35,7 @@ from deltatune.methods.lora_init import init_factors
 from deltatune.methods.lora_param import make_lora_param_adapter, peft_moe_config
 from deltatune.methods.lora_bias import fold_lora_bias, lora_bias_for
 from deltatune.methods.lora_kernels import autocast_dtype as _autocast_dtype, dora_linear, frozen_cast, lora_linear
+from deltatune.methods.lora_kernels import keep_mask as _keep_mask
 from deltatune.quant import quantized_linear_types
 from deltatune.surgery.targets import default_targets, pattern_value
 
@@ -79,19 +80,6 @@ class _LastMask(threading.local):
 
 
 _LAST_MASK = _LastMask()
-
-
-def _keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Bool mask like x, True (keep) with probability 1 - p (p rounded to 2^-15). The CPU generator is serial
-    (it does not scale with threads), so its draws are dropout's main cost: each 31-bit integer draw feeds
-    two elements. As two int16s its low half is uniform on [-2^15, 2^15), its high half on [0, 2^15) (top
-    bit 0): one threshold each. 2 threads, 4x256x512: 2.9 ms per mask at one draw per element, 1.75 ms here."""
-    n = x.numel()
-    draws = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_()  # [0, 2^31)
-    halves = draws.view(torch.int16).view(-1, 2)  # little-endian: column 0 is the low half
-    low, high = min(round(p * 2**16), 2**16 - 1) - 2**15, min(round(p * 2**15), 2**15 - 1)
-    thresholds = torch.tensor([low, high], dtype=torch.int16, device=x.device)
-    return (halves >= thresholds).view(-1)[:n].view(x.shape)
 
 
 def _shared_dropout_mask(x: torch.Tensor, p: float, user: nn.Module) -> torch.Tensor:

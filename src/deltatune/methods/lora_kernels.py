@@ -165,3 +165,16 @@ def lora_linear(x, weight, bias, A, B, scaling: float, mask=None, keep: float = 
 def dora_linear(x, weight, bias, A, B, scaling: float, scale: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
     """Fused DoRA forward: ``scale ⊙ (x Wᵀ + s (x Aᵀ) Bᵀ) + b`` where ``scale = magnitude / norm``."""
     return _DoraLinearFn.apply(x, weight, bias, A, B, scaling, scale, magnitude)
+
+
+def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Bool mask like x, True (keep) with probability 1 - p (p rounded to 2^-15). The CPU generator is serial
+    (it does not scale with threads), so its draws are dropout's main cost: each 31-bit integer draw feeds
+    two elements. As two int16s its low half is uniform on [-2^15, 2^15), its high half on [0, 2^15) (top
+    bit 0): one threshold each. 2 threads, 4x256x512: 2.9 ms per mask at one draw per element, 1.75 ms here."""
+    n = x.numel()
+    draws = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_()  # [0, 2^31)
+    halves = draws.view(torch.int16).view(-1, 2)  # little-endian: column 0 is the low half
+    low, high = min(round(p * 2**16), 2**16 - 1) - 2**15, min(round(p * 2**15), 2**15 - 1)
+    thresholds = torch.tensor([low, high], dtype=torch.int16, device=x.device)
+    return (halves >= thresholds).view(-1)[:n].view(x.shape)
