@@ -15,7 +15,7 @@ these places, and gathers them there:
   a leaf's gradients in a full backward hook, which fires before the adapter's own gradients exist
   when the layer's input needs none, as in the first decoder layer.)
 
-Nothing here imports DeepSpeed unless a parameter is partitioned, so it costs nothing elsewhere.
+Nothing here imports DeepSpeed unless the process has loaded it already, so it costs nothing elsewhere.
 """
 from __future__ import annotations
 
