@@ -250,3 +250,17 @@ def test_fsdp_refuses_what_changes_the_base_after_loading(monkeypatch):
         config = load_train_config(None, ["train.distributed=fsdp", *extra])
         with pytest.raises(ConfigError, match="cannot be combined with data.add_special_tokens or method.init_lora"):
             check_before_loading(config, config.method.build(total_steps=10, num_layers=30))
+
+
+def test_an_error_every_process_hits_is_reported_as_itself(tmp_path):
+    # A bad config fails alike on every rank: the message is that error, not "the processes do not agree".
+    from test_distributed import _free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "deltatune.cli.main", "train", "output_dir=run", "train.learning_rate=1e-4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "Unknown config key 'train.learning_rate'. Valid keys in 'train'" in out, out[-2000:]
+    assert "do not agree" not in out and not (tmp_path / "run").exists()

@@ -191,17 +191,19 @@ def agree_on_plan(plan: Callable[[], Any], world_size: int, describe: Callable[[
     over a gloo group first, and any error or disagreement stops every rank with the same message.
 
     Raises:
-        ValueError: on every rank, when any rank's ``plan()`` failed or two ranks found different checkpoints.
+        ValueError: on every rank, when any rank's ``plan()`` failed or two ranks found different checkpoints;
+            when every rank failed alike (a bad config), each raises its own error, which says it all.
     """
     if world_size <= 1:
         return plan()
     import torch
     import torch.distributed as dist
 
+    failure = None
     try:
         result, outcome = plan(), None
     except (OSError, ValueError) as err:
-        result, outcome = None, f"error: {err}"
+        result, outcome, failure = None, f"error: {err}", err
     outcome = outcome or describe(result)
     if not dist.is_initialized():  # the Trainer's accelerate state and transformers' loading reuse this group
         dist.init_process_group(backend="cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo")
@@ -211,6 +213,8 @@ def agree_on_plan(plan: Callable[[], Any], world_size: int, describe: Callable[[
         dist.all_gather_object(outcomes, outcome, group=group)
     finally:
         dist.destroy_process_group(group)
+    if failure is not None and len(set(outcomes)) == 1:  # every rank hit the same error (a bad config): that is the message
+        raise failure
     if len(set(outcomes)) > 1 or outcome.startswith("error: "):
         seen = "; ".join(f"rank {rank}: {text}" for rank, text in enumerate(outcomes))
         raise ValueError(
