@@ -42,15 +42,12 @@ def fused_loss_worker(out: str, model_dir: str) -> None:
     from transformers import AutoModelForCausalLM
 
     import deltatune as dt
-    from deltatune.train import loss as loss_module
     from deltatune.train.loss import causal_lm_loss
     from deltatune.train.zero import SHIPPED
+    from support_fused import batch, count_kernel_calls, lora_config
 
-    calls = []  # the chunked kernel must run: the head's own forward would materialise the logits
-    kernel = loss_module.fused_linear_cross_entropy
-    loss_module.fused_linear_cross_entropy = lambda *a, **k: calls.append(1) or kernel(*a, **k)
-    config = dt.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                           init_lora_weights=False, task_type="CAUSAL_LM")
+    calls = count_kernel_calls()
+    config = lora_config()
     ds_config = {**SHIPPED["zero3"], "train_micro_batch_size_per_gpu": 2, "train_batch_size": 4,
                  "zero_optimization": EVERY_PARAMETER_PARTITIONED,
                  "gradient_accumulation_steps": 1, "gradient_clipping": 0.0, "bf16": {"enabled": False},
@@ -65,9 +62,7 @@ def fused_loss_worker(out: str, model_dir: str) -> None:
     optimizer = torch.optim.SGD([p for _, p in lora], lr=0.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     # the same rows on both ranks: the averaged gradient is then each rank's own
-    ids = torch.randint(3, 90, (2, 16), generator=torch.Generator().manual_seed(7))
-    labels = ids.clone()
-    labels[:, :5] = -100
+    ids, labels = batch(seed=7)
     results = {}
     for name, compute in (("fused", lambda: causal_lm_loss(engine, input_ids=ids, labels=labels)[0]),
                           ("own", lambda: engine(input_ids=ids, labels=labels).loss)):

@@ -36,15 +36,11 @@ def fused_loss_worker(out: str, model_dir: str) -> None:
     from transformers.distributed import DistributedConfig
 
     import deltatune as dt
-    from deltatune.train import loss as loss_module
     from deltatune.train.loss import causal_lm_loss
+    from support_fused import batch, count_kernel_calls, lora_config
 
-    calls = []  # the chunked kernel must run: the head's own forward would materialise the logits
-    kernel = loss_module.fused_linear_cross_entropy
-    loss_module.fused_linear_cross_entropy = lambda *a, **k: calls.append(1) or kernel(*a, **k)
-
-    config = dt.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                           init_lora_weights=False, task_type="CAUSAL_LM")
+    calls = count_kernel_calls()
+    config = lora_config()
     results = {}
     for engine in ("fsdp", "ddp"):
         kwargs = {"distributed_config": DistributedConfig(fsdp_size=2)} if engine == "fsdp" else {}
@@ -53,9 +49,7 @@ def fused_loss_worker(out: str, model_dir: str) -> None:
         if engine == "ddp":
             model = torch.nn.parallel.DistributedDataParallel(model)
         rank = dist.get_rank()
-        ids = torch.randint(3, 90, (2, 16), generator=torch.Generator().manual_seed(rank))
-        labels = ids.clone()
-        labels[:, :5] = -100
+        ids, labels = batch(seed=rank)
         lora = [p for p in model.parameters() if p.requires_grad]
         calls.clear()
         with warnings.catch_warnings(record=True) as caught:
