@@ -191,24 +191,24 @@ def test_score_accuracy_is_unchanged_by_sharing(monkeypatch):
     assert shared["confusion"] == plain["confusion"]
 
 
-def test_frozen_cast_reuses_a_live_cast_only():
-    from deltatune.methods.lora_kernels import frozen_cast
+def test_reused_cast_reuses_a_live_cast_only():
+    from deltatune.methods.lora_kernels import reused_cast
 
     w = torch.randn(6, 4)
-    first = frozen_cast(w, torch.bfloat16)
-    assert frozen_cast(w, torch.bfloat16) is first  # alive (as when saved for backward): reused
-    assert frozen_cast(w, torch.float16).dtype == torch.float16  # another dtype: its own cast
+    first = reused_cast(w, torch.bfloat16)
+    assert reused_cast(w, torch.bfloat16) is first  # alive (as when saved for backward): reused
+    assert reused_cast(w, torch.float16).dtype == torch.float16  # another dtype: its own cast
     with torch.no_grad():
         w.add_(1.0)  # an in-place change bumps the version: cast again, with the new values
-    again = frozen_cast(w, torch.bfloat16)
+    again = reused_cast(w, torch.bfloat16)
     assert again is not first and torch.equal(again, w.to(torch.bfloat16))
     ref = __import__("weakref").ref(again)
     del first, again
     assert ref() is None  # nothing here kept the cast alive
-    assert frozen_cast(w, torch.float32) is w  # no cast needed: the weight itself
+    assert reused_cast(w, torch.float32) is w  # no cast needed: the weight itself
     with torch.inference_mode():
         made_here = torch.randn(6, 4)  # an inference tensor has no version counter: always a fresh cast
-    assert torch.equal(frozen_cast(made_here, torch.bfloat16), made_here.to(torch.bfloat16))
+    assert torch.equal(reused_cast(made_here, torch.bfloat16), made_here.to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("config, shares", [

@@ -79,14 +79,47 @@ def test_qlora_trains_under_bf16_with_bf16_tiles(tmp_path):
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_layers_reading_one_input_share_its_bf16_cast_with_the_same_gradients(use_dora, monkeypatch):
+    # q/k/v_proj (and gate/up_proj) read the same fp32 hidden states; under autocast each fused layer used to
+    # save its own bf16 cast of them. Now they share one, and the result must be the same to the bit.
+    from deltatune.methods import lora_kernels
+
+    ids = torch.randint(3, 90, (2, 10), generator=torch.Generator().manual_seed(0))
+    results = []
+    for shared in (True, False):
+        if not shared:
+            monkeypatch.setattr(lora_kernels, "_operand", lambda x, dtype: x.to(dtype))
+        model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=4, target_modules="all-linear", use_dora=use_dora))
+        casts = set()
+
+        def pack(t):
+            if t.dtype == torch.bfloat16 and t.shape[-1] == 32 and t.dim() == 3:  # (B, T, hidden) bf16 inputs
+                casts.add(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autocast("cpu", torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        results.append((len(casts), loss.detach(), grads))
+    (shared_n, shared_loss, shared_grads), (own_n, own_loss, own_grads) = results
+    # per layer: attention input (q, k, v) and MLP input (gate, up) once each, plus o_proj's and down_proj's
+    # input in bf16 already; without sharing 3 more copies per layer
+    assert own_n - shared_n == 2 * 3
+    assert torch.equal(shared_loss, own_loss)
+    assert all(torch.equal(a, b) for a, b in zip(shared_grads, own_grads))
+
+
 # ---- attention while training, and scoring in the run's precision (issue 17) ------------------------------
 def test_cpu_bf16_training_uses_eager_attention_and_gives_the_model_back():
+    from deltatune.train.attention import NAME
     from deltatune.train.precision import Precision, training_attention
 
     model = tiny_llama()
     model.set_attn_implementation("sdpa")
     with training_attention(model, Precision(True, "test"), cuda=False) as used:
-        assert used == "eager" and model.config._attn_implementation == "eager"
+        assert used == NAME and model.config._attn_implementation == NAME
     assert model.config._attn_implementation == "sdpa"
     for precision, cuda in [(Precision(False, "test"), False), (Precision(True, "test"), True)]:
         with training_attention(model, precision, cuda=cuda) as used:  # fp32, or a GPU: the model's own kernel

@@ -34,7 +34,7 @@ from deltatune.methods.lora_conv import CONV_TYPES, make_lora_conv
 from deltatune.methods.lora_init import init_factors
 from deltatune.methods.lora_param import make_lora_param_adapter, peft_moe_config
 from deltatune.methods.lora_bias import fold_lora_bias, lora_bias_for
-from deltatune.methods.lora_kernels import autocast_dtype as _autocast_dtype, dora_linear, frozen_cast, lora_linear
+from deltatune.methods.lora_kernels import autocast_dtype as _autocast_dtype, dora_linear, lora_linear, reused_cast
 from deltatune.methods.lora_kernels import keep_mask as _keep_mask
 from deltatune.quant import quantized_linear_types
 from deltatune.surgery.targets import default_targets, pattern_value
@@ -214,16 +214,18 @@ class LoraLinear(Adapter):
         # Under autocast (bf16 training on CPUs with native bf16, or on GPUs) the kernel runs in autocast's
         # dtype with every operand cast once here: what autocast would do to F.linear and the two thin
         # matmuls, minus its second cast of x for the LoRA branch, the float dropout mask and the separate
-        # delta + sum. The casts of A and B are autograd ops, so their gradients arrive in fp32; W is
-        # frozen and cast per call, as autocast does, unless this step's cast is still saved (frozen_cast).
+        # delta + sum. The casts of A and B are autograd ops, so their gradients arrive in fp32. W is cast
+        # per call, as autocast does, unless this step's cast is still saved (reused_cast); x is cast
+        # inside the kernel (to W's dtype), which returns x's gradient in x's own dtype.
         with torch.autocast(x.device.type, enabled=False):
             bias = None if base.bias is None else base.bias.to(dt)
-            return self._fused_in(x.to(dt), frozen_cast(base.weight, dt), bias, self.lora_A.to(dt), self.lora_B.to(dt), scale, mask)
+            return self._fused_in(x, reused_cast(base.weight, dt), bias, self.lora_A.to(dt), self.lora_B.to(dt),
+                                  scale, mask)
 
     def _fused_in(self, x, weight, bias, A, B, scale, mask) -> torch.Tensor:
         if self.use_dora:
             # the kernel returns the magnitude's gradient in the magnitude's own dtype (fp32)
-            return dora_linear(x, weight, bias, A, B, self.scaling, scale.to(x.dtype), self.lora_magnitude_vector)
+            return dora_linear(x, weight, bias, A, B, self.scaling, scale.to(weight.dtype), self.lora_magnitude_vector)
         return lora_linear(x, weight, bias, A, B, self.scaling, mask, 1 / (1 - self.dropout_p))
 
     def _generic(self, x: torch.Tensor, base: nn.Module, base_out: torch.Tensor) -> torch.Tensor:

@@ -67,10 +67,11 @@ def training_attention(model: Any, precision: Precision, cuda: bool | None = Non
     implementation used while training (None: the model's own), restoring the model's afterwards.
 
     On a CPU under bf16 autocast, torch's fused SDPA kernel has a slow backward at training shapes
-    (SmolLM2-135M, 8 x 110 tokens: 15 ms per layer, ~30% of the step), and transformers' ``eager``
-    attention (plain matmuls and softmax, which autocast runs in bf16) trains faster: measured 430
-    vs 326 tokens/s (benchmarks/bench_default_job.py). Inference keeps SDPA, which is the faster one
-    there. Elsewhere (fp32, CUDA) nothing changes.
+    (SmolLM2-135M, 8 x 110 tokens: 15 ms per layer, ~30% of the step), and eager attention (plain matmuls
+    and softmax, which autocast runs in bf16) trains faster: measured 430 vs 326 tokens/s
+    (benchmarks/bench_default_job.py). The eager arithmetic runs as ``deltatune_eager``
+    (train/attention.py), which recomputes the probabilities in backward instead of saving them.
+    Inference keeps SDPA, which is the faster one there. Elsewhere (fp32, CUDA) nothing changes.
     """
     cuda = torch.cuda.is_available() if cuda is None else cuda
     config = getattr(model, "config", None)
@@ -79,8 +80,11 @@ def training_attention(model: Any, precision: Precision, cuda: bool | None = Non
     if not precision.bf16 or cuda or current != "sdpa" or setter is None:
         yield None
         return
-    setter("eager")
+    from deltatune.train.attention import register
+
+    name = register()
+    setter(name)
     try:
-        yield "eager"
+        yield name
     finally:
         setter(current)

@@ -208,7 +208,8 @@ class TrainingSession:
         status = "completed"
         with interrupt, training_attention(peft_model.get_base_model(), self.precision) as attention:
             if attention is not None:
-                self.log(f"attention: {attention} while training (faster than SDPA's backward under CPU bf16)")
+                self.log(f"attention: {attention} while training (eager's arithmetic, faster than SDPA's backward under "
+                         "CPU bf16; its probabilities are recomputed in backward, not kept)")
             try:
                 trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
             except NonFiniteLossError as err:
