@@ -7,7 +7,10 @@ with the compiled kernel on and switched off, on the layer shapes of the serving
 (A stored transposed, Bᵀ row-major), interleaved, median of --rounds calls each; for scale, the
 base layer's own matmul on the same input.
 
-    python benchmarks/bench_cpu_kernel.py [--rounds 50] [--threads 2]
+    python benchmarks/bench_cpu_kernel.py [--rounds 50] [--threads 2] [--dtype bfloat16]
+
+With ``--dtype bfloat16`` every tensor is bf16: the kernel is then the AVX512-BF16 one
+(``csrc/mixed_lora_bf16.c``) and the torch path bf16 ``bmm``.
 """
 from __future__ import annotations
 
@@ -61,22 +64,25 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"compiled CPU kernel: {cpu_kernel.unavailable_reason() or 'in use'}; {args.threads} threads, r={args.rank}")
+    dt = getattr(torch, args.dtype)
+    print(f"compiled CPU kernel ({args.dtype}): {cpu_kernel.unavailable_reason(dt) or 'in use'}; "
+          f"{args.threads} threads, r={args.rank}")
     print("| call | rows x tokens | in -> out | base matmul (ms) | torch path (ms) | kernel (ms) | kernel / torch |")
     print("|---|---|---|---|---|---|---|")
     r = args.rank
     with torch.no_grad():
         for rows, tokens in ((32, 128), (32, 1)):
             for n_in, n_out in SHAPES:
-                A = torch.randn(rows, n_in, r).transpose(1, 2)  # (b, r, in), stored (b, in, r) as in the bank
-                Bt = torch.randn(rows, r, n_out) / r
-                x, W = torch.randn(rows, tokens, n_in), torch.randn(n_out, n_in) / n_in**0.5
+                A = torch.randn(rows, n_in, r, dtype=dt).transpose(1, 2)  # (b, r, in), stored (b, in, r) as in the bank
+                Bt = torch.randn(rows, r, n_out, dtype=dt) / r
+                x, W = torch.randn(rows, tokens, n_in, dtype=dt), torch.randn(n_out, n_in, dtype=dt) / n_in**0.5
                 _row("mixed", x, W, lambda y, x, A=A, Bt=Bt: mixed_lora_(y, x, A, Bt), args.rounds)
         for n_in, n_out in SHAPES:
-            A, Bt = torch.randn(n_in, r).T, torch.randn(r, n_out) / r
-            x, W = torch.randn(32, 128, n_in), torch.randn(n_out, n_in) / n_in**0.5
+            A, Bt = torch.randn(n_in, r, dtype=dt).T, torch.randn(r, n_out, dtype=dt) / r
+            x, W = torch.randn(32, 128, n_in, dtype=dt), torch.randn(n_out, n_in, dtype=dt) / n_in**0.5
             _row("single", x, W, lambda y, x, A=A, Bt=Bt: single_lora_(y, x, A, Bt), args.rounds)
 
 

@@ -36,7 +36,7 @@ def test_the_fused_autocast_path_matches_autocast_on_the_plain_expression(use_do
     calls = []
     fn = lora_kernels._DoraLinearFn if use_dora else lora_kernels._LoraLinearFn
     original = fn.forward
-    monkeypatch.setattr(fn, "forward", staticmethod(lambda ctx, x, *a: calls.append(x.dtype) or original(ctx, x, *a)))
+    monkeypatch.setattr(fn, "forward", staticmethod(lambda ctx, x, w, *a: calls.append(w.dtype) or original(ctx, x, w, *a)))
     fused_y, fused_g = _run(model, x, True, monkeypatch)
     assert calls == [torch.bfloat16, torch.bfloat16]  # both layers, in bf16: the kernel ran, not the plain path
     plain_y, plain_g = _run(model, x, False, monkeypatch)

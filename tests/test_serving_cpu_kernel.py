@@ -10,7 +10,9 @@ from deltatune.serving.kernels import mixed_lora_, single_lora_
 from tolerances import assert_close
 
 HERE_OK = cpu_kernel._platform_problem() is None and cpu_kernel._compiler() is not None
+HERE_BF16 = HERE_OK and cpu_kernel._bf16_problem() is None
 needs_kernel = pytest.mark.skipif(not HERE_OK, reason="the kernel needs x86-64 Linux with AVX2, libgomp and a C compiler")
+needs_bf16_kernel = pytest.mark.skipif(not HERE_BF16, reason="the bf16 kernel needs a CPU with AVX512-BF16")
 
 
 def _closed_form(y, x, A, Bt):
@@ -31,6 +33,11 @@ def test_the_kernel_builds_where_the_platform_allows():
         assert cpu_kernel.library() is not None, cpu_kernel.unavailable_reason()
     else:
         assert cpu_kernel.library() is None and cpu_kernel.unavailable_reason()
+    if HERE_BF16:  # this project's CPU has AVX512-BF16: bf16 models get their kernel too
+        assert cpu_kernel.library(torch.bfloat16) is not None, cpu_kernel.unavailable_reason(torch.bfloat16)
+    else:
+        assert cpu_kernel.library(torch.bfloat16) is None and cpu_kernel.unavailable_reason(torch.bfloat16)
+    assert cpu_kernel.library(torch.float16) is None and "no compiled kernel" in cpu_kernel.unavailable_reason(torch.float16)
 
 
 @needs_kernel
@@ -80,7 +87,8 @@ def test_dispatch_takes_the_kernel_only_where_it_applies(monkeypatch):
     refused = {
         "autograd": dict(x=x.clone().requires_grad_()),
         "a rank that is not a multiple of 8": dict(A=A[:, :6], Bt=Bt[:, :6]),
-        "bf16": dict(y=y.bfloat16(), x=x.bfloat16(), A=A.bfloat16(), Bt=Bt.bfloat16()),
+        "fp16": dict(y=y.half(), x=x.half(), A=A.half(), Bt=Bt.half()),
+        "bf16 x with fp32 factors": dict(y=y.bfloat16(), x=x.bfloat16()),
         "A with unit stride along in": dict(A=A.contiguous()),
         "switched off": {},
     }
@@ -89,7 +97,7 @@ def test_dispatch_takes_the_kernel_only_where_it_applies(monkeypatch):
         want = _closed_form(args["y"].float(), args["x"].detach().float(), args["A"].float(), args["Bt"].float())
         with cpu_kernel.switched(why != "switched off"):
             got = mixed_lora_(args["y"], args["x"], args["A"], args["Bt"])
-        dtype = torch.bfloat16 if why == "bf16" else torch.float32
+        dtype = {torch.float16: torch.float16, torch.bfloat16: torch.bfloat16}.get(args["y"].dtype, torch.float32)
         assert_close(got.detach().float(), want, dtype=dtype)
         assert calls == [1], why
 
@@ -144,7 +152,7 @@ def test_overwrite_mode_never_reads_y(L):
     y = torch.full((2, L, 37), float("nan"))  # any read of y would show
     cpu_kernel.mixed_lora_cpu_(y, x, A, Bt, init=init)
     assert_close(y, _closed_form(init.expand(2, L, 37), x, A, Bt))
-    with pytest.raises(ValueError, match="contiguous fp32 vector of 37"):
+    with pytest.raises(ValueError, match="contiguous torch.float32 vector of 37"):
         cpu_kernel.mixed_lora_cpu_(y, x, A, Bt, init=torch.zeros(36))
 
 
@@ -193,3 +201,65 @@ def test_a_replaced_forward_or_autograd_takes_the_hook_path(monkeypatch):
     logits = model(input_ids=x, adapter_names=names).logits
     assert logits.requires_grad
     assert_close(logits.detach(), expected)
+
+
+# ---- the bf16 kernel (AVX512-BF16) ----------------------------------------------------------------------
+def _bf16_case(L, r, n_in, n_out, seed):
+    x = torch.randn(3, L, n_in).bfloat16()
+    A, Bt = (t.bfloat16() for t in _factors(3, r, n_in, n_out, seed=seed))
+    return x, A, Bt
+
+
+def _bf16_error(got, exact):
+    return ((got.double() - exact).abs().max() / exact.abs().max()).item()
+
+
+@needs_bf16_kernel
+@pytest.mark.parametrize("L", [1, 7, 8, 9, 128])
+@pytest.mark.parametrize("r", [8, 16, 24, 40])
+@torch.no_grad()
+def test_bf16_kernel_is_as_close_as_torchs_bf16_path(L, r):
+    # L: single tokens, a short tile, an exact 8-token tile, a remainder; r: 16-column blocks and an 8-column
+    # tail; in = 19 (an odd input: the last pair padded), out = 37 (16-wide blocks and a masked tail)
+    for n_in, n_out in ((19, 37), (64, 48), (576, 1536)):
+        x, A, Bt = _bf16_case(L, r, n_in, n_out, seed=L + r)
+        y = torch.randn(3, L, n_out).bfloat16()
+        exact = y.double() + torch.bmm(torch.bmm(x.double(), A.double().transpose(1, 2)), Bt.double())
+        torchs = y.float() + torch.bmm(torch.bmm(x, A.transpose(1, 2)), Bt).float()  # each product rounded to bf16
+        assert cpu_kernel.usable(y, x, A, Bt)
+        out = cpu_kernel.mixed_lora_cpu_(y, x, A, Bt)
+        assert out is y and out.dtype == torch.bfloat16
+        # rounding differs (pairwise fp32 sums, one rounding of y) but is of the same size as torch's
+        assert _bf16_error(out, exact) <= 2.5 * _bf16_error(torchs, exact) + 1e-3
+
+
+@needs_bf16_kernel
+@pytest.mark.parametrize("L", [1, 12])
+@torch.no_grad()
+def test_bf16_overwrite_mode_never_reads_y(L):
+    x, A, Bt = _bf16_case(L, 16, 19, 37, seed=L)
+    init = torch.randn(37).bfloat16()
+    y = torch.full((3, L, 37), float("nan")).bfloat16()
+    cpu_kernel.mixed_lora_cpu_(y, x, A, Bt, init=init)
+    exact = init.double() + torch.bmm(torch.bmm(x.double(), A.double().transpose(1, 2)), Bt.double())
+    assert not y.isnan().any() and _bf16_error(y, exact) < 2e-2
+    with pytest.raises(ValueError, match="contiguous torch.bfloat16 vector of 37"):
+        cpu_kernel.mixed_lora_cpu_(y, x, A, Bt, init=init.float())
+
+
+@needs_bf16_kernel
+def test_a_bf16_model_serves_its_lora_linears_through_the_bf16_kernel(monkeypatch):
+    from tiny import input_ids
+
+    model, x, names = _served_model().to(torch.bfloat16), input_ids(batch=3, seq=9), ["a", "b", "__base__"]
+    with torch.no_grad(), cpu_kernel.switched(False):
+        expected = model(input_ids=x, adapter_names=names).logits  # the torch path (bf16 bmm)
+    calls = []
+    real = cpu_kernel.mixed_lora_cpu_
+    monkeypatch.setattr(cpu_kernel, "mixed_lora_cpu_", lambda *a, **k: calls.append(a[0].dtype) or real(*a, **k))
+    with torch.no_grad():
+        got = model(input_ids=x, adapter_names=names).logits
+    layers = model.base_model.model.model.layers
+    assert calls == [torch.bfloat16] * (2 * len(layers))  # q_proj and up_proj, in bf16
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0.05, atol=0.05)

@@ -1,4 +1,5 @@
-"""The compiled CPU path of mixed-adapter serving: ``csrc/mixed_lora.c``, built on first use.
+"""The compiled CPU paths of mixed-adapter serving: ``csrc/mixed_lora.c`` (fp32) and
+``csrc/mixed_lora_bf16.c`` (bf16), each built on first use.
 
 Why a C kernel: on the CPU the per-row low-rank update is two thin GEMMs, and the first of them
 (x·Aᵀ, an output only r = 16 wide) is a shape for which MKL's ``bmm`` reaches about 60% of the
@@ -8,15 +9,18 @@ are still in L1. With ``init`` it writes y = init + update without reading y, wh
 :mod:`deltatune.serving.routing` run the base GEMM afterwards, accumulating into that y. Measured
 per layer (b = 32 rows × 128 tokens, r = 16, 2 threads): 512 -> 512 1.16 -> 0.97 ms, 1408 -> 512
 2.70 -> 1.96 ms (``benchmarks/bench_cpu_kernel.py``; ``bench_serving.py`` has the model-level numbers).
+The bf16 kernel does the same with AVX512-BF16's pairwise dot products (VDPBF16PS) on bf16 tensors,
+for bf16 models, where the base GEMM runs ~2x faster than in fp32 and torch's bf16 ``bmm`` at r = 16
+would weigh twice as much.
 
-How it starts: the first CPU fp32 request with adapter_names calls :func:`library`, which compiles
-the source with the system C compiler (``$CC``, else ``cc``/``gcc``; ``-O3 -mavx2 -mfma -fopenmp``,
-well under a second) into ``$DELTATUNE_CACHE_DIR`` (default ``~/.cache/deltatune``), named by a hash
+How it starts: the first CPU fp32 (bf16) request with adapter_names calls :func:`library`, which
+compiles the source with the system C compiler (``$CC``, else ``cc``/``gcc``; ``-O3 -mavx2 -mfma
+-fopenmp``, plus ``-mavx512f -mavx512bw -mavx512vl -mavx512bf16`` for bf16; well under a second) into ``$DELTATUNE_CACHE_DIR`` (default ``~/.cache/deltatune``), named by a hash
 of source and flags, and loads it with ctypes. The shared object is written to a temporary name
 and renamed into place, so concurrent or interrupted builds never leave a half-written file.
 
-When it runs: CPU, fp32, no autograd, an x86-64 Linux machine whose CPU torch itself drives at
-AVX2 or better, and a torch whose intra-op threads are GNU OpenMP (the kernel links the same
+When it runs: CPU, fp32 or bf16, no autograd, an x86-64 Linux machine whose CPU torch itself drives
+at AVX2 or better (for bf16: whose CPU torch reports AVX512-BF16), and a torch whose intra-op threads are GNU OpenMP (the kernel links the same
 ``libgomp``, so both share one thread pool). Anything else, a failed build included, takes the
 pure-torch path in :mod:`deltatune.serving.kernels`; :func:`unavailable_reason` says why.
 ``DELTATUNE_CPU_KERNEL=0`` turns it off.
@@ -37,12 +41,26 @@ from typing import Iterator
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "mixed_lora.c"
 FLAGS = ["-O3", "-std=c99", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared"]
 ENV = "DELTATUNE_CPU_KERNEL"
 MAX_RANK = 256  # DT_MAX_R in the source: the per-tile h buffer lives on the stack
 
-_state: dict[str, object] = {}  # "lib": CDLL | None, "why": str | None (filled on first use)
+
+class _Kernel:
+    """One compiled variant: its source, flags and exported symbols."""
+
+    def __init__(self, source: str, extra_flags: list[str], symbol: str, max_rank: str) -> None:
+        self.source, self.flags = Path(__file__).with_name("csrc") / source, FLAGS + extra_flags
+        self.symbol, self.max_rank = symbol, max_rank
+
+
+KERNELS = {
+    torch.float32: _Kernel("mixed_lora.c", [], "dt_mixed_lora", "dt_max_rank"),
+    torch.bfloat16: _Kernel("mixed_lora_bf16.c", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"],
+                            "dt_mixed_lora_bf16", "dt_max_rank_bf16"),
+}
+
+_state: dict[torch.dtype, tuple] = {}  # dtype -> (CDLL | None, why: str | None), filled on first use
 _enabled = os.environ.get(ENV, "1") != "0"
 
 
@@ -74,17 +92,26 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(cc: str) -> Path:
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"mixed_lora-{digest}.so"
+def _bf16_problem() -> str | None:
+    try:
+        native = torch.cpu._is_avx512_bf16_supported()
+    except (AttributeError, RuntimeError):  # a torch without the query: no claim, so no kernel
+        native = False
+    return None if native else "bf16 needs a CPU with AVX512-BF16 (torch does not report it here)"
+
+
+def _build(cc: str, kernel: _Kernel = KERNELS[torch.float32]) -> Path:
+    source = kernel.source.read_bytes()
+    digest = hashlib.sha256(source + " ".join([cc, *kernel.flags]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"{kernel.source.stem}-{digest}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".mixed_lora-", suffix=".so", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{kernel.source.stem}-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([cc, *kernel.flags, str(kernel.source), "-o", tmp], capture_output=True, text=True,
+                              timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-400:]}")
         os.replace(tmp, target)  # atomic: a reader sees no file or a whole one
@@ -94,40 +121,44 @@ def _build(cc: str) -> Path:
     return target
 
 
-def _load() -> tuple[ctypes.CDLL | None, str | None]:
-    problem = _platform_problem()
+def _load(dtype: torch.dtype = torch.float32) -> tuple[ctypes.CDLL | None, str | None]:
+    kernel = KERNELS[dtype]
+    problem = _platform_problem() or (_bf16_problem() if dtype == torch.bfloat16 else None)
     if problem:
         return None, problem
     cc = _compiler()
     if cc is None:
         return None, "no C compiler found (set $CC, or install gcc)"
     try:
-        lib = ctypes.CDLL(str(_build(cc)))
+        lib = ctypes.CDLL(str(_build(cc, kernel)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        return None, f"could not build {SOURCE.name}: {err}"
-    i64 = ctypes.c_int64
-    lib.dt_mixed_lora.restype = ctypes.c_int
-    lib.dt_mixed_lora.argtypes = [ctypes.c_void_p] * 4 + [i64] * 11 + [ctypes.c_void_p, ctypes.c_int]
-    if lib.dt_max_rank() != MAX_RANK:
-        return None, f"{SOURCE.name} and cpu_kernel.py disagree on the largest rank"
+        return None, f"could not build {kernel.source.name}: {err}"
+    entry = getattr(lib, kernel.symbol)
+    entry.restype = ctypes.c_int
+    entry.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 11 + [ctypes.c_void_p, ctypes.c_int]
+    if getattr(lib, kernel.max_rank)() != MAX_RANK:
+        return None, f"{kernel.source.name} and cpu_kernel.py disagree on the largest rank"
     return lib, None
 
 
-def library() -> ctypes.CDLL | None:
-    """The loaded kernel, building it on the first call; None where it cannot run (or is switched off)."""
-    if not _enabled:
+def library(dtype: torch.dtype = torch.float32) -> ctypes.CDLL | None:
+    """The loaded kernel for ``dtype`` (fp32 or bf16), building it on the first call; None where it cannot
+    run (or is switched off)."""
+    if not _enabled or dtype not in KERNELS:
         return None
-    if "lib" not in _state:
-        _state["lib"], _state["why"] = _load()
-    return _state["lib"]  # type: ignore[return-value]
+    if dtype not in _state:
+        _state[dtype] = _load(dtype)
+    return _state[dtype][0]
 
 
-def unavailable_reason() -> str | None:
-    """Why :func:`library` is None, or None when the kernel is in use."""
+def unavailable_reason(dtype: torch.dtype = torch.float32) -> str | None:
+    """Why :func:`library` is None for ``dtype``, or None when the kernel is in use."""
     if not _enabled:
         return f"switched off ({ENV}=0 or cpu_kernel.switched(False))"
-    library()
-    return _state["why"]  # type: ignore[return-value]
+    if dtype not in KERNELS:
+        return f"no compiled kernel for {dtype}"
+    library(dtype)
+    return _state[dtype][1]
 
 
 @contextlib.contextmanager
@@ -143,14 +174,14 @@ def switched(on: bool) -> Iterator[None]:
 
 def wants(t: torch.Tensor) -> bool:
     """Whether factors stored like ``t`` will be served by the kernel (so ranks get padded to 8)."""
-    return t.device.type == "cpu" and t.dtype == torch.float32 and library() is not None
+    return t.device.type == "cpu" and library(t.dtype) is not None
 
 
 def usable(y: torch.Tensor, x: torch.Tensor, A_rows: torch.Tensor, Bt_rows: torch.Tensor) -> bool:
     """Whether :func:`mixed_lora_cpu_` can take this call (else the caller runs the torch path)."""
     if not (y.device.type == x.device.type == A_rows.device.type == Bt_rows.device.type == "cpu"):
         return False
-    if not (y.dtype == x.dtype == A_rows.dtype == Bt_rows.dtype == torch.float32) or library() is None:
+    if not (y.dtype == x.dtype == A_rows.dtype == Bt_rows.dtype) or library(y.dtype) is None:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in (y, x, A_rows, Bt_rows)):
         return False  # in-place, and outside autograd
@@ -167,17 +198,19 @@ def mixed_lora_cpu_(
 
     A_rows (b, r, in) must have unit stride along r (the bank's transposed storage), Bt_rows
     (b, r, out) unit stride along out; :func:`usable` checks all of it. With ``init`` (out,), a
-    contiguous fp32 vector, y is overwritten instead, never read: y_i = init + (x_i A_iᵀ) B̃_i.
+    contiguous vector in y's dtype, y is overwritten instead, never read: y_i = init + (x_i A_iᵀ) B̃_i.
+    Every tensor is fp32, or every one bf16 (then each product is rounded to bf16, as torch's bmm does).
     """
     b, L, n_in = x.shape
     r, n_out = Bt_rows.shape[1], y.shape[-1]
-    if init is not None and not (init.shape == (n_out,) and init.is_contiguous() and init.dtype == torch.float32):
-        raise ValueError(f"init must be a contiguous fp32 vector of {n_out}, got {tuple(init.shape)} {init.dtype}")
-    rc = library().dt_mixed_lora(  # type: ignore[union-attr]
+    if init is not None and not (init.shape == (n_out,) and init.is_contiguous() and init.dtype == y.dtype):
+        raise ValueError(f"init must be a contiguous {y.dtype} vector of {n_out}, got {tuple(init.shape)} {init.dtype}")
+    kernel = KERNELS[y.dtype]
+    rc = getattr(library(y.dtype), kernel.symbol)(
         y.data_ptr(), x.data_ptr(), A_rows.data_ptr(), Bt_rows.data_ptr(),
         b, L, n_in, n_out, r, x.stride(0), y.stride(0), A_rows.stride(0), A_rows.stride(2),
         Bt_rows.stride(0), Bt_rows.stride(1), None if init is None else init.data_ptr(), torch.get_num_threads(),
     )
     if rc != 0:
-        raise RuntimeError(f"dt_mixed_lora refused r={r} (needs a multiple of 8 up to {MAX_RANK})")
+        raise RuntimeError(f"{kernel.symbol} refused r={r} (needs a multiple of 8 up to {MAX_RANK})")
     return y

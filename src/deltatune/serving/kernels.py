@@ -35,9 +35,10 @@ are gathered once per request (:meth:`deltatune.serving.bank.LayerBank.plan`), s
 never gather. A single adapter for the whole batch takes plain 2-D matmuls.
 
 Two compiled paths take inference calls where they can, and this module's torch path runs everywhere
-else (under autograd, in bf16 on the CPU, on other hardware):
+else (under autograd, fp16, bf16 on CPUs without AVX512-BF16, on other hardware):
 - on x86-64 CPUs in fp32, a fused C kernel (on by default; :mod:`deltatune.serving.cpu_kernel`),
-  which runs the thin x·Aᵀ product at about the base GEMM's throughput where ``bmm`` gets ~60%;
+  which runs the thin x·Aᵀ product at about the base GEMM's throughput where ``bmm`` gets ~60%; in
+  bf16, its AVX512-BF16 variant;
 - on CUDA, a Triton shrink/expand pair (opt-in, ``DELTATUNE_TRITON=1``:
   :mod:`deltatune.serving.triton_lora` says why it is off by default).
 """

@@ -15,6 +15,8 @@ from typing import Any, Iterator
 
 import torch
 
+from deltatune.train.attention import register as register_attention
+
 
 @dataclass(frozen=True)
 class Precision:
@@ -80,9 +82,7 @@ def training_attention(model: Any, precision: Precision, cuda: bool | None = Non
     if not precision.bf16 or cuda or current != "sdpa" or setter is None:
         yield None
         return
-    from deltatune.train.attention import register
-
-    name = register()
+    name = register_attention()
     setter(name)
     try:
         yield name
