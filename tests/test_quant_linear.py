@@ -76,6 +76,26 @@ def test_worker_thread_tiles_equal_serial_tiles_and_work_in_inference_mode():
                  tiled_linear_grad_input(g, rows, 512, 32, parallel=False))
 
 
+@pytest.mark.parametrize("n_rows, tile, pooled", [(1024, 128, False), (1024, 32, True), (8, 128, True)])
+def test_the_pool_takes_calls_of_many_tiles_or_few_rows(n_rows, tile, pooled, monkeypatch):
+    # 2 tiles on 1,024 rows run inline (with the pool, the caller's spinning OpenMP threads halved their
+    # speed); 8 tiles, or 8 rows, go to the pool. Forward and backward decide alike; results are the same.
+    from deltatune.quant import matmul
+
+    asked = []
+    real = matmul.run_split
+    monkeypatch.setattr(matmul, "run_split", lambda fn, items, device, parallel: asked.append(parallel)
+                        or real(fn, items, device, parallel))
+    layer = Linear4bit.from_linear(_linear(64, 256))
+    layer.tile_rows = tile
+    rows, x, g = layer._make_dequant_rows(layer.compute_dtype), _x(n_rows, 64), _x(n_rows, 256, seed=3)
+    y, dx = tiled_linear(x, rows, 256, tile), tiled_linear_grad_input(g, rows, 64, tile)
+    assert asked == [pooled, pooled]
+    w = rows(0, 256)
+    assert_close(y, x @ w.T)
+    assert_close(dx, g @ w)
+
+
 def _forward_in_child(queue):
     layer = Linear4bit.from_linear(_linear(512, 256))
     layer.tile_rows = 32

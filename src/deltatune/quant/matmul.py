@@ -4,7 +4,8 @@ The weight is rebuilt a tile of output rows at a time (about 2 MB of float32), m
 dropped, so a forward holds a tile or two instead of a full-precision copy of the layer. The
 tile stays in the CPU's cache between being written and being read by the matmul, which is what
 makes this faster than dequantizing the whole weight first (the approach of bitsandbytes on CPU).
-On CPU the tiles are shared out between single-threaded workers (:mod:`.tilepool`).
+On CPU the tiles of a call with many tiles or few input rows are shared out between single-threaded
+workers (:mod:`.tilepool`; :func:`_pool_pays` says why not the others).
 """
 from __future__ import annotations
 
@@ -20,6 +21,26 @@ TILE_VALUES = 1 << 19
 
 # dequant_rows(start_row, stop_row) -> dense rows (stop_row - start_row, in_features)
 DequantRows = Callable[[int, int], torch.Tensor]
+
+# When the tiles go to the worker pool (:mod:`.tilepool`): with at least this many tiles, or at most
+# this many input rows. See :func:`_pool_pays`.
+POOL_MIN_TILES = 8
+POOL_MAX_ROWS = 64
+
+
+def _pool_pays(tiles: int, rows: int) -> bool:
+    """Whether a call of ``tiles`` tiles on ``rows`` input rows should use the worker pool.
+
+    The pool saves one fork/join of torch's threads per op per tile, which pays when there are many
+    tiles or each tile's work is small (few rows: decoding). But while its workers run, the caller's
+    OpenMP threads keep spinning for a while after the caller's last parallel op (libgomp's default
+    wait policy) and hold cores, so a call of a few large tiles runs at about half speed. Measured on
+    this project's 2-core CPU (2026-12-05), bf16, a parallel op before each call as in a model:
+    512 -> 1408 on 1,024 rows (2 tiles) 8.3 ms with the pool, 4.2 ms without (dense: 3.5-3.9 ms), and
+    the QLoRA training step of ``benchmarks/bench_qlora.py --bf16`` 1.56x LoRA's with the pool, 1.07-1.17x
+    without; 4096 -> 4096 (32 tiles) on 1,024 rows 104 vs 133 ms, on 8 rows 15 vs 33 ms, in favour of the pool.
+    """
+    return tiles >= POOL_MIN_TILES or rows <= POOL_MAX_ROWS
 
 
 def tile_rows(in_features: int, out_features: int, blocksize: int, tile_values: int = TILE_VALUES) -> int:
@@ -68,7 +89,8 @@ def tiled_linear(x: torch.Tensor, dequant_rows: DequantRows, out_features: int, 
         for start, stop in ranges:
             torch.mm(x, dequant_rows(start, stop).t(), out=out[:, start:stop])  # (N, rows)
 
-    run_split(run, _ranges(out_features, rows), x.device, parallel)
+    ranges = _ranges(out_features, rows)
+    run_split(run, ranges, x.device, parallel and _pool_pays(len(ranges), x.shape[0]))
     return out
 
 
@@ -96,7 +118,8 @@ def tiled_linear_grad_input(grad: torch.Tensor, dequant_rows: DequantRows, in_fe
             dx.addmm_(grad[:, start:stop], dequant_rows(start, stop))  # (N, rows) @ (rows, in)
         return dx
 
-    partial = run_split(run, _ranges(out_features, rows), grad.device, parallel)
+    ranges = _ranges(out_features, rows)
+    partial = run_split(run, ranges, grad.device, parallel and _pool_pays(len(ranges), grad.shape[0]))
     return partial[0] if len(partial) == 1 else torch.stack(partial).sum(0)
 
 

@@ -8,8 +8,11 @@ stalls every join, and we measured a forward at 8 rows go from 1.2x to 10-30x th
 its ops single-threaded, leaves one join per call and keeps each tile in the cache of the core
 that made it.
 
+It is not always the faster choice: while the pool's workers run, the caller's OpenMP threads spin for
+a while after its last parallel op and hold cores, so a call of a few large tiles runs at about half
+speed. :func:`deltatune.quant.matmul._pool_pays` decides per call (many tiles, or few input rows).
 Set the environment variable ``DELTATUNE_TILE_THREADS=0`` to run tiles with ordinary intra-op
-parallelism instead.
+parallelism always.
 """
 from __future__ import annotations
 
