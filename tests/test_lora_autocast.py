@@ -66,15 +66,16 @@ def test_dropout_under_autocast_keeps_the_byte_mask_and_trains():
 
 
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
-def test_dropout_masks_keep_1_minus_p_in_both_halves_of_each_draw(p):
-    # one 31-bit draw feeds two elements (lora._keep_mask): each half must drop with probability p, and
-    # the two must not be tied to each other
+def test_dropout_masks_keep_1_minus_p_in_every_quarter_of_each_draw(p):
+    # one 63-bit draw feeds four elements (lora._keep_mask): each quarter must drop with probability p (the
+    # top one has a bit less), and no two may be tied to each other
     torch.manual_seed(0)
-    mask = lora_module._keep_mask(torch.empty(999, 1001), p)  # an odd count: the last high half is unused
+    mask = lora_module._keep_mask(torch.empty(999, 1001), p)  # not a multiple of 4: the last draw is cut
     assert mask.shape == (999, 1001) and mask.dtype == torch.bool
-    pairs = mask.view(-1)[: mask.numel() // 2 * 2].view(-1, 2).float()
-    sigma = (p * (1 - p) / pairs.shape[0]) ** 0.5
-    for half in (0, 1):
-        assert abs((1 - pairs[:, half].mean().item()) - p) < 5 * sigma + 2**-15
-    both_kept = (pairs[:, 0] * pairs[:, 1]).mean().item()
-    assert abs(both_kept - (1 - p) ** 2) < 5 * sigma
+    quads = mask.view(-1)[: mask.numel() // 4 * 4].view(-1, 4).float()
+    sigma = (p * (1 - p) / quads.shape[0]) ** 0.5
+    for quarter in range(4):
+        assert abs((1 - quads[:, quarter].mean().item()) - p) < 5 * sigma + 2**-15
+    for a, b in ((0, 1), (1, 2), (2, 3), (0, 3)):
+        both_kept = (quads[:, a] * quads[:, b]).mean().item()
+        assert abs(both_kept - (1 - p) ** 2) < 5 * sigma

@@ -111,6 +111,39 @@ def test_layers_reading_one_input_share_its_bf16_cast_with_the_same_gradients(us
     assert all(torch.equal(a, b) for a, b in zip(shared_grads, own_grads))
 
 
+@pytest.mark.parametrize("bf16", [True, False])
+def test_layers_reading_one_input_share_its_dropped_copy_with_the_same_gradients(bf16, monkeypatch):
+    # with lora_dropout, q/k/v_proj (and gate/up_proj) share one mask, so one x * mask * k serves them all;
+    # it is saved for backward instead of x. Same seed, same masks: the same result to the bit.
+    from deltatune.methods import lora_kernels
+
+    ids = torch.randint(3, 90, (2, 10), generator=torch.Generator().manual_seed(0))
+    results = []
+    for shared in (True, False):
+        if not shared:
+            monkeypatch.setattr(lora_kernels, "_DROPPED", type("Never", (dict,), {"get": lambda self, key: None})())
+        model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1))
+        model.train()
+        copies = set()
+
+        def pack(t):
+            if t.dim() == 2 and t.shape[0] == ids.numel() and t.shape[1] in (32, 64):  # (N, in): x̃ of each layer
+                copies.add(t.untyped_storage().data_ptr())
+            return t
+
+        torch.manual_seed(1)
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((len(copies), loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
+    (shared_n, shared_loss, shared_grads), (own_n, own_loss, own_grads) = results
+    layers = 2
+    assert shared_n == 4 * layers and own_n == 7 * layers  # per block: attention, o_proj, MLP, down_proj inputs
+    assert torch.equal(shared_loss, own_loss)
+    assert all(torch.equal(a, b) for a, b in zip(shared_grads, own_grads))
+
+
 # ---- attention while training, and scoring in the run's precision (issue 17) ------------------------------
 def test_cpu_bf16_training_uses_eager_attention_and_gives_the_model_back():
     from deltatune.train.attention import NAME
