@@ -67,8 +67,8 @@ def test_dropout_under_autocast_keeps_the_byte_mask_and_trains():
 
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
 def test_dropout_masks_keep_1_minus_p_in_every_quarter_of_each_draw(p):
-    # one 63-bit draw feeds four elements (lora._keep_mask): each quarter must drop with probability p (the
-    # top one has a bit less), and no two may be tied to each other
+    # one 64-bit draw feeds four elements (lora._keep_mask): each quarter must drop with probability p, and no
+    # two may be tied to each other
     torch.manual_seed(0)
     mask = lora_module._keep_mask(torch.empty(999, 1001), p)  # not a multiple of 4: the last draw is cut
     assert mask.shape == (999, 1001) and mask.dtype == torch.bool
