@@ -33,7 +33,35 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
-_CASTS: dict[int, tuple] = {}  # id(tensor) -> (weak tensor, its version, dtype, weak cast)
+class _LiveCopies:
+    """Copies made from a tensor (an autocast cast, a dropout-masked copy), found again while alive.
+
+    Keyed by the source's id and checked by identity (tensors compare elementwise, so they cannot be dict
+    keys themselves), by its version counter (an in-place change makes a new copy) and by a tag saying
+    how the copy was made. Only weak references are kept: this never holds a copy alive by itself, and an
+    entry goes when its source does.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[int, tuple] = {}  # id(source) -> (weak source, its version, tag, weak copy)
+
+    def get(self, source: torch.Tensor, tag: tuple) -> torch.Tensor | None:
+        entry = self.entries.get(id(source))
+        if entry is None:
+            return None
+        owner, version, made_as, ref = entry
+        copy = ref()
+        live = copy is not None and owner() is source and version == source._version and made_as == tag
+        return copy if live else None
+
+    def put(self, source: torch.Tensor, tag: tuple, copy: torch.Tensor) -> torch.Tensor:
+        key = id(source)
+        owner = weakref.ref(source, lambda _, k=key: self.entries.pop(k, None))
+        self.entries[key] = (owner, source._version, tag, weakref.ref(copy))
+        return copy
+
+
+_CASTS = _LiveCopies()
 
 
 def reused_cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -47,29 +75,17 @@ def reused_cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     - an input that several layers read: q/k/v_proj read the same normed hidden states, gate/up_proj too.
       Each used to cast and save its own bf16 copy of it (SmolLM2's default job: ~30 MB of 433 MB saved).
 
-    The live cast is reused instead. Only weak references are kept, so this never holds a copy alive by
-    itself: with no graph holding one (no_grad, or after backward), the tensor is cast again. An in-place
-    change to the tensor recasts. A cast that autograd does not track (made under no_grad) is never
+    The live cast is reused instead (:class:`_LiveCopies`): with no graph holding one (no_grad, or after
+    backward), the tensor is cast again. A cast that autograd does not track (made under no_grad) is never
     handed to a call that needs the gradient, nor the reverse.
     """
     if tensor.dtype == dtype:
         return tensor
     if tensor.is_inference():  # made under inference_mode: no version counter to trust a cached cast by
         return tensor.to(dtype)
-    tracked = tensor.requires_grad and torch.is_grad_enabled()
-    key = id(tensor)
-    entry = _CASTS.get(key)
-    if entry is not None:
-        owner, version, dt, ref = entry
-        cast = ref()
-        if (cast is not None and owner() is tensor and version == tensor._version and dt == dtype
-                and cast.requires_grad == tracked):
-            return cast
-    cast = tensor.to(dtype)
-    # (tensors compare elementwise, so they cannot be dict keys themselves: keyed by id, checked by identity)
-    owner = weakref.ref(tensor, lambda _, k=key: _CASTS.pop(k, None))
-    _CASTS[key] = (owner, tensor._version, dtype, weakref.ref(cast))
-    return cast
+    tag = (dtype, tensor.requires_grad and torch.is_grad_enabled())
+    cast = _CASTS.get(tensor, tag)
+    return cast if cast is not None else _CASTS.put(tensor, tag, tensor.to(dtype))
 
 
 def _operand(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -83,20 +99,21 @@ def _operand(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return reused_cast(x, dtype)
 
 
-_DROPPED: dict[int, tuple] = {}  # id(x) -> (weak x, its version, weak mask, keep, weak x̃)
+_DROPPED = _LiveCopies()
 
 
 def _dropped(source: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, keep: float) -> torch.Tensor:
     """x̃ = x ⊙ mask · k as (N, in), made once for the layers that read the same input with the same mask.
 
     ``source`` is the input the caller passed, ``x`` the kernel's operand (``source``, or its autocast cast):
-    the cache is keyed on ``source``, which the caller keeps alive across the sibling layers, while the
+    the copy is found by ``source``, which the caller keeps alive across the sibling layers, while the
     cast may be dropped once x̃ is made.
 
     q/k/v_proj (and gate/up_proj) read one input and share one dropout mask (methods/lora.py), so their x̃
     is the same tensor. The first layer's copy is saved for its backward; while it is alive the siblings
-    reuse it (weak references, as in :func:`reused_cast`): per LLaMA block 4 masked copies instead of 7 in
-    the forward, and none in the backward, which reads the saved x̃ instead of masking x again.
+    reuse it (:class:`_LiveCopies`): per LLaMA block 4 masked copies instead of 7 in the forward, and none
+    in the backward, which reads the saved x̃ instead of masking x again. The mask is told apart by its id:
+    whatever keeps x̃ alive (a layer's saved tensors) keeps that mask alive too, so the id is not reused.
     """
     def make() -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
@@ -104,18 +121,9 @@ def _dropped(source: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, keep: fl
 
     if source.is_inference():  # no version counter to trust a cached copy by
         return make()
-    key = id(source)
-    entry = _DROPPED.get(key)
-    if entry is not None:
-        owner, version, mask_ref, k, ref = entry
-        xd = ref()
-        if (xd is not None and owner() is source and version == source._version and mask_ref() is mask
-                and k == keep and xd.dtype == x.dtype):
-            return xd
-    xd = make()
-    owner = weakref.ref(source, lambda _, k=key: _DROPPED.pop(k, None))
-    _DROPPED[key] = (owner, source._version, weakref.ref(mask), keep, weakref.ref(xd))
-    return xd
+    tag = (id(mask), keep, x.dtype)
+    xd = _DROPPED.get(source, tag)
+    return xd if xd is not None else _DROPPED.put(source, tag, make())
 
 
 class _LoraLinearFn(torch.autograd.Function):
