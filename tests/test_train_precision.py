@@ -79,69 +79,60 @@ def test_qlora_trains_under_bf16_with_bf16_tiles(tmp_path):
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
 
 
-@pytest.mark.parametrize("use_dora", [False, True])
-def test_layers_reading_one_input_share_its_bf16_cast_with_the_same_gradients(use_dora, monkeypatch):
-    # q/k/v_proj (and gate/up_proj) read the same fp32 hidden states; under autocast each fused layer used to
-    # save its own bf16 cast of them. Now they share one, and the result must be the same to the bit.
-    from deltatune.methods import lora_kernels
-
+def _shared_and_own(monkeypatch, unshare, config, counted, bf16: bool = True):
+    """Train one step of a tiny LLaMA with the sibling layers sharing a copy of their input, then with
+    ``unshare()`` in effect; per run: (distinct saved storages that ``counted`` picks, loss, grads)."""
     ids = torch.randint(3, 90, (2, 10), generator=torch.Generator().manual_seed(0))
     results = []
     for shared in (True, False):
         if not shared:
-            monkeypatch.setattr(lora_kernels, "_operand", lambda x, dtype: x.to(dtype))
-        model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=4, target_modules="all-linear", use_dora=use_dora))
-        casts = set()
+            unshare()
+        model = dt.get_peft_model(tiny_llama(), config).train()
+        storages = set()
 
         def pack(t):
-            if t.dtype == torch.bfloat16 and t.shape[-1] == 32 and t.dim() == 3:  # (B, T, hidden) bf16 inputs
-                casts.add(t.untyped_storage().data_ptr())
+            if counted(t, ids.numel()):
+                storages.add(t.untyped_storage().data_ptr())
             return t
 
-        with torch.autocast("cpu", torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        grads = [p.grad for p in model.parameters() if p.requires_grad]
-        results.append((len(casts), loss.detach(), grads))
-    (shared_n, shared_loss, shared_grads), (own_n, own_loss, own_grads) = results
-    # per layer: attention input (q, k, v) and MLP input (gate, up) once each, plus o_proj's and down_proj's
-    # input in bf16 already; without sharing 3 more copies per layer
-    assert own_n - shared_n == 2 * 3
-    assert torch.equal(shared_loss, own_loss)
+        results.append((len(storages), loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
+    (_, shared_loss, shared_grads), (_, own_loss, own_grads) = results
+    assert torch.equal(shared_loss, own_loss)  # the same result to the bit
     assert all(torch.equal(a, b) for a, b in zip(shared_grads, own_grads))
+    return results[0][0], results[1][0]
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_layers_reading_one_input_share_its_bf16_cast_with_the_same_gradients(use_dora, monkeypatch):
+    # q/k/v_proj (and gate/up_proj) read the same fp32 hidden states; under autocast each fused layer used to
+    # save its own bf16 cast of them. Now they share one.
+    from deltatune.methods import lora_kernels
+
+    shared, own = _shared_and_own(
+        monkeypatch, lambda: monkeypatch.setattr(lora_kernels, "_operand", lambda x, dtype: x.to(dtype)),
+        dt.LoraConfig(r=4, target_modules="all-linear", use_dora=use_dora),
+        lambda t, n: t.dtype == torch.bfloat16 and t.dim() == 3 and t.shape[-1] == 32)  # (B, T, hidden) inputs
+    # per layer, without sharing: 2 more casts of the attention input (q, k, v), 1 more of the MLP's (gate, up)
+    assert own - shared == 2 * 3
 
 
 @pytest.mark.parametrize("bf16", [True, False])
 def test_layers_reading_one_input_share_its_dropped_copy_with_the_same_gradients(bf16, monkeypatch):
     # with lora_dropout, q/k/v_proj (and gate/up_proj) share one mask, so one x * mask * k serves them all;
-    # it is saved for backward instead of x. Same seed, same masks: the same result to the bit.
+    # it is saved for backward instead of x
     from deltatune.methods import lora_kernels
 
-    ids = torch.randint(3, 90, (2, 10), generator=torch.Generator().manual_seed(0))
-    results = []
-    for shared in (True, False):
-        if not shared:
-            monkeypatch.setattr(lora_kernels._DROPPED, "get", lambda source, tag: None)
-        model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1))
-        model.train()
-        copies = set()
-
-        def pack(t):
-            if t.dim() == 2 and t.shape[0] == ids.numel() and t.shape[1] in (32, 64):  # (N, in): x̃ of each layer
-                copies.add(t.untyped_storage().data_ptr())
-            return t
-
-        torch.manual_seed(1)
-        with torch.autocast("cpu", torch.bfloat16, enabled=bf16), \
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        results.append((len(copies), loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
-    (shared_n, shared_loss, shared_grads), (own_n, own_loss, own_grads) = results
+    shared, own = _shared_and_own(
+        monkeypatch, lambda: monkeypatch.setattr(lora_kernels._DROPPED, "get", lambda source, tag: None),
+        dt.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1),
+        lambda t, n: t.dim() == 2 and t.shape[0] == n and t.shape[1] in (32, 64), bf16)  # (N, in): each x̃
     layers = 2
-    assert shared_n == 4 * layers and own_n == 7 * layers  # per block: attention, o_proj, MLP, down_proj inputs
-    assert torch.equal(shared_loss, own_loss)
-    assert all(torch.equal(a, b) for a, b in zip(shared_grads, own_grads))
+    assert (shared, own) == (4 * layers, 7 * layers)  # per block: attention, o_proj, MLP, down_proj inputs
 
 
 # ---- attention while training, and scoring in the run's precision (issue 17) ------------------------------
