@@ -6,13 +6,20 @@ import argparse
 import sys
 
 from deltatune.cli.train import resolve_config, split_args
-from deltatune.train.distributed import agree_on_plan
+from deltatune.train.distributed import agree_on_plan, end_process_group
 from deltatune.train.launch import export_launch_env
 from deltatune.train.run import TrainingStopped, run_training
 
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``deltatune train``: 0 when done, 130 when interrupted (resumable), 1 when stopped."""
+    try:
+        return _main(args)
+    finally:
+        end_process_group()  # under torchrun: the group goes before the interpreter's exit tears it down
+
+
+def _main(args: argparse.Namespace) -> int:
     config_file, overrides = split_args(args.args)
     # Several processes (several nodes, maybe): each reads the run's config.yaml itself on --resume, and one
     # node without it must stop every node, not leave the others waiting (deltatune.train.distributed).
