@@ -13,10 +13,13 @@ from deltatune.train.run import TrainingStopped, run_training
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``deltatune train``: 0 when done, 130 when interrupted (resumable), 1 when stopped."""
+    code = 1
     try:
-        return _main(args)
+        code = _main(args)
+        return code
     finally:
-        end_process_group()  # under torchrun: the group goes before the interpreter's exit tears it down
+        # under torchrun: the ranks leave together, and the group goes before the interpreter's exit tears it down
+        end_process_group(wait=code in (0, 130))
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -223,15 +223,19 @@ def agree_on_plan(plan: Callable[[], Any], world_size: int, describe: Callable[[
     return result
 
 
-def end_process_group() -> None:
-    """Destroy torch.distributed's default group, if one is up, before the process exits.
+def end_process_group(wait: bool = False) -> None:
+    """Destroy torch.distributed's default group, if one is up, before the process exits; with ``wait``,
+    after every rank has got there (a rank that finished its job; one that failed does not wait).
 
-    Left to the interpreter's exit, the gloo group's threads are torn down by C++ destructors in no set
-    order; after a completed ZeRO-3 run this aborted one rank now and then ("terminate called without an
-    active exception", SIGABRT), so torchrun reported the finished job as failed. A command's last step,
-    not a library call's: code that goes on after ``run_training`` keeps its group.
+    Left to the interpreter's exit, the group's threads are torn down by C++ destructors in no set order,
+    while other ranks may still be at work (rank 0 writing the outputs). After a completed ZeRO-3 run this
+    aborted one rank now and then ("terminate called without an active exception", SIGABRT), seen in CI on
+    fresh clones, so torchrun reported the finished job as failed. A command's last step, not a library
+    call's: code that goes on after ``run_training`` keeps its group.
     """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if wait and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
