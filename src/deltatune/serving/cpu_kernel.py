@@ -15,12 +15,14 @@ would weigh twice as much.
 
 How it starts: the first CPU fp32 (bf16) request with adapter_names calls :func:`library`, which
 compiles the source with the system C compiler (``$CC``, else ``cc``/``gcc``; ``-O3 -mavx2 -mfma
--fopenmp``, plus ``-mavx512f -mavx512bw -mavx512vl -mavx512bf16`` for bf16; well under a second) into ``$DELTATUNE_CACHE_DIR`` (default ``~/.cache/deltatune``), named by a hash
+-fopenmp``, plus ``-mavx512f -mavx512bw -mavx512vl -mavx512bf16`` for bf16; well under a second)
+into ``$DELTATUNE_CACHE_DIR`` (default ``~/.cache/deltatune``), named by a hash
 of source and flags, and loads it with ctypes. The shared object is written to a temporary name
 and renamed into place, so concurrent or interrupted builds never leave a half-written file.
 
 When it runs: CPU, fp32 or bf16, no autograd, an x86-64 Linux machine whose CPU torch itself drives
-at AVX2 or better (for bf16: whose CPU torch reports AVX512-BF16), and a torch whose intra-op threads are GNU OpenMP (the kernel links the same
+at AVX2 or better (for bf16: whose CPU torch reports AVX512-BF16), and a torch whose intra-op
+threads are GNU OpenMP (the kernel links the same
 ``libgomp``, so both share one thread pool). Anything else, a failed build included, takes the
 pure-torch path in :mod:`deltatune.serving.kernels`; :func:`unavailable_reason` says why.
 ``DELTATUNE_CPU_KERNEL=0`` turns it off.
@@ -36,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -46,17 +49,21 @@ ENV = "DELTATUNE_CPU_KERNEL"
 MAX_RANK = 256  # DT_MAX_R in the source: the per-tile h buffer lives on the stack
 
 
+@dataclass(frozen=True)
 class _Kernel:
-    """One compiled variant: its source, flags and exported symbols."""
+    """One compiled variant: its source, compiler flags and exported symbols."""
 
-    def __init__(self, source: str, extra_flags: list[str], symbol: str, max_rank: str) -> None:
-        self.source, self.flags = Path(__file__).with_name("csrc") / source, FLAGS + extra_flags
-        self.symbol, self.max_rank = symbol, max_rank
+    source: Path
+    flags: tuple[str, ...]
+    symbol: str  # the update, dt_mixed_lora's signature
+    max_rank: str  # returns DT_MAX_R
 
 
+_CSRC = Path(__file__).with_name("csrc")
 KERNELS = {
-    torch.float32: _Kernel("mixed_lora.c", [], "dt_mixed_lora", "dt_max_rank"),
-    torch.bfloat16: _Kernel("mixed_lora_bf16.c", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"],
+    torch.float32: _Kernel(_CSRC / "mixed_lora.c", tuple(FLAGS), "dt_mixed_lora", "dt_max_rank"),
+    torch.bfloat16: _Kernel(_CSRC / "mixed_lora_bf16.c",
+                            (*FLAGS, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"),
                             "dt_mixed_lora_bf16", "dt_max_rank_bf16"),
 }
 
