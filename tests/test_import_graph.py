@@ -20,7 +20,7 @@ LAZY_FOR_A_HEAVY_DEPENDENCY = {
 # docs/ARCHITECTURE.md, "Layers": a package imports only packages of its own layer or of the layers before.
 LAYERS = [
     ["deltatune._version", "deltatune.atomic", "deltatune.config_types", "deltatune.lora_options", "deltatune.config", "deltatune.registry", "deltatune.models"],
-    ["deltatune.quant", "deltatune.data"],
+    ["deltatune.native", "deltatune.quant", "deltatune.data"],
     ["deltatune.surgery"],
     ["deltatune.io"],
     ["deltatune.methods"],

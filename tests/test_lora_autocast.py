@@ -7,6 +7,7 @@ from torch import nn
 import deltatune as dt
 from deltatune.methods import lora as lora_module
 from deltatune.methods import lora_kernels
+from deltatune.native import dropout as native_dropout
 
 
 def _layer(use_dora: bool, dropout: float = 0.0, seed: int = 0):
@@ -65,17 +66,19 @@ def test_dropout_under_autocast_keeps_the_byte_mask_and_trains():
         assert torch.equal(model(x), model(x))  # no dropout in eval
 
 
+@pytest.mark.parametrize("compiled", [True, False])  # the compiled hash (native/dropout.py) and torch's random_
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
-def test_dropout_masks_keep_1_minus_p_in_every_quarter_of_each_draw(p):
-    # one 64-bit draw feeds four elements (lora._keep_mask): each quarter must drop with probability p, and no
-    # two may be tied to each other
+def test_dropout_masks_keep_1_minus_p_in_every_quarter_of_each_draw(p, compiled):
+    # one 64-bit word feeds four elements (lora._keep_mask): each quarter must drop with probability p, and no
+    # two may be tied to each other, nor to the next word's
     torch.manual_seed(0)
-    mask = lora_module._keep_mask(torch.empty(999, 1001), p)  # not a multiple of 4: the last draw is cut
+    with native_dropout.switched(compiled):
+        mask = lora_module._keep_mask(torch.empty(999, 1001), p)  # not a multiple of 4: the last draw is cut
     assert mask.shape == (999, 1001) and mask.dtype == torch.bool
-    quads = mask.view(-1)[: mask.numel() // 4 * 4].view(-1, 4).float()
+    quads = mask.view(-1)[: mask.numel() // 8 * 8].view(-1, 8).float()  # two words per row
     sigma = (p * (1 - p) / quads.shape[0]) ** 0.5
-    for quarter in range(4):
+    for quarter in range(8):
         assert abs((1 - quads[:, quarter].mean().item()) - p) < 5 * sigma + 2**-15
-    for a, b in ((0, 1), (1, 2), (2, 3), (0, 3)):
+    for a, b in ((0, 1), (1, 2), (2, 3), (0, 3), (0, 4), (3, 4), (2, 7)):
         both_kept = (quads[:, a] * quads[:, b]).mean().item()
         assert abs(both_kept - (1 - p) ** 2) < 5 * sigma

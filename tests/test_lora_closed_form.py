@@ -84,6 +84,26 @@ def test_fused_lora_gradients_match_autograd(dropout, bias):
         assert_close(a, e)
 
 
+def test_fused_lora_dropout_in_fp32_matches_the_closed_form():
+    # fp32 takes the compiled masked copy and gradient term (native/dropout.py) where they run; the closed form
+    # is evaluated in float64 on the same values
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 40, 24, generator=g, requires_grad=True)
+    W, b = torch.randn(20, 24, generator=g), torch.randn(20, generator=g, requires_grad=True)
+    A = torch.randn(4, 24, generator=g, requires_grad=True)
+    B = torch.randn(20, 4, generator=g, requires_grad=True)
+    mask, keep = torch.rand(3, 40, 24, generator=g) > 0.3, 1 / 0.7
+    fused = lora_linear(x, W, b, A, B, 1.5, mask, keep)
+    grad = torch.randn(fused.shape, generator=g)
+    got = torch.autograd.grad(fused, (x, b, A, B), grad)
+    x64, b64, A64, B64 = (t.detach().double().requires_grad_() for t in (x, b, A, B))
+    want_y = x64 @ W.double().T + 1.5 * ((x64 * mask * keep) @ A64.T) @ B64.T + b64
+    want = torch.autograd.grad(want_y, (x64, b64, A64, B64), grad.double())
+    assert_close(fused, want_y.float(), tier="reordered")
+    for a, e in zip(got, want):
+        assert_close(a, e.float(), tier="reordered")
+
+
 def test_fused_dora_gradients_match_autograd():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(3, 6, dtype=torch.float64, generator=g, requires_grad=True)

@@ -12,6 +12,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from deltatune.native import dropout as native_dropout
+
 
 def _thin(left_t: torch.Tensor, right_t: torch.Tensor) -> torch.Tensor:
     """(left_t @ right_t)ᵀ: a product whose result has only r columns, computed as the r-row product.
@@ -116,14 +118,21 @@ def _dropped(source: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, keep: fl
     whatever keeps x̃ alive (a layer's saved tensors) keeps that mask alive too, so the id is not reused.
     """
     def make() -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        return torch.where(mask.reshape(x2.shape), x2, 0.0).mul_(keep)
+        x2, mask2 = x.reshape(-1, x.shape[-1]), mask.reshape(-1, x.shape[-1])
+        compiled = native_dropout.masked_scale(x2, mask2, keep)  # one pass; torch's where is far slower
+        return compiled if compiled is not None else torch.where(mask2, x2, 0.0).mul_(keep)
 
     if source.is_inference():  # no version counter to trust a cached copy by
         return make()
     tag = (id(mask), keep, x.dtype)
     xd = _DROPPED.get(source, tag)
     return xd if xd is not None else _DROPPED.put(source, tag, make())
+
+
+def _masked_add_(acc: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, keep: float) -> None:
+    """acc += keep · mask ⊙ t: compiled where it can run, else torch's where and add."""
+    if not native_dropout.masked_add_(acc, t, mask, keep):
+        acc.add_(torch.where(mask, t, 0.0), alpha=keep)
 
 
 class _LoraLinearFn(torch.autograd.Function):
@@ -171,7 +180,7 @@ class _LoraLinearFn(torch.autograd.Function):
             if mask is None:
                 grad_x.addmm_(u, A)
             else:
-                grad_x.add_(torch.where(mask.reshape(grad_x.shape), u @ A, 0.0), alpha=keep)
+                _masked_add_(grad_x, u @ A, mask.reshape(grad_x.shape), keep)
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
@@ -239,12 +248,16 @@ def dora_linear(x, weight, bias, A, B, scaling: float, scale: torch.Tensor, magn
 def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """Bool mask like x, True (keep) with probability 1 - p (p rounded to 2^-16).
 
-    The CPU generator is serial (it does not scale with threads), so its draws are dropout's main cost:
-    each 64-bit draw over the whole int64 range feeds four elements, its four int16 quarters each uniform on
-    [-2^15, 2^15), so one scalar threshold serves them all. 2 threads, 4x256x512: one draw per element
-    2.9 ms per mask; two per 31-bit draw 1.75 ms; now draws 0.44 ms and the comparison 0.21 ms (against a
-    threshold per quarter, 0.48 ms)."""
+    Four elements per 64-bit random word, its four int16 quarters each uniform on [-2^15, 2^15), so one
+    scalar threshold serves them all. On the CPU the words come from the compiled counter-based hash
+    (:func:`deltatune.native.dropout.keep_mask`): torch's CPU generator is serial and does not scale with
+    threads. Elsewhere, or where that cannot run, from torch's ``random_`` over the whole int64 range.
+    2 threads, 4x256x512: one torch draw per element 2.9 ms per mask; two per 31-bit draw 1.75 ms; four per
+    64-bit draw 0.65-0.70 ms (draws 0.44 ms, comparison 0.21 ms); the compiled hash 0.16 ms."""
+    threshold = min(round(p * 2**16), 2**16 - 1) - 2**15
+    compiled = native_dropout.keep_mask(x, threshold)
+    if compiled is not None:
+        return compiled
     n = x.numel()
     draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
-    threshold = min(round(p * 2**16), 2**16 - 1) - 2**15
     return (draws.view(torch.int16)[:n] >= threshold).view(x.shape)

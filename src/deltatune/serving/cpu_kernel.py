@@ -14,38 +14,31 @@ for bf16 models, where the base GEMM runs ~2x faster than in fp32 and torch's bf
 would weigh twice as much.
 
 How it starts: the first CPU fp32 (bf16) request with adapter_names calls :func:`library`, which
-compiles the source with the system C compiler (``$CC``, else ``cc``/``gcc``; ``-O3 -mavx2 -mfma
--fopenmp``, plus ``-mavx512f -mavx512bw -mavx512vl -mavx512bf16`` for bf16; well under a second)
-into ``$DELTATUNE_CACHE_DIR`` (default ``~/.cache/deltatune``), named by a hash
-of source and flags, and loads it with ctypes. The shared object is written to a temporary name
-and renamed into place, so concurrent or interrupted builds never leave a half-written file.
+builds the source with :func:`deltatune.native.build.build` (the system C compiler; ``-O3 -mavx2 -mfma
+-fopenmp``, plus ``-mavx512f -mavx512bw -mavx512vl -mavx512bf16`` for bf16; well under a second; cached
+in ``$DELTATUNE_CACHE_DIR``, written atomically) and loads it with ctypes.
 
-When it runs: CPU, fp32 or bf16, no autograd, an x86-64 Linux machine whose CPU torch itself drives
-at AVX2 or better (for bf16: whose CPU torch reports AVX512-BF16), and a torch whose intra-op
-threads are GNU OpenMP (the kernel links the same
-``libgomp``, so both share one thread pool). Anything else, a failed build included, takes the
-pure-torch path in :mod:`deltatune.serving.kernels`; :func:`unavailable_reason` says why.
-``DELTATUNE_CPU_KERNEL=0`` turns it off.
+When it runs: CPU, fp32 or bf16, no autograd, and where :func:`deltatune.native.build.platform_problem`
+finds nothing missing (x86-64 Linux, AVX2 or better, torch's threads on GNU OpenMP, whose ``libgomp``
+the kernel shares); for bf16 also a CPU torch reports AVX512-BF16 on. Anything else, a failed build
+included, takes the pure-torch path in :mod:`deltatune.serving.kernels`; :func:`unavailable_reason`
+says why. ``DELTATUNE_CPU_KERNEL=0`` turns it off.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
 import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-FLAGS = ["-O3", "-std=c99", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared"]
-ENV = "DELTATUNE_CPU_KERNEL"
+from deltatune.native.build import BASE_FLAGS, ENV, build, switched_on_by_env
+from deltatune.native.build import compiler as _compiler
+from deltatune.native.build import platform_problem as _platform_problem
+
 MAX_RANK = 256  # DT_MAX_R in the source: the per-tile h buffer lives on the stack
 
 
@@ -61,42 +54,14 @@ class _Kernel:
 
 _CSRC = Path(__file__).with_name("csrc")
 KERNELS = {
-    torch.float32: _Kernel(_CSRC / "mixed_lora.c", tuple(FLAGS), "dt_mixed_lora", "dt_max_rank"),
+    torch.float32: _Kernel(_CSRC / "mixed_lora.c", BASE_FLAGS, "dt_mixed_lora", "dt_max_rank"),
     torch.bfloat16: _Kernel(_CSRC / "mixed_lora_bf16.c",
-                            (*FLAGS, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"),
+                            (*BASE_FLAGS, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"),
                             "dt_mixed_lora_bf16", "dt_max_rank_bf16"),
 }
 
 _state: dict[torch.dtype, tuple] = {}  # dtype -> (CDLL | None, why: str | None), filled on first use
-_enabled = os.environ.get(ENV, "1") != "0"
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("DELTATUNE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "deltatune"
-    )
-    return Path(root) / "kernels"
-
-
-def _platform_problem() -> str | None:
-    if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"needs x86-64 Linux (this is {sys.platform}/{platform.machine()})"
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability not in ("AVX2", "AVX512"):
-        return f"needs a CPU with AVX2 and FMA (torch reports {capability})"
-    if "OpenMP" not in torch.__config__.parallel_info().split("ATen parallel backend:")[-1]:
-        return "needs torch's OpenMP thread pool (this torch uses another parallel backend)"
-    with open("/proc/self/maps") as maps:  # the runtime the kernel will share, already in the process
-        if "libgomp" not in maps.read():
-            return "needs torch built against GNU OpenMP (libgomp is not loaded)"
-    return None
-
-
-def _compiler() -> str | None:
-    for cc in (os.environ.get("CC"), "cc", "gcc"):
-        if cc and shutil.which(cc):
-            return cc
-    return None
+_enabled = switched_on_by_env()
 
 
 def _bf16_problem() -> str | None:
@@ -108,24 +73,7 @@ def _bf16_problem() -> str | None:
 
 
 def _build(cc: str, kernel: _Kernel = KERNELS[torch.float32]) -> Path:
-    source = kernel.source.read_bytes()
-    digest = hashlib.sha256(source + " ".join([cc, *kernel.flags]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"{kernel.source.stem}-{digest}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{kernel.source.stem}-", suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run([cc, *kernel.flags, str(kernel.source), "-o", tmp], capture_output=True, text=True,
-                              timeout=120)
-        if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-400:]}")
-        os.replace(tmp, target)  # atomic: a reader sees no file or a whole one
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return build(cc, kernel.source, kernel.flags)
 
 
 def _load(dtype: torch.dtype = torch.float32) -> tuple[ctypes.CDLL | None, str | None]:

@@ -1,0 +1,97 @@
+"""Compile a C source on first use and load it with ctypes: the one build every compiled CPU path shares.
+
+How it starts: the first call that wants a kernel calls :func:`build`, which compiles the source with the
+system C compiler (``$CC``, else ``cc``/``gcc``; well under a second) into ``$DELTATUNE_CACHE_DIR/kernels``
+(default ``~/.cache/deltatune/kernels``), named by a hash of the source, compiler and flags, so an edited
+source or another flag set never loads a stale library. The shared object is written under a temporary
+name and renamed into place: concurrent builds (torchrun's ranks) or an interrupted one never leave a
+half-written file.
+
+Where it runs: x86-64 Linux, a CPU torch itself drives at AVX2 or better, and a torch whose intra-op
+threads are GNU OpenMP. The kernels are built with ``-fopenmp`` and link the same ``libgomp``, so they share
+torch's thread pool instead of starting a second one (:func:`platform_problem` says what is missing).
+``DELTATUNE_CPU_KERNEL=0`` switches every compiled path off (:data:`ENV`).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+ENV = "DELTATUNE_CPU_KERNEL"
+BASE_FLAGS = ("-O3", "-std=c99", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
+AVX512_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")
+"""What torch's own ``AVX512`` capability level requires of the CPU (and so guarantees)."""
+
+
+def switched_on_by_env() -> bool:
+    """False where ``DELTATUNE_CPU_KERNEL=0`` asks for the pure-torch paths."""
+    return os.environ.get(ENV, "1") != "0"
+
+
+def cache_dir() -> Path:
+    """Where built libraries go: ``$DELTATUNE_CACHE_DIR/kernels``, else ``$XDG_CACHE_HOME`` or ``~/.cache``."""
+    root = os.environ.get("DELTATUNE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "deltatune"
+    )
+    return Path(root) / "kernels"
+
+
+def platform_problem() -> str | None:
+    """Why no compiled kernel can run in this process, or None."""
+    if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"needs x86-64 Linux (this is {sys.platform}/{platform.machine()})"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        return f"needs a CPU with AVX2 and FMA (torch reports {capability})"
+    if "OpenMP" not in torch.__config__.parallel_info().split("ATen parallel backend:")[-1]:
+        return "needs torch's OpenMP thread pool (this torch uses another parallel backend)"
+    with open("/proc/self/maps") as maps:  # the runtime the kernel will share, already in the process
+        if "libgomp" not in maps.read():
+            return "needs torch built against GNU OpenMP (libgomp is not loaded)"
+    return None
+
+
+def has_avx512() -> bool:
+    """Whether torch drives this CPU at its AVX512 level (so :data:`AVX512_FLAGS` code runs here)."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def compiler() -> str | None:
+    """The C compiler to use: ``$CC``, else ``cc`` or ``gcc`` on the PATH; None if there is none."""
+    for cc in (os.environ.get("CC"), "cc", "gcc"):
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+def build(cc: str, source: Path, flags: Sequence[str]) -> Path:
+    """The shared library built from ``source`` with ``flags``, compiled now unless the cache has it.
+
+    Raises:
+        RuntimeError: the compiler failed (its last lines of stderr are in the message); nothing is left behind.
+    """
+    digest = hashlib.sha256(source.read_bytes() + " ".join([cc, *flags]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"{source.stem}-{digest}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *flags, str(source), "-o", tmp], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-400:]}")
+        os.replace(tmp, target)  # atomic: a reader sees no file or a whole one
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target

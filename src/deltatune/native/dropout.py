@@ -1,0 +1,130 @@
+"""Dropout's elementwise work for LoRA training on the CPU, compiled (``csrc/dropout.c``).
+
+Three calls, each with the pure-torch fallback in :mod:`deltatune.methods.lora_kernels`:
+
+- :func:`keep_mask` — a bool keep-mask from a counter-based hash of (seed, index). The seed is one draw from
+  torch's default CPU generator, so ``torch.manual_seed`` makes runs repeat, and activation checkpointing,
+  which restores that generator's state before recomputing, redraws the same mask;
+- :func:`masked_scale` — x̃ = x ⊙ mask · k, the dropped input, in one pass;
+- :func:`masked_add_` — acc += k · mask ⊙ t, the dropped input's gradient term, in place.
+
+Why: torch's CPU generator is serial, so ``random_`` does not scale with threads, and ``torch.where`` on a
+bool mask runs far below memory speed. On this project's 2-core Zen 5 (AVX-512, 2 threads), per
+(1024 × 512) fp32 tensor: mask 0.70 -> 0.16 ms, masked copy 0.23 -> 0.03 ms, masked add 0.24 -> 0.03 ms.
+
+How it starts: the first training forward with LoRA dropout on a CPU tensor builds the library
+(:func:`deltatune.native.build.build`; AVX-512 flags where torch drives the CPU at its AVX512 level, else
+AVX2) and loads it with ctypes. Where it cannot run (:func:`unavailable_reason`), or with
+``DELTATUNE_CPU_KERNEL=0``, the torch path runs: same statistics, other random bits.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from deltatune.native.build import AVX512_FLAGS, BASE_FLAGS, build, compiler, has_avx512, platform_problem
+from deltatune.native.build import switched_on_by_env
+
+SOURCE = Path(__file__).with_name("csrc") / "dropout.c"
+_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_state: list = []  # [(CDLL | None, why: str | None)] once loaded
+_enabled = switched_on_by_env()
+
+
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    problem = platform_problem()
+    if problem:
+        return None, problem
+    cc = compiler()
+    if cc is None:
+        return None, "no C compiler found (set $CC, or install gcc)"
+    flags = (*BASE_FLAGS, *AVX512_FLAGS) if has_avx512() else BASE_FLAGS
+    try:
+        lib = ctypes.CDLL(str(build(cc, SOURCE, flags)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        return None, f"could not build {SOURCE.name}: {err}"
+    ptr, n, f32, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    lib.dt_keep_mask.argtypes = [ptr, n, ctypes.c_uint64, ctypes.c_int32, threads]
+    for suffix in _DTYPES.values():
+        getattr(lib, f"dt_masked_scale_{suffix}").argtypes = [ptr, ptr, ptr, n, f32, threads]
+        getattr(lib, f"dt_masked_add_{suffix}").argtypes = [ptr, ptr, ptr, n, f32, threads]
+    for fn in ("dt_keep_mask", *(f"dt_masked_{op}_{s}" for op in ("scale", "add") for s in _DTYPES.values())):
+        getattr(lib, fn).restype = None
+    return lib, None
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded library, built on the first call; None where it cannot run or is switched off."""
+    if not _enabled:
+        return None
+    if not _state:
+        _state.append(_load())
+    return _state[0][0]
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`library` is None, or None when the compiled path is in use."""
+    if not _enabled:
+        return "switched off (DELTATUNE_CPU_KERNEL=0 or native.dropout.switched(False))"
+    library()
+    return _state[0][1]
+
+
+@contextlib.contextmanager
+def switched(on: bool) -> Iterator[None]:
+    """Turn the compiled path on or off within the block (tests and benchmarks compare the two)."""
+    global _enabled
+    was, _enabled = _enabled, on
+    try:
+        yield
+    finally:
+        _enabled = was
+
+
+def _plain(*tensors: torch.Tensor) -> bool:
+    """Whether every tensor is a contiguous CPU tensor that autograd is not tracking here: the library's
+    results would be invisible to autograd (a Function's forward and backward run with grad mode off)."""
+    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return not tracked and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def keep_mask(x: torch.Tensor, threshold: int) -> torch.Tensor | None:
+    """Bool mask like x: element i kept when its int16 quarter of hash(seed, i // 4) is >= ``threshold``.
+
+    None where the compiled path does not apply (then the caller draws with torch).
+    """
+    lib = library() if x.device.type == "cpu" else None
+    if lib is None:
+        return None
+    # One draw from torch's generator: manual_seed repeats the mask, checkpointing's restored state redraws it.
+    seed = int(torch.empty((), dtype=torch.int64).random_())
+    mask = torch.empty(x.shape, dtype=torch.bool)
+    lib.dt_keep_mask(mask.data_ptr(), mask.numel(), seed, threshold, torch.get_num_threads())
+    return mask
+
+
+def masked_scale(x: torch.Tensor, mask: torch.Tensor, keep: float) -> torch.Tensor | None:
+    """x ⊙ mask · keep as a new tensor (x fp32 or bf16, mask bool of x's shape); None where not applicable."""
+    lib = library() if x.dtype in _DTYPES and mask.dtype == torch.bool and x.shape == mask.shape else None
+    if lib is None or not _plain(x, mask):
+        return None
+    out = torch.empty_like(x)
+    getattr(lib, f"dt_masked_scale_{_DTYPES[x.dtype]}")(
+        x.data_ptr(), mask.data_ptr(), out.data_ptr(), x.numel(), keep, torch.get_num_threads())
+    return out
+
+
+def masked_add_(acc: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, keep: float) -> bool:
+    """acc += keep · mask ⊙ t in place (acc and t one dtype, fp32 or bf16); False (acc untouched) where not applicable."""
+    same = acc.dtype == t.dtype and acc.shape == t.shape == mask.shape and mask.dtype == torch.bool
+    lib = library() if same and acc.dtype in _DTYPES else None
+    if lib is None or not _plain(acc, t, mask):
+        return False
+    getattr(lib, f"dt_masked_add_{_DTYPES[acc.dtype]}")(
+        acc.data_ptr(), t.data_ptr(), mask.data_ptr(), acc.numel(), keep, torch.get_num_threads())
+    return True
