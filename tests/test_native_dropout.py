@@ -1,5 +1,6 @@
 """LoRA dropout's compiled CPU path (deltatune/native/dropout.py): the same results as torch's path on the same
 mask, masks that depend only on (seed, index), and a fallback wherever the library cannot take a call."""
+import ctypes
 import os
 
 import pytest
@@ -117,8 +118,8 @@ def test_calls_the_library_cannot_take_are_left_to_torch():
 def test_a_failed_build_falls_back_and_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("DELTATUNE_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-    monkeypatch.setattr(native_dropout, "platform_problem", lambda: None)
-    lib, why = native_dropout._load()
+    monkeypatch.setattr(build, "platform_problem", lambda: None)
+    lib, why = native_dropout.LIBRARY._load()
     assert lib is None and "could not build dropout.c" in why
     assert os.listdir(tmp_path / "kernels") == []  # nothing half-written
 
@@ -152,3 +153,20 @@ def test_a_lora_step_gives_the_same_gradients_with_and_without_the_library(bf16,
     for name in grads[0]:
         # fp32: the one fused multiply-add may round differently; bf16: the gradient term is rounded once, not twice
         assert_close(grads[0][name], grads[1][name], dtype=torch.bfloat16 if bf16 else torch.float32, tier="reordered")
+
+
+@needs_library
+def test_the_avx2_build_gives_the_same_bits(tmp_path, monkeypatch):
+    # This machine builds with AVX-512; a CPU without it runs the same source compiled for AVX2.
+    monkeypatch.setenv("DELTATUNE_CACHE_DIR", str(tmp_path))
+    avx2 = ctypes.CDLL(str(build.build(build.compiler(), native_dropout.SOURCE, build.BASE_FLAGS)))
+    native_dropout._declare(avx2)
+    n = 100_003
+    masks = [torch.empty(n, dtype=torch.bool) for _ in range(2)]
+    for lib, mask in zip((avx2, native_dropout.library()), masks):
+        lib.dt_keep_mask(mask.data_ptr(), n, 99, THRESHOLD, 2)
+    assert torch.equal(*masks)
+    x = torch.randn(n).bfloat16()
+    out = torch.empty_like(x)
+    avx2.dt_masked_scale_bf16(x.data_ptr(), masks[0].data_ptr(), out.data_ptr(), n, 1 / (1 - P), 2)
+    assert torch.equal(out, native_dropout.masked_scale(x, masks[0], 1 / (1 - P)))

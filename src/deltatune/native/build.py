@@ -14,6 +14,8 @@ torch's thread pool instead of starting a second one (:func:`platform_problem` s
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import os
 import platform
@@ -22,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -95,3 +97,57 @@ def build(cc: str, source: Path, flags: Sequence[str]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def load(source: Path) -> tuple[ctypes.CDLL | None, str | None]:
+    """``source`` built for this CPU (AVX-512 flags where torch drives it at its AVX512 level, else AVX2) and
+    loaded: (library, None), or (None, why it cannot run here)."""
+    problem = platform_problem()
+    if problem:
+        return None, problem
+    cc = compiler()
+    if cc is None:
+        return None, "no C compiler found (set $CC, or install gcc)"
+    flags = (*BASE_FLAGS, *AVX512_FLAGS) if has_avx512() else BASE_FLAGS
+    try:
+        return ctypes.CDLL(str(build(cc, source, flags))), None
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        return None, f"could not build {source.name}: {err}"
+
+
+class Library:
+    """One compiled source, built and loaded on first use: :meth:`get` the library (None where it cannot run
+    or is switched off), :meth:`unavailable_reason` why not, :meth:`switched` to compare paths in tests and
+    benchmarks. ``declare`` sets the exported functions' ctypes signatures once loaded."""
+
+    def __init__(self, source: Path, declare: Callable[[ctypes.CDLL], None]) -> None:
+        self.source, self.declare = source, declare
+        self.enabled = switched_on_by_env()
+        self._loaded: tuple[ctypes.CDLL | None, str | None] | None = None
+
+    def _load(self) -> tuple[ctypes.CDLL | None, str | None]:
+        lib, why = load(self.source)
+        if lib is not None:
+            self.declare(lib)
+        return lib, why
+
+    def get(self) -> ctypes.CDLL | None:
+        if not self.enabled:
+            return None
+        if self._loaded is None:
+            self._loaded = self._load()
+        return self._loaded[0]
+
+    def unavailable_reason(self) -> str | None:
+        if not self.enabled:
+            return f"switched off ({ENV}=0 or switched(False))"
+        self.get()
+        return self._loaded[1]
+
+    @contextlib.contextmanager
+    def switched(self, on: bool) -> Iterator[None]:
+        was, self.enabled = self.enabled, on
+        try:
+            yield
+        finally:
+            self.enabled = was

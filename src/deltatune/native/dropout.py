@@ -19,35 +19,18 @@ AVX2) and loads it with ctypes. Where it cannot run (:func:`unavailable_reason`)
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import subprocess
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from deltatune.native.build import AVX512_FLAGS, BASE_FLAGS, build, compiler, has_avx512, platform_problem
-from deltatune.native.build import switched_on_by_env
+from deltatune.native.build import Library
 
 SOURCE = Path(__file__).with_name("csrc") / "dropout.c"
 _DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
-_state: list = []  # [(CDLL | None, why: str | None)] once loaded
-_enabled = switched_on_by_env()
 
 
-def _load() -> tuple[ctypes.CDLL | None, str | None]:
-    problem = platform_problem()
-    if problem:
-        return None, problem
-    cc = compiler()
-    if cc is None:
-        return None, "no C compiler found (set $CC, or install gcc)"
-    flags = (*BASE_FLAGS, *AVX512_FLAGS) if has_avx512() else BASE_FLAGS
-    try:
-        lib = ctypes.CDLL(str(build(cc, SOURCE, flags)))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        return None, f"could not build {SOURCE.name}: {err}"
+def _declare(lib: ctypes.CDLL) -> None:
     ptr, n, f32, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.dt_keep_mask.argtypes = [ptr, n, ctypes.c_uint64, ctypes.c_int32, threads]
     for suffix in _DTYPES.values():
@@ -55,35 +38,10 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         getattr(lib, f"dt_masked_add_{suffix}").argtypes = [ptr, ptr, ptr, n, f32, threads]
     for fn in ("dt_keep_mask", *(f"dt_masked_{op}_{s}" for op in ("scale", "add") for s in _DTYPES.values())):
         getattr(lib, fn).restype = None
-    return lib, None
 
 
-def library() -> ctypes.CDLL | None:
-    """The loaded library, built on the first call; None where it cannot run or is switched off."""
-    if not _enabled:
-        return None
-    if not _state:
-        _state.append(_load())
-    return _state[0][0]
-
-
-def unavailable_reason() -> str | None:
-    """Why :func:`library` is None, or None when the compiled path is in use."""
-    if not _enabled:
-        return "switched off (DELTATUNE_CPU_KERNEL=0 or native.dropout.switched(False))"
-    library()
-    return _state[0][1]
-
-
-@contextlib.contextmanager
-def switched(on: bool) -> Iterator[None]:
-    """Turn the compiled path on or off within the block (tests and benchmarks compare the two)."""
-    global _enabled
-    was, _enabled = _enabled, on
-    try:
-        yield
-    finally:
-        _enabled = was
+LIBRARY = Library(SOURCE, _declare)
+library, unavailable_reason, switched = LIBRARY.get, LIBRARY.unavailable_reason, LIBRARY.switched
 
 
 def _plain(*tensors: torch.Tensor) -> bool:

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltatune.native.dequant import dequantize_4bit
+from deltatune.quant.codebooks import code_4bit
 from deltatune.quant.config import QuantConfig
 from deltatune.quant.int8 import INV_127, Int8State, dequantize_int8, quantize_int8
 from deltatune.quant.kernels import compiled_dequant_rows
@@ -279,10 +281,15 @@ class Linear4bit(_QuantLinear):
         if self.use_compile:
             return compiled_dequant_rows(state, n_in, dtype)
 
+        code = code_4bit(state.quant_type)
+
         def rows(start: int, stop: int) -> torch.Tensor:
             a, b = start * n_in, stop * n_in  # flat value range; a is block-aligned (tile_rows)
             absmax = absmax_float(state, a // state.blocksize, -(-b // state.blocksize))
-            w = dequantize_range(state.packed, absmax, state.quant_type, state.blocksize, a, b)
+            # one compiled pass where it runs (native/dequant.py), the same bits as the torch path
+            w = dequantize_4bit(state.packed, absmax, code, a, b, state.blocksize, dtype)
+            if w is None:
+                w = dequantize_range(state.packed, absmax, state.quant_type, state.blocksize, a, b)
             return w.view(stop - start, n_in).to(dtype)  # (rows, in)
 
         return rows

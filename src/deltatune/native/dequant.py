@@ -1,0 +1,65 @@
+"""4-bit blockwise dequantization on the CPU, compiled (``csrc/dequant4.c``): a tile of ``Linear4bit``'s
+weight in one pass, the same bits as the torch path in :func:`deltatune.quant.nf4.dequantize_range`.
+
+Why: the torch path is four passes per tile (widen the codes, gather both levels of each byte, scale by the
+block's absmax, cast to the compute dtype), each a fork/join of torch's threads. That made a 4096 x 4096
+``Linear4bit`` at 8 input rows cost 2x an fp32 ``nn.Linear`` once a parallel op ran before it (libgomp's
+threads spin after one, against the tile pool's workers). Measurements: docs/benchmarks.md, "QLoRA".
+
+How it starts: the first CPU forward of a ``Linear4bit`` builds the library (:class:`deltatune.native.build.Library`);
+where it cannot run, or with ``DELTATUNE_CPU_KERNEL=0``, :func:`dequantize_4bit` returns None and the caller
+takes the torch path.
+"""
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from deltatune.native.build import Library
+
+SOURCE = Path(__file__).with_name("csrc") / "dequant4.c"
+_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    ptr, n = ctypes.c_void_p, ctypes.c_int64
+    for suffix in _DTYPES.values():
+        fn = getattr(lib, f"dt_dequant4_{suffix}")
+        fn.argtypes, fn.restype = [ptr, ptr, ptr, n, n, ptr, ctypes.c_int], None
+
+
+LIBRARY = Library(SOURCE, _declare)
+library, unavailable_reason, switched = LIBRARY.get, LIBRARY.unavailable_reason, LIBRARY.switched
+
+
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, start: int, stop: int,
+                    blocksize: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """Values ``[start, stop)`` of a packed 4-bit tensor as a flat ``dtype`` tensor; None where not applicable.
+
+    Args:
+        packed: the whole tensor's uint8 codes, two per byte, high nibble first.
+        absmax: float32 absmax of the blocks from ``start // blocksize`` on.
+        code: the 16 float32 levels.
+        start: first value, a multiple of ``blocksize`` (so of 2).
+        stop: one past the last value.
+        blocksize: values per block.
+        dtype: float32 or bfloat16 (rounded to nearest-even from the fp32 product).
+    """
+    if dtype not in _DTYPES or start % blocksize or packed.dtype != torch.uint8:
+        return None
+    n = stop - start
+    tensors = (packed, absmax, code)
+    if not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors) or code.numel() != 16:
+        return None
+    if absmax.dtype != torch.float32 or code.dtype != torch.float32 or absmax.numel() < -(-n // blocksize):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    out = torch.empty(n, dtype=dtype)
+    getattr(lib, f"dt_dequant4_{_DTYPES[dtype]}")(
+        packed.data_ptr() + start // 2, absmax.data_ptr(), code.data_ptr(), n, blocksize, out.data_ptr(),
+        torch.get_num_threads())
+    return out
