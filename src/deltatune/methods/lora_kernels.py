@@ -12,7 +12,6 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from deltatune.native import dora as native_dora
 from deltatune.native import dropout as native_dropout
 
 
@@ -196,7 +195,6 @@ class _DoraLinearFn(torch.autograd.Function):
       g' = g ⊙ c, then the LoRA backward above with g' in place of g (no dropout here).
     Saving the output y instead of z costs nothing extra when the next op keeps y alive anyway
     (attention and the MLP's activation do), which keeps DoRA's saved activations close to LoRA's.
-    On the CPU, g' and Σ_N g ⊙ (y − b) come from one compiled pass over g and y (:mod:`deltatune.native.dora`).
     """
 
     @staticmethod
@@ -220,17 +218,13 @@ class _DoraLinearFn(torch.autograd.Function):
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         x2 = x.reshape(-1, x.shape[-1])
         grad_m = grad_bias = grad_a = grad_b = grad_x = None
-        # ∂L/∂m = Σ g ⊙ z / n and z / n = (y − b) / (c n) = (y − b) / m.
-        fused = native_dora.dora_grad(g, y, bias, scale)  # gc and Σ g ⊙ (y − b) in one pass, where it runs
-        if fused is not None:
-            gc, column_sums = fused
-            grad_m = column_sums / magnitude if ctx.needs_input_grad[7] else None
-        else:
-            if ctx.needs_input_grad[7]:
-                grad_m = (g * (y if bias is None else y - bias)).sum(0) / magnitude
-            gc = g * scale  # (N, out)
+        if ctx.needs_input_grad[7]:
+            z = y if bias is None else y - bias
+            # ∂L/∂m = Σ g ⊙ z / n and z / n = (y − b) / (c n) = (y − b) / m.
+            grad_m = (g * z).sum(0) / magnitude
         if ctx.needs_input_grad[2] and bias is not None:
             grad_bias = g.sum(0)
+        gc = g * scale  # (N, out)
         u = _thin(B.T, gc.T).mul_(s)  # (N, r) = s · gc B
         if ctx.needs_input_grad[4]:
             grad_b = _thin(xa.T, gc).mul_(s)  # (out, r) = s · gcᵀ xa
