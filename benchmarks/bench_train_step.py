@@ -15,6 +15,10 @@ process (peak RSS), and the bytes autograd saves for backward are counted with s
 where the CPU has native bf16; weights, adapters and optimizer state stay fp32. The order of the
 configurations is shuffled every round (seeded), so no config always runs right after another.
 
+--compare-native also times each deltatune config with deltatune's compiled CPU code switched off
+(deltatune/native: dropout's masks and masked copies, 4-bit tiles), same process, in the same shuffled
+rounds: what the compiled paths save, next to everything else.
+
 --cpu-time times each step by the process's CPU time instead of the wall clock. With --threads 1
 all work runs on the calling thread, so other processes competing for the cores barely move the
 number: use it on a shared, loaded machine, and say so when reporting.
@@ -70,6 +74,16 @@ def build(impl: str, config: str):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
     return model.train(), opt
+
+
+def native_off() -> contextlib.ExitStack:
+    """deltatune's compiled CPU paths (deltatune/native) switched off: torch's ops do their work."""
+    from deltatune.native import dequant, dropout
+
+    stack = contextlib.ExitStack()
+    for module in (dequant, dropout):
+        stack.enter_context(module.switched(False))
+    return stack
 
 
 def step(model, opt, ids, floor: bool, bf16: bool = False) -> None:
@@ -129,13 +143,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cpu-time", action="store_true")
     ap.add_argument("--bf16", action="store_true", help="every step under bf16 autocast")
+    ap.add_argument("--compare-native", action="store_true", help="deltatune with its compiled CPU code off, too")
     args = ap.parse_args()
     if args.worker:
         return worker(*args.worker, args.seq, args.bf16)
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.cpu_time else time.perf_counter
     configs = args.only.split(",")
-    runs = [("floor", "floor")] + [(impl, c) for c in configs for impl in ("peft", "deltatune")]
+    impls = ("peft", "deltatune", "deltatune-torch") if args.compare_native else ("peft", "deltatune")
+    runs = [("floor", "floor")] + [(impl, c) for c in configs for impl in impls]
     models = {r: build(*r) for r in runs}
     ids = torch.randint(0, 32000, (4, args.seq), generator=torch.Generator().manual_seed(0))
     times: dict = {r: [] for r in runs}
@@ -144,13 +160,14 @@ def main() -> None:
         shuffle(order)
         for r in order:
             t0 = clock()
-            step(*models[r], ids, r[1] == "floor", args.bf16)
+            with native_off() if r[0] == "deltatune-torch" else contextlib.nullcontext():
+                step(*models[r], ids, r[1] == "floor", args.bf16)
             if rep >= 2:
                 times[r].append(clock() - t0)
     med = {r: statistics.median(v) for r, v in times.items()}
     mem = {}
     if not args.no_memory:
-        for r in runs:
+        for r in (r for r in runs if r[0] != "deltatune-torch"):
             out = subprocess.run([sys.executable, __file__, "--worker", r[0], r[1], "--seq", str(args.seq),
                                   *(["--bf16"] if args.bf16 else [])],
                                  capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -158,11 +175,13 @@ def main() -> None:
     floor = med[("floor", "floor")]
     print(f"\nbatch 4x{args.seq}, {'bf16 autocast' if args.bf16 else 'fp32'}, {torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time, median of {args.reps} interleaved, shuffled steps; "
           f"floor step = {floor * 1000:.0f} ms\n")
-    print("| config | peft / floor | deltatune / floor | deltatune / peft | peak RSS peft | peak RSS deltatune | saved act. peft | saved act. deltatune |")
-    print("|---|---|---|---|---|---|---|---|")
+    extra = (" deltatune, compiled code off / floor |", "---|") if args.compare_native else ("", "")
+    print("| config | peft / floor | deltatune / floor | deltatune / peft | peak RSS peft | peak RSS deltatune | saved act. peft | saved act. deltatune |" + extra[0])
+    print("|---|---|---|---|---|---|---|---|" + extra[1])
     if mem:
         f = mem[("floor", "floor")]
-        print(f"| floor | 1.00x | 1.00x | - | {f['peak'] / 2**20:.0f} MB | {f['peak'] / 2**20:.0f} MB | {f['saved'] / 2**20:.0f} MB | {f['saved'] / 2**20:.0f} MB |")
+        print(f"| floor | 1.00x | 1.00x | - | {f['peak'] / 2**20:.0f} MB | {f['peak'] / 2**20:.0f} MB | {f['saved'] / 2**20:.0f} MB | {f['saved'] / 2**20:.0f} MB |"
+              + (" 1.00x |" if args.compare_native else ""))
     for c in configs:
         p, d = med[("peft", c)], med[("deltatune", c)]
         row = f"| {c} | {p / floor:.3f}x | {d / floor:.3f}x | {d / p:.3f}x |"
@@ -171,6 +190,8 @@ def main() -> None:
             row += f" {mp['peak'] / 2**20:.0f} MB | {md['peak'] / 2**20:.0f} MB | {mp['saved'] / 2**20:.0f} MB | {md['saved'] / 2**20:.0f} MB |"
         else:
             row += " - | - | - | - |"
+        if args.compare_native:
+            row += f" {med[('deltatune-torch', c)] / floor:.3f}x |"
         print(row)
 
 
