@@ -7,7 +7,7 @@ Prints markdown tables:
    measured in the same run (repetitions interleaved across variants, median reported);
 3. time to quantize a 4096x4096 weight, ours vs bitsandbytes.
 
-Usage: python benchmarks/bench_quant.py [--reps N] [--size 4096] [--threads 2] [--no-compile]
+Usage: python benchmarks/bench_quant.py [--reps N] [--size 4096] [--threads 2] [--rows 8,1024] [--no-compile]
 
 The load average is printed before and after: on a shared machine, other processes stall the
 synchronisation points of multi-threaded ops, which penalises many small ops (tiles) much more
@@ -118,6 +118,7 @@ def main():
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    parser.add_argument("--rows", default="8,1024", help="input row counts, comma-separated")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     bnb = _bnb()
@@ -125,7 +126,7 @@ def main():
           f"bitsandbytes {getattr(bnb, '__version__', 'not installed')}, "
           f"load average at start {os.getloadavg()[0]:.1f}\n")
     print("\n".join(bits_table(torch.randn(args.size, args.size) * 0.02, bnb)) + "\n")
-    print("\n".join(forward_table(args.size, [8, 1024], args.reps, not args.no_compile, bnb)) + "\n")
+    print("\n".join(forward_table(args.size, [int(r) for r in args.rows.split(",")], args.reps, not args.no_compile, bnb)) + "\n")
     print("\n".join(quantize_table(args.size, bnb)))
     print(f"\nload average at end {os.getloadavg()[0]:.1f} (cores: {os.cpu_count()})")
 

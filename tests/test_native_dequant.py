@@ -1,7 +1,7 @@
-"""Linear4bit's compiled tile dequantization (deltatune/native/dequant.py): the same bits as the torch path
-(dequantize_range, itself checked against bitsandbytes in test_quant_nf4.py) for every block size, both
-4-bit types, fp32 and bf16, any block-aligned range; used by Linear4bit's forward; left to torch where it
-cannot take a call."""
+"""Linear4bit's compiled 4-bit code (deltatune/native/dequant.py). The tile dequantization gives the same bits
+as the torch path (dequantize_range, itself checked against bitsandbytes in test_quant_nf4.py) for every block
+size, both 4-bit types, fp32 and bf16, any block-aligned range. The few-row product equals x · Wᵀ on the
+dequantized W. Linear4bit's forward uses each where it applies; calls they cannot take are left to torch."""
 import ctypes
 
 import pytest
@@ -12,7 +12,9 @@ from deltatune.native import build
 from deltatune.native import dequant as native_dequant
 from deltatune.quant import Linear4bit, QuantConfig
 from deltatune.quant.codebooks import code_4bit
+from deltatune.quant.linear import FEW_ROWS
 from deltatune.quant.nf4 import BLOCKSIZES, absmax_float, dequantize_range, quantize_4bit
+from tolerances import assert_close
 
 HERE_OK = build.platform_problem() is None and build.compiler() is not None
 needs_library = pytest.mark.skipif(not HERE_OK, reason="needs x86-64 Linux with AVX2, libgomp and a C compiler")
@@ -71,7 +73,7 @@ def test_linear4bit_takes_the_compiled_tiles_with_the_same_output(bf16, monkeypa
         return out
 
     monkeypatch.setattr("deltatune.quant.linear.dequantize_4bit", counted)
-    x = torch.randn(5, 256)
+    x = torch.randn(FEW_ROWS + 5, 256)  # more rows than the few-row kernel takes: the tiles
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
         compiled = q(x)
         with native_dequant.switched(False):
@@ -110,3 +112,67 @@ def test_the_avx2_build_gives_the_same_bits(tmp_path, monkeypatch):
         out = torch.empty(70_000 - 128 - 3, dtype=dtype)
         fn(state.packed.data_ptr() + 64, absmax[2:].data_ptr(), code.data_ptr(), out.numel(), 64, out.data_ptr(), 2)
         assert torch.equal(out, native_dequant.dequantize_4bit(state.packed, absmax[2:], code, 128, 70_000 - 3, 64, dtype))
+    # the few-row product's scalar loop: the same sums in another order
+    W = quantize_4bit(torch.randn(40, 96) * 0.02, "nf4", 64, True)
+    x, absmax = torch.randn(11, 96), absmax_float(W)
+    y = torch.empty(11, 40)
+    avx2.dt_linear4_f32(x.data_ptr(), W.packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), y.data_ptr(), None,
+                        11, 96, 40, 64, 2)
+    assert_close(y, native_dequant.linear_4bit(x, W.packed, absmax, code, 40, 64), tier="reordered")
+
+
+def _few_row_case(n, n_in, n_out, blocksize, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    state = quantize_4bit(torch.randn(n_out, n_in, generator=g) * 0.02, "nf4", blocksize, True)
+    x = torch.randn(n, n_in, generator=g).to(dtype)
+    W = dequantize_range(state.packed, absmax_float(state), "nf4", blocksize, 0, n_out * n_in).view(n_out, n_in)
+    got = native_dequant.linear_4bit(x, state.packed, absmax_float(state), code_4bit("nf4"), n_out, blocksize)
+    return got, (x.double() @ W.double().T)
+
+
+@needs_library
+@pytest.mark.parametrize("n", [1, 3, 8, 9, 16])  # one pass over W per 8 rows: full and partial groups
+@pytest.mark.parametrize("blocksize", [32, 64, 4096])  # 4096 > in: blocks span several rows of W
+def test_the_few_row_product_is_x_times_the_dequantized_weight(n, blocksize):
+    for dtype in (torch.float32, torch.bfloat16):
+        got, exact = _few_row_case(n, 96, 50, blocksize, dtype, seed=n)
+        assert got.dtype == dtype and got.shape == (n, 50)
+        # fp32 sums in another order than a BLAS; bf16: the input was rounded, the result is rounded once
+        assert_close(got.double(), exact, dtype=dtype, tier="reordered")
+
+
+@needs_library
+def test_the_few_row_product_refuses_what_it_cannot_take():
+    state = quantize_4bit(torch.randn(8, 48) * 0.02, "nf4", 64, True)  # in = 48: not a multiple of 32
+    args = (state.packed, absmax_float(state), code_4bit("nf4"), 8, 64)
+    assert native_dequant.linear_4bit(torch.randn(2, 48), *args) is None
+    state = quantize_4bit(torch.randn(8, 64) * 0.02, "nf4", 64, True)
+    args = (state.packed, absmax_float(state), code_4bit("nf4"), 8, 64)
+    assert native_dequant.linear_4bit(torch.randn(2, 64).half(), *args) is None  # no fp16 variant
+    assert native_dequant.linear_4bit(torch.randn(64, 2).T, *args) is None  # not contiguous
+    assert native_dequant.linear_4bit(torch.randn(2, 64), *args[:3], 9, 64) is None  # more rows than W has
+    assert native_dequant.linear_4bit(torch.randn(2, 64), *args) is not None
+
+
+@needs_library
+@pytest.mark.parametrize("bf16", [False, True])
+def test_linear4bit_decodes_with_the_few_row_kernel_without_autograd(bf16, monkeypatch):
+    torch.manual_seed(0)
+    q = Linear4bit.from_linear(nn.Linear(256, 300), QuantConfig())
+    calls = []
+    real = native_dequant.linear_4bit
+    monkeypatch.setattr("deltatune.quant.linear.linear_4bit", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    for n in (1, FEW_ROWS, FEW_ROWS + 1):
+        x = torch.randn(n, 256)
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            got = q(x)
+            with native_dequant.switched(False):
+                tiled = q(x)
+        assert got.dtype == tiled.dtype == dtype
+        assert_close(got.float(), tiled.float(), dtype=dtype, tier="reordered")
+    assert calls == [1, 1, FEW_ROWS, FEW_ROWS]  # each n twice (the switched-off call asks too); FEW_ROWS + 1 never
+    calls.clear()
+    x = torch.randn(2, 256, requires_grad=True)
+    q(x).sum().backward()  # a gradient to x: the tiled autograd path
+    assert calls == [] and x.grad is not None

@@ -28,6 +28,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     for suffix in _DTYPES.values():
         fn = getattr(lib, f"dt_dequant4_{suffix}")
         fn.argtypes, fn.restype = [ptr, ptr, ptr, n, n, ptr, ctypes.c_int], None
+        fn = getattr(lib, f"dt_linear4_{suffix}")
+        fn.argtypes, fn.restype = [ptr] * 6 + [n] * 4 + [ctypes.c_int], None
 
 
 LIBRARY = Library(SOURCE, _declare)
@@ -63,3 +65,35 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
         packed.data_ptr() + start // 2, absmax.data_ptr(), code.data_ptr(), n, blocksize, out.data_ptr(),
         torch.get_num_threads())
     return out
+
+
+def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, out_features: int,
+                blocksize: int) -> torch.Tensor | None:
+    """x · Wᵀ (no bias) for few rows of x, W's 4-bit codes decoded in registers and never stored; None where
+    not applicable (then the caller runs the tiled path).
+
+    Args:
+        x: (N, in) fp32 or bf16, contiguous, ``in`` a multiple of 32; the result has its dtype.
+        packed: W's uint8 codes, (out × in) values, two per byte, high nibble first.
+        absmax: float32 absmax of every block of W.
+        code: the 16 float32 levels.
+        out_features: rows of W.
+        blocksize: values per block (a power of two ≥ 32).
+    """
+    n, n_in = x.shape
+    if x.dtype not in _DTYPES or n_in % 32 or blocksize % 32 or packed.dtype != torch.uint8 or code.numel() != 16:
+        return None
+    tensors = (x, packed, absmax, code)
+    if not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors) or absmax.dtype != torch.float32:
+        return None
+    if packed.numel() * 2 < out_features * n_in or absmax.numel() * blocksize < out_features * n_in:
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    y = torch.empty(n, out_features, dtype=x.dtype)
+    scratch = torch.empty(n, n_in) if x.dtype == torch.bfloat16 else None  # x widened to fp32 once
+    getattr(lib, f"dt_linear4_{_DTYPES[x.dtype]}")(
+        x.data_ptr(), packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), y.data_ptr(),
+        None if scratch is None else scratch.data_ptr(), n, n_in, out_features, blocksize, torch.get_num_threads())
+    return y

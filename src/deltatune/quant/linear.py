@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.native.dequant import dequantize_4bit
+from deltatune.native.dequant import dequantize_4bit, linear_4bit
 from deltatune.quant.codebooks import code_4bit
 from deltatune.quant.config import QuantConfig
 from deltatune.quant.int8 import INV_127, Int8State, dequantize_int8, quantize_int8
@@ -51,6 +51,9 @@ from deltatune.quant.nf4 import (
 )
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FEW_ROWS = 16
+"""Input rows up to which a CPU ``Linear4bit`` forward without autograd runs the few-row kernel
+(:func:`deltatune.native.dequant.linear_4bit`) instead of the tiles."""
 
 
 class _QuantLinear(nn.Module):
@@ -88,6 +91,11 @@ class _QuantLinear(nn.Module):
         """The tile function of :func:`quant_linear`: rows ``start:stop`` of W, dequantized to ``dtype``."""
         raise NotImplementedError
 
+    def _few_rows(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """x2 · Wᵀ by a kernel for few rows (decoding), or None to run the tiled path; only where no gradient
+        flows to x2."""
+        return None
+
     def _out_scale(self, dtype: torch.dtype) -> torch.Tensor | None:
         """Per-output-feature factor applied after the matmul (row-wise formats), in ``dtype``, or None."""
         return None
@@ -119,9 +127,11 @@ class _QuantLinear(nn.Module):
                     self._weight_cache = self.dequantize_weight(dtype)
                 y = F.linear(x2, self._weight_cache)
             else:
-                # torch.compile-d kernels are not safe to call from several threads at once
-                y = quant_linear(x2, lambda: self._make_dequant_rows(dtype), self.out_features, self.tile_rows,
-                                 self._out_scale(dtype), parallel=not self.use_compile)  # (N, out)
+                y = None if torch.is_grad_enabled() and x2.requires_grad else self._few_rows(x2)
+                if y is None:
+                    # torch.compile-d kernels are not safe to call from several threads at once
+                    y = quant_linear(x2, lambda: self._make_dequant_rows(dtype), self.out_features, self.tile_rows,
+                                     self._out_scale(dtype), parallel=not self.use_compile)  # (N, out)
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
         return y.view(*lead, self.out_features).to(dtype if autocast else x.dtype)
@@ -275,6 +285,15 @@ class Linear4bit(_QuantLinear):
     def qweight_numel(self) -> int:
         """Number of quantized weight values (out * in)."""
         return self.in_features * self.out_features
+
+    def _few_rows(self, x2: torch.Tensor) -> torch.Tensor | None:
+        # Up to FEW_ROWS rows (decoding, small batches) the compiled kernel decodes W in registers and reads
+        # it once as 4-bit codes: faster than the dense fp32 layer it replaces (docs/benchmarks.md, "QLoRA").
+        if x2.shape[0] > FEW_ROWS or x2.device.type != "cpu":
+            return None
+        state = self.quant_state
+        return linear_4bit(x2, state.packed, absmax_float(state), code_4bit(state.quant_type), self.out_features,
+                           state.blocksize)
 
     def _make_dequant_rows(self, dtype: torch.dtype):
         state, n_in = self.quant_state, self.in_features
