@@ -253,7 +253,7 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     (:func:`deltatune.native.dropout.keep_mask`): torch's CPU generator is serial and does not scale with
     threads. Elsewhere, or where that cannot run, from torch's ``random_`` over the whole int64 range.
     2 threads, 4x256x512: one torch draw per element 2.9 ms per mask; two per 31-bit draw 1.75 ms; four per
-    64-bit draw 0.65-0.70 ms (draws 0.44 ms, comparison 0.21 ms); the compiled hash 0.16 ms."""
+    64-bit draw 0.65-0.70 ms (draws 0.44 ms, comparison 0.21 ms); the compiled hash 0.05 ms."""
     threshold = min(round(p * 2**16), 2**16 - 1) - 2**15
     compiled = native_dropout.keep_mask(x, threshold)
     if compiled is not None:

@@ -2,8 +2,8 @@
 
 How it starts: the first call that wants a kernel calls :func:`build`, which compiles the source with the
 system C compiler (``$CC``, else ``cc``/``gcc``; well under a second) into ``$DELTATUNE_CACHE_DIR/kernels``
-(default ``~/.cache/deltatune/kernels``), named by a hash of the source, compiler and flags, so an edited
-source or another flag set never loads a stale library. The shared object is written under a temporary
+(default ``~/.cache/deltatune/kernels``), named by a hash of the source (and the headers next to it),
+compiler and flags, so an edited source or another flag set never loads a stale library. The shared object is written under a temporary
 name and renamed into place: concurrent builds (torchrun's ranks) or an interrupted one never leave a
 half-written file.
 
@@ -81,7 +81,9 @@ def build(cc: str, source: Path, flags: Sequence[str]) -> Path:
     Raises:
         RuntimeError: the compiler failed (its last lines of stderr are in the message); nothing is left behind.
     """
-    digest = hashlib.sha256(source.read_bytes() + " ".join([cc, *flags]).encode()).hexdigest()[:16]
+    # the headers next to the source are part of what it compiles to: an edited header must rebuild too
+    text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    digest = hashlib.sha256(text + " ".join([cc, *flags]).encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{digest}.so"
     if target.exists():
         return target

@@ -51,9 +51,7 @@ from deltatune.quant.nf4 import (
 )
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-FEW_ROWS = 16
-"""Input rows up to which a CPU ``Linear4bit`` forward without autograd runs the few-row kernel
-(:func:`deltatune.native.dequant.linear_4bit`) instead of the tiles."""
+FEW_ROWS = 16  # rows up to which a CPU Linear4bit forward without autograd runs linear_4bit, not the tiles
 
 
 class _QuantLinear(nn.Module):
@@ -92,8 +90,7 @@ class _QuantLinear(nn.Module):
         raise NotImplementedError
 
     def _few_rows(self, x2: torch.Tensor) -> torch.Tensor | None:
-        """x2 · Wᵀ by a kernel for few rows (decoding), or None to run the tiled path; only where no gradient
-        flows to x2."""
+        """x2 · Wᵀ for few rows with no gradient to x2 (decoding) by a kernel, or None: the tiled path."""
         return None
 
     def _out_scale(self, dtype: torch.dtype) -> torch.Tensor | None:
@@ -287,8 +284,7 @@ class Linear4bit(_QuantLinear):
         return self.in_features * self.out_features
 
     def _few_rows(self, x2: torch.Tensor) -> torch.Tensor | None:
-        # Up to FEW_ROWS rows (decoding, small batches) the compiled kernel decodes W in registers and reads
-        # it once as 4-bit codes: faster than the dense fp32 layer it replaces (docs/benchmarks.md, "QLoRA").
+        # W decoded in registers, read once as 4-bit codes: faster than a dense fp32 layer (benchmarks.md, QLoRA)
         if x2.shape[0] > FEW_ROWS or x2.device.type != "cpu":
             return None
         state = self.quant_state

@@ -13,27 +13,14 @@
  */
 #include <stdint.h>
 #include <string.h>
+
+#include "dt_bf16.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
 
 #define DT_ROWS 8 /* input rows per pass over a row of W in dt_linear4 */
 #define DT_SERIAL_BELOW 65536 /* values: below this, waking the second thread costs more than it saves */
-
-static inline float dt_bf16_to_f32(uint16_t h) {
-    const uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t dt_round_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays a (quiet) NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);                                          /* round to nearest even */
-    return (uint16_t)(u >> 16);
-}
 
 /* Values [v0, v1) of one block (v0 even), scale s: the scalar path and every vector path's tail. */
 static inline void dt_scalar(const uint8_t *packed, const float *code, float s, int64_t v0, int64_t v1,
@@ -42,7 +29,7 @@ static inline void dt_scalar(const uint8_t *packed, const float *code, float s, 
         const uint8_t byte = packed[v >> 1];
         const float x = code[(v & 1) ? (byte & 15) : (byte >> 4)] * s;
         if (out32) out32[v] = x;
-        else out16[v] = dt_round_bf16(x);
+        else out16[v] = dt_f32_to_bf16(x);
     }
 }
 
@@ -163,7 +150,7 @@ static void dt_linear4(const float *xf, const uint16_t *xh, const uint8_t *packe
             dt_dot_row(xv + r0 * in, in, m, codes, absmax, o * in, blocksize, code, dots);
             for (int j = 0; j < m; j++) {
                 if (yf) yf[(r0 + j) * out + o] = dots[j];
-                else yh[(r0 + j) * out + o] = dt_round_bf16(dots[j]);
+                else yh[(r0 + j) * out + o] = dt_f32_to_bf16(dots[j]);
             }
         }
     }

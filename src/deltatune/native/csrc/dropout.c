@@ -21,6 +21,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "dt_bf16.h"
+
 #define DT_GOLDEN 0x9e3779b97f4a7c15ULL
 #define DT_SERIAL_BELOW 65536 /* elements: below this, waking the second thread costs more than it saves */
 
@@ -48,21 +50,6 @@ void dt_keep_mask(uint8_t *mask, int64_t n, uint64_t seed, int32_t threshold, in
     }
     const uint32_t last = dt_keep4(seed, words, threshold); /* the cut last word: n % 4 elements */
     for (int64_t i = 4 * words; i < n; i++) mask[i] = (uint8_t)(last >> (8 * (i - 4 * words)));
-}
-
-static inline float dt_bf16_to_f32(uint16_t h) {
-    const uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t dt_f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays a (quiet) NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);                                          /* round to nearest even */
-    return (uint16_t)(u >> 16);
 }
 
 void dt_masked_scale_f32(const float *x, const uint8_t *mask, float *out, int64_t n, float keep, int threads) {
