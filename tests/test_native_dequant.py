@@ -111,7 +111,8 @@ def test_the_avx2_build_gives_the_same_bits(tmp_path, monkeypatch):
     for dtype, fn in ((torch.float32, avx2.dt_dequant4_f32), (torch.bfloat16, avx2.dt_dequant4_bf16)):
         out = torch.empty(70_000 - 128 - 3, dtype=dtype)
         fn(state.packed.data_ptr() + 64, absmax[2:].data_ptr(), code.data_ptr(), out.numel(), 64, out.data_ptr(), 2)
-        assert torch.equal(out, native_dequant.dequantize_4bit(state.packed, absmax[2:], code, 128, 70_000 - 3, 64, dtype))
+        want = native_dequant.dequantize_4bit(state.packed, absmax[2:], code, 128, 70_000 - 3, 64, dtype)
+        assert torch.equal(out, want)
     # the few-row product's scalar loop: the same sums in another order
     W = quantize_4bit(torch.randn(40, 96) * 0.02, "nf4", 64, True)
     x, absmax = torch.randn(11, 96), absmax_float(W)

@@ -3,9 +3,9 @@
 How it starts: the first call that wants a kernel calls :func:`build`, which compiles the source with the
 system C compiler (``$CC``, else ``cc``/``gcc``; well under a second) into ``$DELTATUNE_CACHE_DIR/kernels``
 (default ``~/.cache/deltatune/kernels``), named by a hash of the source (and the headers next to it),
-compiler and flags, so an edited source or another flag set never loads a stale library. The shared object is written under a temporary
-name and renamed into place: concurrent builds (torchrun's ranks) or an interrupted one never leave a
-half-written file.
+compiler and flags, so an edited source or another flag set never loads a stale library. The shared
+object is written under a temporary name and renamed into place: concurrent builds (torchrun's ranks) or
+an interrupted one never leave a half-written file.
 
 Where it runs: x86-64 Linux, a CPU torch itself drives at AVX2 or better, and a torch whose intra-op
 threads are GNU OpenMP. The kernels are built with ``-fopenmp`` and link the same ``libgomp``, so they share

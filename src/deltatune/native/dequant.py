@@ -1,14 +1,19 @@
-"""4-bit blockwise dequantization on the CPU, compiled (``csrc/dequant4.c``): a tile of ``Linear4bit``'s
-weight in one pass, the same bits as the torch path in :func:`deltatune.quant.nf4.dequantize_range`.
+"""4-bit weights on the CPU, compiled (``csrc/dequant4.c``):
+
+- :func:`dequantize_4bit` — a tile of ``Linear4bit``'s weight in one pass, the same bits as the torch path in
+  :func:`deltatune.quant.nf4.dequantize_range`;
+- :func:`linear_4bit` — x · Wᵀ for few rows of x (decoding), W decoded in registers and read once as its codes.
 
 Why: the torch path is four passes per tile (widen the codes, gather both levels of each byte, scale by the
 block's absmax, cast to the compute dtype), each a fork/join of torch's threads. That made a 4096 x 4096
 ``Linear4bit`` at 8 input rows cost 2x an fp32 ``nn.Linear`` once a parallel op ran before it (libgomp's
-threads spin after one, against the tile pool's workers). Measurements: docs/benchmarks.md, "QLoRA".
+threads spin after one, against the tile pool's workers). At a few rows a dense layer is bound by reading its
+weight, so reading 4-bit codes instead makes the 4-bit layer the faster one (0.55x at 1-8 rows).
+Measurements: docs/benchmarks.md, "QLoRA".
 
-How it starts: the first CPU forward of a ``Linear4bit`` builds the library (:class:`deltatune.native.build.Library`);
-where it cannot run, or with ``DELTATUNE_CPU_KERNEL=0``, :func:`dequantize_4bit` returns None and the caller
-takes the torch path.
+How it starts: the first CPU forward of a ``Linear4bit`` builds the library
+(:class:`deltatune.native.build.Library`); where it cannot run, or with ``DELTATUNE_CPU_KERNEL=0``, both
+return None and the caller takes the torch path.
 """
 from __future__ import annotations
 

@@ -79,7 +79,8 @@ def masked_scale(x: torch.Tensor, mask: torch.Tensor, keep: float) -> torch.Tens
 
 
 def masked_add_(acc: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, keep: float) -> bool:
-    """acc += keep · mask ⊙ t in place (acc and t one dtype, fp32 or bf16); False (acc untouched) where not applicable."""
+    """acc += keep · mask ⊙ t in place (acc and t one dtype, fp32 or bf16); False, acc untouched, where not
+    applicable."""
     same = acc.dtype == t.dtype and acc.shape == t.shape == mask.shape and mask.dtype == torch.bool
     lib = library() if same and acc.dtype in _DTYPES else None
     if lib is None or not _plain(acc, t, mask):
