@@ -14,7 +14,7 @@ bool mask runs far below memory speed. On this project's 2-core Zen 5 (AVX-512, 
 product 0.37 -> 0.15 ms (medians of shuffled rounds).
 
 How it starts: the first training forward with LoRA dropout on a CPU tensor builds the library
-(:func:`deltatune.native.build.build`; AVX-512 flags where torch drives the CPU at its AVX512 level, else
+(:class:`deltatune.native.build.Library`; AVX-512 flags where torch drives the CPU at its AVX512 level, else
 AVX2) and loads it with ctypes. Where it cannot run (:func:`unavailable_reason`), or with
 ``DELTATUNE_CPU_KERNEL=0``, the torch path runs: same statistics, other random bits.
 """
