@@ -11,7 +11,7 @@ from torch import nn
 from deltatune.native import build
 from deltatune.native import dequant as native_dequant
 from deltatune.quant import Linear4bit, QuantConfig
-from deltatune.quant.codebooks import code_4bit
+from deltatune.quant.codebooks import code_4bit, dynamic_map
 from deltatune.quant.linear import FEW_ROWS
 from deltatune.quant.nf4 import BLOCKSIZES, absmax_float, dequantize_range, quantize_4bit
 from tolerances import assert_close
@@ -117,8 +117,8 @@ def test_the_avx2_build_gives_the_same_bits(tmp_path, monkeypatch):
     W = quantize_4bit(torch.randn(40, 96) * 0.02, "nf4", 64, True)
     x, absmax = torch.randn(11, 96), absmax_float(W)
     y = torch.empty(11, 40)
-    avx2.dt_linear4_f32(x.data_ptr(), W.packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), y.data_ptr(), None,
-                        11, 96, 40, 64, 2)
+    avx2.dt_linear4_f32(x.data_ptr(), W.packed.data_ptr(), absmax.data_ptr(), None, None, None, 0.0, code.data_ptr(),
+                        y.data_ptr(), None, 11, 96, 40, 64, 2)
     assert_close(y, native_dequant.linear_4bit(x, W.packed, absmax, code, 40, 64), tier="reordered")
 
 
@@ -143,6 +143,21 @@ def test_the_few_row_product_is_x_times_the_dequantized_weight(n, blocksize):
 
 
 @needs_library
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_few_row_product_decodes_double_quantization_to_absmax_floats_bits(bf16):
+    # the kernel decodes each block's absmax from its 8-bit code; the same product from absmax_float's fp32
+    # values (the torch path's decoding) must be the same to the bit
+    state = quantize_4bit(torch.randn(70, 256) * 0.02, "nf4", 64, True)
+    x = torch.randn(5, 256).to(torch.bfloat16 if bf16 else torch.float32)
+    code = code_4bit("nf4")
+    decoded = native_dequant.linear_4bit(x, state.packed, state.absmax, code, 70, 64, nested=state.nested_absmax,
+                                         offset=float(state.nested_offset), levels=dynamic_map())
+    given = native_dequant.linear_4bit(x, state.packed, absmax_float(state), code, 70, 64)
+    assert decoded is not None and torch.equal(decoded, given)
+    assert native_dequant.linear_4bit(x, state.packed, state.absmax, code, 70, 64) is None  # codes without the map
+
+
+@needs_library
 def test_the_few_row_product_refuses_what_it_cannot_take():
     state = quantize_4bit(torch.randn(8, 48) * 0.02, "nf4", 64, True)  # in = 48: not a multiple of 32
     args = (state.packed, absmax_float(state), code_4bit("nf4"), 8, 64)
@@ -162,7 +177,8 @@ def test_linear4bit_decodes_with_the_few_row_kernel_without_autograd(bf16, monke
     q = Linear4bit.from_linear(nn.Linear(256, 300), QuantConfig())
     calls = []
     real = native_dequant.linear_4bit
-    monkeypatch.setattr("deltatune.quant.linear.linear_4bit", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    monkeypatch.setattr("deltatune.quant.linear.linear_4bit",
+                        lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
     dtype = torch.bfloat16 if bf16 else torch.float32
     for n in (1, FEW_ROWS, FEW_ROWS + 1):
         x = torch.randn(n, 256)

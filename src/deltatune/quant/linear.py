@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.native.dequant import dequantize_4bit, linear_4bit
-from deltatune.quant.codebooks import code_4bit
+from deltatune.quant.codebooks import code_4bit, dynamic_map
 from deltatune.quant.config import QuantConfig
 from deltatune.quant.int8 import INV_127, Int8State, dequantize_int8, quantize_int8
 from deltatune.quant.kernels import compiled_dequant_rows
@@ -51,7 +51,7 @@ from deltatune.quant.nf4 import (
 )
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-FEW_ROWS = 16  # rows up to which a CPU Linear4bit forward without autograd runs linear_4bit, not the tiles
+FEW_ROWS = 16  # rows up to which a CPU Linear4bit forward without autograd runs linear_4bit (W decoded in registers)
 
 
 class _QuantLinear(nn.Module):
@@ -284,12 +284,12 @@ class Linear4bit(_QuantLinear):
         return self.in_features * self.out_features
 
     def _few_rows(self, x2: torch.Tensor) -> torch.Tensor | None:
-        # W decoded in registers, read once as 4-bit codes: faster than a dense fp32 layer (benchmarks.md, QLoRA)
         if x2.shape[0] > FEW_ROWS or x2.device.type != "cpu":
             return None
-        state = self.quant_state
-        return linear_4bit(x2, state.packed, absmax_float(state), code_4bit(state.quant_type), self.out_features,
-                           state.blocksize)
+        st = self.quant_state
+        dq = {} if not st.double_quant else dict(nested=st.nested_absmax, offset=float(st.nested_offset),
+                                                 levels=dynamic_map())
+        return linear_4bit(x2, st.packed, st.absmax, code_4bit(st.quant_type), self.out_features, st.blocksize, **dq)
 
     def _make_dequant_rows(self, dtype: torch.dtype):
         state, n_in = self.quant_state, self.in_features

@@ -15,6 +15,14 @@
 #include <string.h>
 
 #include "dt_bf16.h"
+
+/* No fused multiply-add where the source writes a product and a sum: a block's double-quantized absmax is
+ * level * nested + offset rounded twice, as torch computes it (the dot products use explicit FMA intrinsics). */
+#ifdef __GNUC__
+#ifndef __clang__
+#pragma GCC optimize("fp-contract=off")
+#endif
+#endif
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -102,10 +110,27 @@ void dt_dequant4_bf16(const uint8_t *packed, const float *absmax, const float *c
  * to DT_ROWS input rows' fp32 accumulators. W is read once as its 4-bit codes, an eighth of fp32's bytes, and
  * never written: at a few rows a dense fp32 layer is bound by reading its weight, so this beats it.
  * Contract (checked by the caller): in % 32 == 0 (32 values never straddle a block: blocksizes are powers of
- * two >= 32); x (n, in) and y (n, out) contiguous, fp32 or bf16 alike; fp32 accumulation, bf16 rounded once. */
+ * two >= 32); x (n, in) and y (n, out) contiguous, fp32 or bf16 alike; fp32 accumulation, bf16 rounded once.
+ * A block's absmax is read as fp32, or decoded from double quantization here (a decode step would otherwise
+ * redo it in torch for the whole layer at every call: a quarter to a third of the call's time). */
+
+/* The blocks' absmax: fp32 values (f32), or 8-bit codes into the dynamic map times the nested block's scale,
+ * plus the offset (QLoRA's double quantization, nested blocks of 256). */
+typedef struct {
+    const float *f32;
+    const uint8_t *codes;
+    const float *map, *nested;
+    float offset;
+} dt_scales;
+
+static inline float dt_scale(const dt_scales *a, int64_t block) {
+    if (!a->codes) return a->f32[block];
+    const float level = a->map[a->codes[block]] * a->nested[block / 256];
+    return level + a->offset;
+}
 
 /* Rows r0..r0+m of x (fp32 copies, xs[m][in]) times row o of W: out[j] for j < m. */
-static void dt_dot_row(const float *xs, int64_t in, int m, const uint8_t *codes, const float *absmax,
+static void dt_dot_row(const float *xs, int64_t in, int m, const uint8_t *codes, const dt_scales *absmax,
                        int64_t first_value, int64_t blocksize, const float *code, float *out) {
 #ifdef __AVX512F__
     __m512 acc[DT_ROWS];
@@ -113,7 +138,7 @@ static void dt_dot_row(const float *xs, int64_t in, int m, const uint8_t *codes,
     const __m512 lut = _mm512_loadu_ps(code);
     for (int64_t k = 0; k < in; k += 32) {
         __m512 w0, w1;
-        dt_decode32(codes + k / 2, lut, _mm512_set1_ps(absmax[(first_value + k) / blocksize]), &w0, &w1);
+        dt_decode32(codes + k / 2, lut, _mm512_set1_ps(dt_scale(absmax, (first_value + k) / blocksize)), &w0, &w1);
         for (int j = 0; j < m; j++) {
             const float *xj = xs + j * in + k;
             acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(xj), w0, acc[j]);
@@ -125,7 +150,7 @@ static void dt_dot_row(const float *xs, int64_t in, int m, const uint8_t *codes,
     for (int j = 0; j < m; j++) out[j] = 0.0f;
     for (int64_t k = 0; k < in; k++) {
         const uint8_t byte = codes[k / 2];
-        const float w = code[(k & 1) ? (byte & 15) : (byte >> 4)] * absmax[(first_value + k) / blocksize];
+        const float w = code[(k & 1) ? (byte & 15) : (byte >> 4)] * dt_scale(absmax, (first_value + k) / blocksize);
         for (int j = 0; j < m; j++) out[j] += xs[j * in + k] * w;
     }
 #endif
@@ -133,7 +158,7 @@ static void dt_dot_row(const float *xs, int64_t in, int m, const uint8_t *codes,
 
 /* x: n x in (fp32 if xf else bf16 xh), y likewise n x out. xs: an fp32 scratch of n x in for bf16 x (the
  * caller's; unused for fp32). */
-static void dt_linear4(const float *xf, const uint16_t *xh, const uint8_t *packed, const float *absmax,
+static void dt_linear4(const float *xf, const uint16_t *xh, const uint8_t *packed, const dt_scales *absmax,
                        const float *code, float *yf, uint16_t *yh, float *xs, int64_t n, int64_t in, int64_t out,
                        int64_t blocksize, int threads) {
     const float *xv = xf;
@@ -156,13 +181,16 @@ static void dt_linear4(const float *xf, const uint16_t *xh, const uint8_t *packe
     }
 }
 
-void dt_linear4_f32(const float *x, const uint8_t *packed, const float *absmax, const float *code, float *y,
-                    float *scratch, int64_t n, int64_t in, int64_t out, int64_t blocksize, int threads) {
-    dt_linear4(x, NULL, packed, absmax, code, y, NULL, scratch, n, in, out, blocksize, threads);
+void dt_linear4_f32(const float *x, const uint8_t *packed, const float *absmax, const uint8_t *absmax_codes,
+                    const float *map, const float *nested, float offset, const float *code, float *y, float *scratch,
+                    int64_t n, int64_t in, int64_t out, int64_t blocksize, int threads) {
+    const dt_scales scales = {absmax, absmax_codes, map, nested, offset};
+    dt_linear4(x, NULL, packed, &scales, code, y, NULL, scratch, n, in, out, blocksize, threads);
 }
 
-void dt_linear4_bf16(const uint16_t *x, const uint8_t *packed, const float *absmax, const float *code,
-                     uint16_t *y, float *scratch, int64_t n, int64_t in, int64_t out, int64_t blocksize,
-                     int threads) {
-    dt_linear4(NULL, x, packed, absmax, code, NULL, y, scratch, n, in, out, blocksize, threads);
+void dt_linear4_bf16(const uint16_t *x, const uint8_t *packed, const float *absmax, const uint8_t *absmax_codes,
+                     const float *map, const float *nested, float offset, const float *code, uint16_t *y,
+                     float *scratch, int64_t n, int64_t in, int64_t out, int64_t blocksize, int threads) {
+    const dt_scales scales = {absmax, absmax_codes, map, nested, offset};
+    dt_linear4(NULL, x, packed, &scales, code, NULL, y, scratch, n, in, out, blocksize, threads);
 }
