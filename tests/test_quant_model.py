@@ -155,16 +155,27 @@ _RSS_SCRIPT = textwrap.dedent("""
             if line.startswith("RssAnon:"):
                 return int(line.split()[1])
 
-    peak, done = [0], []
+    def mapped_checkpoint_kb():  # pages of the checkpoint file mapped into this process
+        total, ours = 0, False
+        for line in open("/proc/self/smaps"):
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5:
+                ours = line.rstrip().endswith(".safetensors")
+            elif ours and head[0] == "Rss:":
+                total += int(head[1])
+        return total
+
+    peak, mapped, done = [0], [0], []
     def sample():
         while not done:
             peak[0] = max(peak[0], anon_kb())
+            mapped[0] = max(mapped[0], mapped_checkpoint_kb())
             time.sleep(0.001)
     base = anon_kb()
     t = threading.Thread(target=sample); t.start()
     model = load_quantized(sys.argv[1], QuantConfig())
     done.append(1); t.join()
-    print(peak[0] - base)
+    print(mapped[0], peak[0] - base)
 """)
 
 
@@ -176,7 +187,26 @@ def test_streaming_load_peak_memory_stays_near_the_4bit_size(tmp_path):
     LlamaForCausalLM(cfg).save_pretrained(tmp_path, safe_serialization=True)
     out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(tmp_path)], capture_output=True, text=True,
                          check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    peak_mb = int(out.stdout.split()[-1]) / 1024
+    mapped_mb, peak_mb = (int(v) / 1024 for v in out.stdout.split()[-2:])
     # one fp32 tensor at a time (largest 2.8 MB) plus quantization temporaries (~4 x 4 MB chunks)
     # and the 6.5 MB result; loading the fp32 model first would need > 50 MB.
     assert peak_mb < 35, f"peak private memory grew by {peak_mb:.1f} MB while loading"
+    # The checkpoint's pages count in RSS while mapped: read through one map, all 50 MB did by the end.
+    assert mapped_mb < 12, f"{mapped_mb:.1f} MB of the checkpoint were mapped at once"
+
+
+def test_loaded_model_does_not_keep_the_checkpoint_mapped(fp_model, tmp_path):
+    # safetensors hands out tensors that view its memory map of the file. Kept as parameters (norms,
+    # embeddings), they held the whole map alive: SmolLM2's 538 MB file stayed in the process's RSS after
+    # a 4-bit load, and rewriting the checkpoint in place changed (or, truncated, crashed) the loaded model.
+    fp_model.save_pretrained(tmp_path, safe_serialization=True)
+    loaded = load_quantized(tmp_path)
+    before = {k: v.clone() for k, v in loaded.state_dict().items()}
+    path = tmp_path / "model.safetensors"
+    with open(path, "r+b") as f:  # rewrite in place (same inode): what a mapped view would see
+        f.seek(1024)
+        f.write(b"\x00" * (path.stat().st_size - 1024))
+    after = loaded.state_dict()
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
+    if sys.platform == "linux":
+        assert str(path) not in open("/proc/self/maps").read()

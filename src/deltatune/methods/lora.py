@@ -34,7 +34,7 @@ from deltatune.methods.lora_conv import CONV_TYPES, make_lora_conv
 from deltatune.methods.lora_init import init_factors
 from deltatune.methods.lora_param import make_lora_param_adapter, peft_moe_config
 from deltatune.methods.lora_bias import fold_lora_bias, lora_bias_for
-from deltatune.methods.lora_kernels import autocast_dtype as _autocast_dtype, dora_linear, lora_linear, reused_cast
+from deltatune.methods.lora_kernels import autocast_dtype as _autocast_dtype, dora_linear, lora_add, lora_linear, reused_cast
 from deltatune.methods.lora_kernels import keep_mask as _keep_mask
 from deltatune.quant import quantized_linear_types
 from deltatune.surgery.targets import default_targets, pattern_value
@@ -229,6 +229,14 @@ class LoraLinear(Adapter):
         return lora_linear(x, weight, bias, A, B, self.scaling, mask, 1 / (1 - self.dropout_p))
 
     def _generic(self, x: torch.Tensor, base: nn.Module, base_out: torch.Tensor) -> torch.Tensor:
+        dt = _autocast_dtype(x)
+        if not self.use_dora and self.lora_B_bias is None and base_out.dtype == (dt or self.lora_A.dtype):
+            # one autograd node adds the LoRA term (4-bit/8-bit and Conv1D bases, several adapters), with the
+            # fused path's dropout mask; operands cast once, as in _fused
+            mask = _shared_dropout_mask(x, self.dropout_p, self) if self._dropping() else None
+            with torch.autocast(x.device.type, enabled=False) if dt else contextlib.nullcontext():
+                A, B = self.lora_A.to(base_out.dtype), self.lora_B.to(base_out.dtype)
+                return lora_add(x, base_out, A, B, self.scaling, mask, 1 / (1 - self.dropout_p))
         xd = F.dropout(x, self.dropout_p, self.training).to(self.lora_A.dtype)
         delta = lora_delta(xd, self.lora_A, self.lora_B, self.scaling)  # (..., out)
         delta = delta if self.lora_B_bias is None else delta + self.scaling * self.lora_B_bias  # lora_bias (no DoRA)

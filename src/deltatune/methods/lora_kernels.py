@@ -118,9 +118,7 @@ def _dropped(source: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, keep: fl
     whatever keeps x̃ alive (a layer's saved tensors) keeps that mask alive too, so the id is not reused.
     """
     def make() -> torch.Tensor:
-        x2, mask2 = x.reshape(-1, x.shape[-1]), mask.reshape(-1, x.shape[-1])
-        compiled = native_dropout.masked_scale(x2, mask2, keep)  # one pass; torch's where is far slower
-        return compiled if compiled is not None else torch.where(mask2, x2, 0.0).mul_(keep)
+        return _masked_scale(x.reshape(-1, x.shape[-1]), mask.reshape(-1, x.shape[-1]), keep)
 
     if source.is_inference():  # no version counter to trust a cached copy by
         return make()
@@ -129,10 +127,24 @@ def _dropped(source: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, keep: fl
     return xd if xd is not None else _DROPPED.put(source, tag, make())
 
 
+def _masked_scale(t: torch.Tensor, mask: torch.Tensor, keep: float) -> torch.Tensor:
+    """t ⊙ mask · keep, a new tensor: one compiled pass where it can run (torch's where is far slower)."""
+    compiled = native_dropout.masked_scale(t, mask, keep)
+    return compiled if compiled is not None else torch.where(mask, t, 0.0).mul_(keep)
+
+
 def _masked_add_(acc: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, keep: float) -> None:
     """acc += keep · mask ⊙ t: compiled where it can run, else torch's where and add."""
     if not native_dropout.masked_add_(acc, t, mask, keep):
         acc.add_(torch.where(mask, t, 0.0), alpha=keep)
+
+
+def _low_rank_grads(g, xd, A, B, xa, s: float, need_a: bool, need_b: bool):
+    """u = s · g B (N × r), and ∂L/∂A = uᵀ x̃, ∂L/∂B = s · gᵀ (x̃ Aᵀ) where asked (else None)."""
+    u = _thin(B.T, g.T).mul_(s)  # (N, r)
+    grad_b = _thin(xa.T, g).mul_(s) if need_b else None  # (out, r)
+    grad_a = u.T @ xd if need_a else None  # (r, in)
+    return u, grad_a, grad_b
 
 
 class _LoraLinearFn(torch.autograd.Function):
@@ -169,12 +181,8 @@ class _LoraLinearFn(torch.autograd.Function):
         s, keep = ctx.scaling, ctx.keep
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         xd = xd.reshape(-1, xd.shape[-1])  # (N, in): x itself without dropout
-        u = _thin(B.T, g.T).mul_(s)  # (N, r) = s · g B
-        grad_x = grad_a = grad_b = grad_bias = None
-        if ctx.needs_input_grad[4]:
-            grad_b = _thin(xa.T, g).mul_(s)  # (out, r) = s · gᵀ xa
-        if ctx.needs_input_grad[3]:
-            grad_a = u.T @ xd  # (r, in)
+        u, grad_a, grad_b = _low_rank_grads(g, xd, A, B, xa, s, *ctx.needs_input_grad[3:5])
+        grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = g @ weight  # (N, in)
             if mask is None:
@@ -217,7 +225,7 @@ class _DoraLinearFn(torch.autograd.Function):
         s = ctx.scaling
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         x2 = x.reshape(-1, x.shape[-1])
-        grad_m = grad_bias = grad_a = grad_b = grad_x = None
+        grad_m = grad_bias = grad_x = None
         if ctx.needs_input_grad[7]:
             z = y if bias is None else y - bias
             # ∂L/∂m = Σ g ⊙ z / n and z / n = (y − b) / (c n) = (y − b) / m.
@@ -225,14 +233,51 @@ class _DoraLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[2] and bias is not None:
             grad_bias = g.sum(0)
         gc = g * scale  # (N, out)
-        u = _thin(B.T, gc.T).mul_(s)  # (N, r) = s · gc B
-        if ctx.needs_input_grad[4]:
-            grad_b = _thin(xa.T, gc).mul_(s)  # (out, r) = s · gcᵀ xa
-        if ctx.needs_input_grad[3]:
-            grad_a = u.T @ x2
+        u, grad_a, grad_b = _low_rank_grads(gc, x2, A, B, xa, s, *ctx.needs_input_grad[3:5])
         if ctx.needs_input_grad[0]:
             grad_x = (gc @ weight).addmm_(u, A).view(x.shape).to(ctx.x_dtype)
         return grad_x, None, grad_bias, grad_a, grad_b, None, None, grad_m
+
+
+class _LoraAddFn(torch.autograd.Function):
+    """y = base_out + s · (x̃ Aᵀ) Bᵀ: LoRA on a base layer whose output the caller computed (a 4-bit or 8-bit
+    layer, transformers' Conv1D, a layer that other adapters also read), its gradient passed through as is.
+
+    As autograd on the plain expression, this made three (N, out) tensors in the forward (the delta, its
+    scaled copy, the sum) and a scaled copy of g in the backward, and dropout a float copy of x. Here: the
+    sum only, one matmul per gradient (:func:`_low_rank_grads`), and dropout's bool mask with the masked
+    copy shared by sibling layers (:func:`_dropped`), as in :class:`_LoraLinearFn`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, base_out, A, B, scaling, mask, keep):
+        ctx.x_dtype, ctx.x_shape, source = x.dtype, x.shape, x
+        x = _operand(x, A.dtype)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        xd = x2 if mask is None else _dropped(source, x, mask, keep)
+        xa = xd @ A.T  # (N, r)
+        y = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), xa, B.T, alpha=scaling)  # (N, out)
+        ctx.save_for_backward(x if mask is None else xd, A, B, xa, mask)
+        ctx.scaling, ctx.keep = scaling, keep
+        return y.view(base_out.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xd, A, B, xa, mask = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+        xd = xd.reshape(-1, xd.shape[-1])
+        u, grad_a, grad_b = _low_rank_grads(g, xd, A, B, xa, ctx.scaling, *ctx.needs_input_grad[2:4])
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = u @ A  # (N, in)
+            grad_x = grad_x if mask is None else _masked_scale(grad_x, mask.reshape(grad_x.shape), ctx.keep)
+            grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
+        return grad_x, grad_out, grad_a, grad_b, None, None, None
+
+
+def lora_add(x, base_out, A, B, scaling: float, mask=None, keep: float = 1.0) -> torch.Tensor:
+    """``base_out + scaling · (dropout(x) Aᵀ) Bᵀ`` as one autograd node; base_out in A's dtype."""
+    return _LoraAddFn.apply(x, base_out, A, B, scaling, mask, keep)
 
 
 def lora_linear(x, weight, bias, A, B, scaling: float, mask=None, keep: float = 1.0) -> torch.Tensor:

@@ -101,9 +101,11 @@ def _put(model: nn.Module, name: str, tensor: torch.Tensor, dtype, device) -> No
                              f"{buf.dtype} {tuple(buf.shape)}; the folder's {QUANT_FILE} does not match its weights")
         buf.copy_(tensor)
         return
-    if dtype is not None and tensor.is_floating_point():
-        tensor = tensor.to(dtype)
-    tensor = tensor.to(device)
+    # copy=True: safetensors' tensors view its memory map of the file. Kept as they are, the norms and
+    # embeddings held the whole map alive (SmolLM2: 538 MB of file pages in RSS after a 4-bit load) and the
+    # model changed when the checkpoint was rewritten in place.
+    cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+    tensor = tensor.to(device=device, dtype=cast, copy=True)
     if attr in module._parameters:
         old = module._parameters[attr]
         module._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad)
@@ -123,18 +125,23 @@ def _stream(model: nn.Module, files: list[Path], fresh: dict[str, nn.Module], dt
     unexpected = []
     for path in files:
         with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                name = _resolve(key, slots, prefix)
-                if name is None:
-                    unexpected.append(key)
-                    continue
+            keys = list(f.keys())
+        for key in keys:
+            name = _resolve(key, slots, prefix)
+            if name is None:
+                unexpected.append(key)
+                continue
+            # One open per tensor: safetensors maps the whole file, and every page read through a map stays
+            # in this process's RSS until the map closes. Reading all tensors through one map added the
+            # file's size to the load's peak RSS (SmolLM2: ~540 MB for a 4-bit model of ~160 MB).
+            with safe_open(str(path), framework="pt") as f:
                 tensor = f.get_tensor(key)  # the only full-precision tensor alive at this point
-                mod_name, _, attr = name.rpartition(".")
-                if mod_name in fresh and attr == "weight":
-                    fresh[mod_name].requantize_(tensor)
-                else:
-                    _put(model, name, tensor, dtype, device)
-                del tensor
+            mod_name, _, attr = name.rpartition(".")
+            if mod_name in fresh and attr == "weight":
+                fresh[mod_name].requantize_(tensor)
+            else:
+                _put(model, name, tensor, dtype, device)
+            del tensor
     if unexpected:
         warnings.warn(f"ignored {len(unexpected)} checkpoint tensors the model has no place for: {unexpected[:10]}",
                       stacklevel=3)
