@@ -5,11 +5,13 @@ import os
 import pytest
 import torch
 
+from deltatune.native import build
 from deltatune.serving import cpu_kernel
 from deltatune.serving.kernels import mixed_lora_, single_lora_
 from tolerances import assert_close
 
-HERE_OK = cpu_kernel._platform_problem() is None and cpu_kernel._compiler() is not None
+HERE_OK = build.platform_problem() is None and build.compiler() is not None
+FP32 = cpu_kernel.LIBRARIES[torch.float32]
 HERE_BF16 = HERE_OK and cpu_kernel._bf16_problem() is None
 needs_kernel = pytest.mark.skipif(not HERE_OK, reason="the kernel needs x86-64 Linux with AVX2, libgomp and a C compiler")
 needs_bf16_kernel = pytest.mark.skipif(not HERE_BF16, reason="the bf16 kernel needs a CPU with AVX512-BF16")
@@ -111,19 +113,19 @@ def test_switched_off_says_so():
 @needs_kernel
 def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
     monkeypatch.setenv("DELTATUNE_CACHE_DIR", str(tmp_path))
-    cc = cpu_kernel._compiler()
-    first = cpu_kernel._build(cc)
+    cc = build.compiler()
+    first = build.build(cc, FP32.source, FP32.flags)
     assert first.parent == tmp_path / "kernels" and first.exists()
     stamp = first.stat().st_mtime_ns
-    assert cpu_kernel._build(cc) == first and first.stat().st_mtime_ns == stamp  # not rebuilt
+    assert build.build(cc, FP32.source, FP32.flags) == first and first.stat().st_mtime_ns == stamp  # not rebuilt
     assert os.listdir(first.parent) == [first.name]  # no temporary left behind
 
 
 def test_a_failed_build_falls_back_and_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("DELTATUNE_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-    monkeypatch.setattr(cpu_kernel, "_platform_problem", lambda: None)
-    lib, why = cpu_kernel._load()
+    monkeypatch.setattr(build, "platform_problem", lambda: None)
+    lib, why = FP32._load()
     assert lib is None and "could not build" in why
     assert not any((tmp_path / "kernels").iterdir())  # nothing half-written
 

@@ -101,16 +101,20 @@ def build(cc: str, source: Path, flags: Sequence[str]) -> Path:
     return target
 
 
-def load(source: Path) -> tuple[ctypes.CDLL | None, str | None]:
-    """``source`` built for this CPU (AVX-512 flags where torch drives it at its AVX512 level, else AVX2) and
-    loaded: (library, None), or (None, why it cannot run here)."""
-    problem = platform_problem()
-    if problem:
-        return None, problem
+def load(source: Path, flags: Sequence[str] | None = None,
+         problem: Callable[[], str | None] | None = None) -> tuple[ctypes.CDLL | None, str | None]:
+    """``source`` built and loaded: (library, None), or (None, why it cannot run here).
+
+    ``flags`` default to this CPU's: AVX-512 where torch drives it at its AVX512 level, else AVX2. ``problem``
+    adds a check of its own to :func:`platform_problem` (a CPU feature the flags need)."""
+    why = platform_problem() or (problem() if problem else None)
+    if why:
+        return None, why
     cc = compiler()
     if cc is None:
         return None, "no C compiler found (set $CC, or install gcc)"
-    flags = (*BASE_FLAGS, *AVX512_FLAGS) if has_avx512() else BASE_FLAGS
+    if flags is None:
+        flags = (*BASE_FLAGS, *AVX512_FLAGS) if has_avx512() else BASE_FLAGS
     try:
         return ctypes.CDLL(str(build(cc, source, flags))), None
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
@@ -120,18 +124,22 @@ def load(source: Path) -> tuple[ctypes.CDLL | None, str | None]:
 class Library:
     """One compiled source, built and loaded on first use: :meth:`get` the library (None where it cannot run
     or is switched off), :meth:`unavailable_reason` why not, :meth:`switched` to compare paths in tests and
-    benchmarks. ``declare`` sets the exported functions' ctypes signatures once loaded."""
+    benchmarks.
 
-    def __init__(self, source: Path, declare: Callable[[ctypes.CDLL], None]) -> None:
-        self.source, self.declare = source, declare
+    ``declare`` sets the exported functions' ctypes signatures once loaded, and may refuse the library by
+    returning why (a constant the source and its caller disagree on). ``flags`` and ``problem`` go to
+    :func:`load`."""
+
+    def __init__(self, source: Path, declare: Callable[[ctypes.CDLL], str | None], flags: Sequence[str] | None = None,
+                 problem: Callable[[], str | None] | None = None) -> None:
+        self.source, self.declare, self.flags, self.problem = source, declare, flags, problem
         self.enabled = switched_on_by_env()
         self._loaded: tuple[ctypes.CDLL | None, str | None] | None = None
 
     def _load(self) -> tuple[ctypes.CDLL | None, str | None]:
-        lib, why = load(self.source)
-        if lib is not None:
-            self.declare(lib)
-        return lib, why
+        lib, why = load(self.source, self.flags, self.problem)
+        refused = None if lib is None else self.declare(lib)
+        return (None, refused) if refused else (lib, why)
 
     def get(self) -> ctypes.CDLL | None:
         if not self.enabled:

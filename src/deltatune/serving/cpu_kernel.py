@@ -14,7 +14,7 @@ for bf16 models, where the base GEMM runs ~2x faster than in fp32 and torch's bf
 would weigh twice as much.
 
 How it starts: the first CPU fp32 (bf16) request with adapter_names calls :func:`library`, which
-builds the source with :func:`deltatune.native.build.build` (the system C compiler; ``-O3 -mavx2 -mfma
+builds the source through :class:`deltatune.native.build.Library` (the system C compiler; ``-O3 -mavx2 -mfma
 -fopenmp``, plus ``-mavx512f -mavx512bw -mavx512vl -mavx512bf16`` for bf16; well under a second; cached
 in ``$DELTATUNE_CACHE_DIR``, written atomically) and loads it with ctypes.
 
@@ -28,40 +28,31 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from deltatune.native.build import BASE_FLAGS, ENV, build, switched_on_by_env
-from deltatune.native.build import compiler as _compiler
-from deltatune.native.build import platform_problem as _platform_problem
+from deltatune.native.build import BASE_FLAGS, Library
 
 MAX_RANK = 256  # DT_MAX_R in the source: the per-tile h buffer lives on the stack
 
 
 @dataclass(frozen=True)
 class _Kernel:
-    """One compiled variant: its source, compiler flags and exported symbols."""
+    """One compiled variant: its exported symbols."""
 
-    source: Path
-    flags: tuple[str, ...]
     symbol: str  # the update, dt_mixed_lora's signature
     max_rank: str  # returns DT_MAX_R
 
-
-_CSRC = Path(__file__).with_name("csrc")
-KERNELS = {
-    torch.float32: _Kernel(_CSRC / "mixed_lora.c", BASE_FLAGS, "dt_mixed_lora", "dt_max_rank"),
-    torch.bfloat16: _Kernel(_CSRC / "mixed_lora_bf16.c",
-                            (*BASE_FLAGS, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"),
-                            "dt_mixed_lora_bf16", "dt_max_rank_bf16"),
-}
-
-_state: dict[torch.dtype, tuple] = {}  # dtype -> (CDLL | None, why: str | None), filled on first use
-_enabled = switched_on_by_env()
+    def declare(self, lib: ctypes.CDLL) -> str | None:
+        entry = getattr(lib, self.symbol)
+        entry.restype = ctypes.c_int
+        entry.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 11 + [ctypes.c_void_p, ctypes.c_int]
+        if getattr(lib, self.max_rank)() != MAX_RANK:
+            return f"{self.symbol} and cpu_kernel.py disagree on the largest rank"
+        return None
 
 
 def _bf16_problem() -> str | None:
@@ -72,59 +63,40 @@ def _bf16_problem() -> str | None:
     return None if native else "bf16 needs a CPU with AVX512-BF16 (torch does not report it here)"
 
 
-def _build(cc: str, kernel: _Kernel = KERNELS[torch.float32]) -> Path:
-    return build(cc, kernel.source, kernel.flags)
-
-
-def _load(dtype: torch.dtype = torch.float32) -> tuple[ctypes.CDLL | None, str | None]:
-    kernel = KERNELS[dtype]
-    problem = _platform_problem() or (_bf16_problem() if dtype == torch.bfloat16 else None)
-    if problem:
-        return None, problem
-    cc = _compiler()
-    if cc is None:
-        return None, "no C compiler found (set $CC, or install gcc)"
-    try:
-        lib = ctypes.CDLL(str(_build(cc, kernel)))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        return None, f"could not build {kernel.source.name}: {err}"
-    entry = getattr(lib, kernel.symbol)
-    entry.restype = ctypes.c_int
-    entry.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 11 + [ctypes.c_void_p, ctypes.c_int]
-    if getattr(lib, kernel.max_rank)() != MAX_RANK:
-        return None, f"{kernel.source.name} and cpu_kernel.py disagree on the largest rank"
-    return lib, None
+_CSRC = Path(__file__).with_name("csrc")
+KERNELS = {
+    torch.float32: _Kernel("dt_mixed_lora", "dt_max_rank"),
+    torch.bfloat16: _Kernel("dt_mixed_lora_bf16", "dt_max_rank_bf16"),
+}
+# The fp32 kernel is written for AVX2/FMA, so it keeps those flags on AVX-512 CPUs too.
+LIBRARIES = {
+    torch.float32: Library(_CSRC / "mixed_lora.c", KERNELS[torch.float32].declare, flags=BASE_FLAGS),
+    torch.bfloat16: Library(_CSRC / "mixed_lora_bf16.c", KERNELS[torch.bfloat16].declare,
+                            flags=(*BASE_FLAGS, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"),
+                            problem=_bf16_problem),
+}
 
 
 def library(dtype: torch.dtype = torch.float32) -> ctypes.CDLL | None:
     """The loaded kernel for ``dtype`` (fp32 or bf16), building it on the first call; None where it cannot
     run (or is switched off)."""
-    if not _enabled or dtype not in KERNELS:
-        return None
-    if dtype not in _state:
-        _state[dtype] = _load(dtype)
-    return _state[dtype][0]
+    return LIBRARIES[dtype].get() if dtype in LIBRARIES else None
 
 
 def unavailable_reason(dtype: torch.dtype = torch.float32) -> str | None:
     """Why :func:`library` is None for ``dtype``, or None when the kernel is in use."""
-    if not _enabled:
-        return f"switched off ({ENV}=0 or cpu_kernel.switched(False))"
-    if dtype not in KERNELS:
+    if dtype not in LIBRARIES:
         return f"no compiled kernel for {dtype}"
-    library(dtype)
-    return _state[dtype][1]
+    return LIBRARIES[dtype].unavailable_reason()
 
 
 @contextlib.contextmanager
 def switched(on: bool) -> Iterator[None]:
-    """Turn the kernel on or off within the block (benchmarks and tests compare the two paths)."""
-    global _enabled
-    was, _enabled = _enabled, on
-    try:
+    """Turn both kernels on or off within the block (benchmarks and tests compare the two paths)."""
+    with contextlib.ExitStack() as stack:
+        for lib in LIBRARIES.values():
+            stack.enter_context(lib.switched(on))
         yield
-    finally:
-        _enabled = was
 
 
 def wants(t: torch.Tensor) -> bool:
