@@ -210,3 +210,14 @@ def test_loaded_model_does_not_keep_the_checkpoint_mapped(fp_model, tmp_path):
     assert [k for k in before if not torch.equal(before[k], after[k])] == []
     if sys.platform == "linux":
         assert str(path) not in open("/proc/self/maps").read()
+
+
+def test_the_checkpoints_generation_config_comes_with_the_model(fp_model, tmp_path):
+    # from_pretrained reads generation_config.json; a model built from config.json alone would not stop on
+    # the second eos id here, nor sample at the checkpoint's temperature
+    fp_model.save_pretrained(tmp_path, safe_serialization=True)
+    from transformers import GenerationConfig
+
+    GenerationConfig(eos_token_id=[2, 7], temperature=0.42, do_sample=True).save_pretrained(tmp_path)
+    loaded = load_quantized(tmp_path)
+    assert loaded.generation_config.eos_token_id == [2, 7] and loaded.generation_config.temperature == 0.42

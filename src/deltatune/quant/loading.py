@@ -150,6 +150,12 @@ def _stream(model: nn.Module, files: list[Path], fresh: dict[str, nn.Module], dt
 def _finish(model: nn.Module, folder: Path) -> nn.Module:
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    if (folder / "generation_config.json").is_file() and getattr(model, "generation_config", None) is not None:
+        # as from_pretrained does: the checkpoint's stop tokens and sampling defaults, not ones derived
+        # from config.json (Llama 3 Instruct, say, stops on a second eos id that only this file names)
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(folder)
     missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if missing:
         raise ValueError(f"checkpoint {folder} has no values for {missing[:10]} ({len(missing)} tensors); "
