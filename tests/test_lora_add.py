@@ -1,6 +1,7 @@
-"""LoRA on a base whose output is computed first (4-bit/8-bit layers, transformers' Conv1D, several adapters
-on one layer) adds its term in one autograd node (lora_kernels.lora_add): the values and gradients of the
-plain expression base(x) + s · (x̃ Aᵀ) Bᵀ, with the fused path's dropout mask."""
+"""LoRA and DoRA on a base whose output is computed first (4-bit/8-bit layers, transformers' Conv1D, several
+adapters on one layer) add their term in one autograd node (lora_kernels.lora_add, dora_kernels.dora_add): the
+values and gradients of the plain expressions base(x) + s · (x̃ Aᵀ) Bᵀ, with the fused path's dropout mask,
+and c ⊙ (base(x) − b + s · (x Aᵀ) Bᵀ) + b."""
 import pytest
 import torch
 from tolerances import assert_close
@@ -10,6 +11,8 @@ from transformers.pytorch_utils import Conv1D
 import deltatune as dt
 from deltatune.methods import lora as lora_module
 from deltatune.methods import lora_kernels
+from deltatune.methods.base import dense_weight
+from deltatune.methods.dora_kernels import dora_weight_norm
 from deltatune.quant import Linear4bit, Linear8bit
 
 P = 0.3
@@ -36,7 +39,14 @@ def _plain(adapted, x: torch.Tensor, masks: dict) -> torch.Tensor:
         for name in layer.active:
             a = layer.adapters[name]
             hd = h if a.dropout_p == 0 else h * masks[h.shape] / (1 - a.dropout_p)
-            out = out + a.scaling * (hd @ a.lora_A.T) @ a.lora_B.T
+            delta = a.scaling * (hd @ a.lora_A.T) @ a.lora_B.T
+            if not a.use_dora:
+                out = out + delta
+                continue
+            # DoRA: c ⊙ (W x + s B A x) + b, c = m / ‖W + s B A‖ with the norm detached
+            W, b = dense_weight(layer.base_layer), layer.base_layer.bias
+            c = a.lora_magnitude_vector / dora_weight_norm(W, a.lora_A.detach(), a.lora_B.detach(), a.scaling)
+            out = c * (out - b + delta) + b
         h = torch.relu(out) if i == 0 else out
     return h
 
@@ -46,16 +56,26 @@ def _grads(model, x) -> dict:
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8", "conv1d"])
-@pytest.mark.parametrize("dropout", [0.0, P])
-def test_one_node_adds_the_low_rank_term_with_the_plain_expressions_gradients(kind, dropout, monkeypatch):
+@pytest.mark.parametrize("variant", ["lora", "lora_dropout", "dora", "dora_trained_bias"])
+def test_one_node_adds_the_low_rank_term_with_the_plain_expressions_gradients(kind, variant, monkeypatch):
     masks = {}  # one fixed draw per input shape, so both sides drop the same elements
     monkeypatch.setattr(lora_module, "_keep_mask", lambda x, p: masks.setdefault(x.shape, torch.rand(x.shape) > p))
     base = _base(kind)
-    model = dt.get_peft_model(base, dt.LoraConfig(r=8, target_modules=["0", "2"], lora_dropout=dropout,
-                                                  init_lora_weights=False)).train()
+    model = dt.get_peft_model(base, dt.LoraConfig(r=8, target_modules=["0", "2"], init_lora_weights=False,
+                                                  lora_dropout=P if variant == "lora_dropout" else 0.0,
+                                                  use_dora=variant.startswith("dora"))).train()
+    if variant.startswith("dora"):  # magnitudes away from the norms they start at, so c is not 1
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "magnitude" in name:
+                    p.mul_(torch.rand_like(p) + 0.5)
+    if variant == "dora_trained_bias":  # as with bias="all": b's gradient runs through base_out and past it
+        for i in (0, 2):
+            model.get_submodule(f"base_model.model.{i}").base_layer.bias.requires_grad_(True)
     x = torch.randn(4, 9, 64, requires_grad=True)
     y = model(x)
-    assert type(y.grad_fn).__name__ == "_LoraAddFnBackward"  # the node ran, not autograd on the expression
+    # the node ran, not autograd on the expression
+    assert type(y.grad_fn).__name__ == ("_DoraAddFnBackward" if variant.startswith("dora") else "_LoraAddFnBackward")
     y.square().mean().backward()
     got = _grads(model, x)
     x.grad = None
@@ -64,7 +84,8 @@ def test_one_node_adds_the_low_rank_term_with_the_plain_expressions_gradients(ki
     assert_close(y, ref, tier="reordered")
     ref.square().mean().backward()
     want = _grads(model, x)
-    assert got.keys() == want.keys() and len(got) == 5  # x, and A and B of both layers
+    # x; A, B (, m, b) of both layers
+    assert got.keys() == want.keys() and len(got) == {"dora": 7, "dora_trained_bias": 9}.get(variant, 5)
     for name in got:
         assert_close(got[name], want[name], tier="reordered")
 

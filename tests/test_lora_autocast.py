@@ -6,7 +6,7 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.methods import lora as lora_module
-from deltatune.methods import lora_kernels
+from deltatune.methods import dora_kernels, lora_kernels
 from deltatune.native import dropout as native_dropout
 
 
@@ -35,7 +35,7 @@ def test_the_fused_autocast_path_matches_autocast_on_the_plain_expression(use_do
     model = _layer(use_dora)
     x = torch.randn(4, 7, 64)
     calls = []
-    fn = lora_kernels._DoraLinearFn if use_dora else lora_kernels._LoraLinearFn
+    fn = dora_kernels._DoraLinearFn if use_dora else lora_kernels._LoraLinearFn
     original = fn.forward
     monkeypatch.setattr(fn, "forward", staticmethod(lambda ctx, x, w, *a: calls.append(w.dtype) or original(ctx, x, w, *a)))
     fused_y, fused_g = _run(model, x, True, monkeypatch)

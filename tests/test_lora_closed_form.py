@@ -8,7 +8,8 @@ from torch import nn
 
 from deltatune import LoraConfig, get_peft_model
 from deltatune.methods.lora import dora_weight_norm, lora_scaling, merged_inference
-from deltatune.methods.lora_kernels import dora_linear, lora_linear
+from deltatune.methods.dora_kernels import dora_linear
+from deltatune.methods.lora_kernels import lora_linear
 from tolerances import assert_close
 
 

@@ -111,10 +111,14 @@ def _shared_and_own(monkeypatch, unshare, config, counted, bf16: bool = True):
 def test_layers_reading_one_input_share_its_bf16_cast_with_the_same_gradients(use_dora, monkeypatch):
     # q/k/v_proj (and gate/up_proj) read the same fp32 hidden states; under autocast each fused layer used to
     # save its own bf16 cast of them. Now they share one.
-    from deltatune.methods import lora_kernels
+    from deltatune.methods import dora_kernels, lora_kernels
+
+    def unshare():
+        for kernels in (lora_kernels, dora_kernels):
+            monkeypatch.setattr(kernels, "_operand", lambda x, dtype: x.to(dtype))
 
     shared, own = _shared_and_own(
-        monkeypatch, lambda: monkeypatch.setattr(lora_kernels, "_operand", lambda x, dtype: x.to(dtype)),
+        monkeypatch, unshare,
         dt.LoraConfig(r=4, target_modules="all-linear", use_dora=use_dora),
         lambda t, n: t.dtype == torch.bfloat16 and t.dim() == 3 and t.shape[-1] == 32)  # (B, T, hidden) inputs
     # per layer, without sharing: 2 more casts of the attention input (q, k, v), 1 more of the MLP's (gate, up)

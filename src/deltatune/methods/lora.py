@@ -34,7 +34,8 @@ from deltatune.methods.lora_conv import CONV_TYPES, make_lora_conv
 from deltatune.methods.lora_init import init_factors
 from deltatune.methods.lora_param import make_lora_param_adapter, peft_moe_config
 from deltatune.methods.lora_bias import fold_lora_bias, lora_bias_for
-from deltatune.methods.lora_kernels import autocast_dtype as _autocast_dtype, dora_linear, lora_add, lora_linear, reused_cast
+from deltatune.methods.dora_kernels import dora_add, dora_linear, dora_weight_norm
+from deltatune.methods.lora_kernels import autocast_dtype as _autocast_dtype, lora_add, lora_linear, reused_cast
 from deltatune.methods.lora_kernels import keep_mask as _keep_mask
 from deltatune.quant import quantized_linear_types
 from deltatune.surgery.targets import default_targets, pattern_value
@@ -49,24 +50,6 @@ def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
 def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
     """s · (x Aᵀ) Bᵀ for x (..., in), A (r, in), B (out, r)."""
     return (x @ A.T) @ B.T * scaling  # (..., out)
-
-
-def dora_weight_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Row norms ‖W_j + s (B A)_j‖ of an (out, in) weight without forming B·A.
-
-    ‖W_j + s B_j A‖² = ‖W_j‖² + 2s · B_j·(A W_jᵀ) + s² · B_j (A Aᵀ) B_jᵀ: one reduction over W and
-    (out × r), (r × r) products.
-    """
-    dt = torch.promote_types(W.dtype, torch.float32)  # at least fp32 for the sums; never lower than the input
-    W32, A32, B32 = W.to(dt), A.to(dt), B.to(dt)
-    # ‖W_j‖² is not cached, although W is frozen: a cache cannot see in-place writes to W (load_state_dict,
-    # merge) without the private Tensor._version, and this one read of W (a reduction with no temporary)
-    # measured ~1% of the W·Aᵀ product next to it.
-    w_sq = torch.linalg.vector_norm(W32, dim=1).square()  # (out,)
-    cross = (B32 * (W32 @ A32.T)).sum(dim=1)  # (out,)
-    lora_sq = ((B32 @ (A32 @ A32.T)) * B32).sum(dim=1)  # (out,)
-    # Cancellation can push a true zero slightly negative in floating point.
-    return (w_sq + 2 * scaling * cross + scaling**2 * lora_sq).clamp_min(0).sqrt()
 
 
 class _LastMask(threading.local):
@@ -230,21 +213,25 @@ class LoraLinear(Adapter):
 
     def _generic(self, x: torch.Tensor, base: nn.Module, base_out: torch.Tensor) -> torch.Tensor:
         dt = _autocast_dtype(x)
-        if not self.use_dora and self.lora_B_bias is None and base_out.dtype == (dt or self.lora_A.dtype):
-            # one autograd node adds the LoRA term (4-bit/8-bit and Conv1D bases, several adapters), with the
-            # fused path's dropout mask; operands cast once, as in _fused
-            mask = _shared_dropout_mask(x, self.dropout_p, self) if self._dropping() else None
+        if self.lora_B_bias is None and base_out.dtype == (dt or self.lora_A.dtype) and not (
+                self.use_dora and self._dropping()):
+            # one autograd node adds the adapter's term (4-bit/8-bit and Conv1D bases, several adapters), with
+            # the fused path's dropout mask; operands cast once, as in _fused
             with torch.autocast(x.device.type, enabled=False) if dt else contextlib.nullcontext():
                 A, B = self.lora_A.to(base_out.dtype), self.lora_B.to(base_out.dtype)
+                if self.use_dora:
+                    scale = (self.lora_magnitude_vector / self._norm(self._dense(base))).to(base_out.dtype)
+                    bias = getattr(base, "bias", None)
+                    bias = None if bias is None else bias.to(base_out.dtype)
+                    return dora_add(x, base_out, bias, A, B, self.scaling, scale, self.lora_magnitude_vector)
+                mask = _shared_dropout_mask(x, self.dropout_p, self) if self._dropping() else None
                 return lora_add(x, base_out, A, B, self.scaling, mask, 1 / (1 - self.dropout_p))
         xd = F.dropout(x, self.dropout_p, self.training).to(self.lora_A.dtype)
         delta = lora_delta(xd, self.lora_A, self.lora_B, self.scaling)  # (..., out)
         delta = delta if self.lora_B_bias is None else delta + self.scaling * self.lora_B_bias  # lora_bias (no DoRA)
         if not self.use_dora:
             return base_out + delta.to(base_out.dtype)
-        with gathered((getattr(base, "weight", None),)):  # ZeRO-3 released it after base's forward: a copy
-            W = dense_weight(base, self.lora_A.dtype)
-            W = W.clone() if is_partitioned(getattr(base, "weight", None)) else W
+        W = self._dense(base)
         scale = self.lora_magnitude_vector / self._norm(W).to(W.dtype)  # (out,)
         bias = getattr(base, "bias", None)
         if self._dropping():
@@ -254,6 +241,12 @@ class LoraLinear(Adapter):
             # keeps this (half-precision) tensor for the magnitude's gradient, not an fp32 copy of it.
             base_part = base_out if bias is None else base_out - bias
         return base_out + ((scale - 1) * base_part + scale * delta).to(base_out.dtype)
+
+    def _dense(self, base: nn.Module) -> torch.Tensor:
+        """The base's weight as a dense (out, in) tensor in the adapter's dtype (4-bit: dequantized)."""
+        with gathered((getattr(base, "weight", None),)):  # ZeRO-3 released it after base's forward: a copy
+            W = dense_weight(base, self.lora_A.dtype)
+            return W.clone() if is_partitioned(getattr(base, "weight", None)) else W
 
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
         return self.scaling * (self.lora_B @ self.lora_A)  # (out, in)

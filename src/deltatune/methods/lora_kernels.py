@@ -1,4 +1,4 @@
-"""Fused autograd functions for LoRA and DoRA on a dense, frozen nn.Linear.
+"""Fused autograd functions for LoRA on a dense, frozen nn.Linear, or on any base's output (DoRA's: :mod:`.dora_kernels`).
 
 Autograd on the plain expression ``F.linear(x, W) + s * B(A(dropout(x)))`` allocates the (N, out)
 delta, a scaled copy and a sum, and with dropout keeps a full float copy of the dropped input for
@@ -195,50 +195,6 @@ class _LoraLinearFn(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
 
 
-class _DoraLinearFn(torch.autograd.Function):
-    """y = c ⊙ z + b with z = x Wᵀ + s · (x Aᵀ) Bᵀ and c = m / n, n = ‖W + s B A‖_row detached (DoRA §4.3).
-
-    Backward, with g = ∂L/∂y:
-      ∂L/∂m = Σ_N (g ⊙ z) / n          (out,), z recovered as (y − b) / c
-      g' = g ⊙ c, then the LoRA backward above with g' in place of g (no dropout here).
-    Saving the output y instead of z costs nothing extra when the next op keeps y alive anyway
-    (attention and the MLP's activation do), which keeps DoRA's saved activations close to LoRA's.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scaling, scale, magnitude):
-        ctx.x_dtype = x.dtype
-        x = _operand(x, weight.dtype)
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        xa = x2 @ A.T  # (N, r)
-        y = x2 @ weight.T  # (N, out)
-        y.addmm_(xa, B.T, alpha=scaling).mul_(scale)
-        if bias is not None:
-            y.add_(bias)
-        ctx.save_for_backward(x, weight, bias, A, B, xa, scale.detach(), magnitude.detach(), y)
-        ctx.scaling = scaling
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, bias, A, B, xa, scale, magnitude, y = ctx.saved_tensors
-        s = ctx.scaling
-        g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
-        x2 = x.reshape(-1, x.shape[-1])
-        grad_m = grad_bias = grad_x = None
-        if ctx.needs_input_grad[7]:
-            z = y if bias is None else y - bias
-            # ∂L/∂m = Σ g ⊙ z / n and z / n = (y − b) / (c n) = (y − b) / m.
-            grad_m = (g * z).sum(0) / magnitude
-        if ctx.needs_input_grad[2] and bias is not None:
-            grad_bias = g.sum(0)
-        gc = g * scale  # (N, out)
-        u, grad_a, grad_b = _low_rank_grads(gc, x2, A, B, xa, s, *ctx.needs_input_grad[3:5])
-        if ctx.needs_input_grad[0]:
-            grad_x = (gc @ weight).addmm_(u, A).view(x.shape).to(ctx.x_dtype)
-        return grad_x, None, grad_bias, grad_a, grad_b, None, None, grad_m
-
-
 class _LoraAddFn(torch.autograd.Function):
     """y = base_out + s · (x̃ Aᵀ) Bᵀ: LoRA on a base layer whose output the caller computed (a 4-bit or 8-bit
     layer, transformers' Conv1D, a layer that other adapters also read), its gradient passed through as is.
@@ -283,11 +239,6 @@ def lora_add(x, base_out, A, B, scaling: float, mask=None, keep: float = 1.0) ->
 def lora_linear(x, weight, bias, A, B, scaling: float, mask=None, keep: float = 1.0) -> torch.Tensor:
     """Fused ``F.linear(x, weight, bias) + scaling · (dropout(x) Aᵀ) Bᵀ`` for a frozen weight."""
     return _LoraLinearFn.apply(x, weight, bias, A, B, scaling, mask, keep)
-
-
-def dora_linear(x, weight, bias, A, B, scaling: float, scale: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """Fused DoRA forward: ``scale ⊙ (x Wᵀ + s (x Aᵀ) Bᵀ) + b`` where ``scale = magnitude / norm``."""
-    return _DoraLinearFn.apply(x, weight, bias, A, B, scaling, scale, magnitude)
 
 
 def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:

@@ -273,10 +273,11 @@ class Linear4bit(_QuantLinear):
         self._weight_cache = None
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense weight (out, in) in ``dtype`` (default: the compute dtype)."""
-        state = self.quant_state
-        w = dequantize_range(state.packed, absmax_float(state), self.quant_type, self.blocksize, 0, self.qweight_numel)
-        return w.view(self.out_features, self.in_features).to(dtype or self.compute_dtype)
+        """The dense weight (out, in) in ``dtype`` (default: the compute dtype); compiled where it runs, same bits."""
+        st, dtype, n = self.quant_state, dtype or self.compute_dtype, self.qweight_numel
+        w = dequantize_4bit(st.packed, absmax_float(st), code_4bit(st.quant_type), 0, n, st.blocksize, dtype)
+        w = dequantize_range(st.packed, absmax_float(st), self.quant_type, self.blocksize, 0, n) if w is None else w
+        return w.view(self.out_features, self.in_features).to(dtype)
 
     @property
     def qweight_numel(self) -> int:
