@@ -45,11 +45,13 @@ CONFIGS = {
     "lora": dict(r=16, lora_alpha=32, target_modules=TARGETS),
     "lora+dropout": dict(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.05),
     "dora": dict(r=16, lora_alpha=32, target_modules=TARGETS, use_dora=True),
+    "dora+dropout": dict(r=16, lora_alpha=32, target_modules=TARGETS, use_dora=True, lora_dropout=0.05),
     "ia3": dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
     "prefix": dict(num_virtual_tokens=20, task_type="CAUSAL_LM"),
     "prompt": dict(num_virtual_tokens=20, task_type="CAUSAL_LM"),
 }
-CLASS = {"lora": "LoraConfig", "lora+dropout": "LoraConfig", "dora": "LoraConfig", "ia3": "IA3Config",
+CLASS = {"lora": "LoraConfig", "lora+dropout": "LoraConfig", "dora": "LoraConfig", "dora+dropout": "LoraConfig",
+         "ia3": "IA3Config",
          "prefix": "PrefixTuningConfig", "prompt": "PromptTuningConfig"}
 
 

@@ -9,7 +9,6 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import deltatune as dt
-from deltatune.methods import lora as lora_module
 from deltatune.methods import lora_kernels
 from deltatune.methods.base import dense_weight
 from deltatune.methods.dora_kernels import dora_weight_norm
@@ -43,10 +42,11 @@ def _plain(adapted, x: torch.Tensor, masks: dict) -> torch.Tensor:
             if not a.use_dora:
                 out = out + delta
                 continue
-            # DoRA: c ⊙ (W x + s B A x) + b, c = m / ‖W + s B A‖ with the norm detached
-            W, b = dense_weight(layer.base_layer), layer.base_layer.bias
+            # DoRA as peft runs it: W x + b + (c − 1) ⊙ W x̃ + c ⊙ s B A x̃, c = m / ‖W + s B A‖ with the norm
+            # detached; without dropout (x̃ = x) that is c ⊙ (W x + s B A x) + b
+            W = dense_weight(layer.base_layer)
             c = a.lora_magnitude_vector / dora_weight_norm(W, a.lora_A.detach(), a.lora_B.detach(), a.scaling)
-            out = c * (out - b + delta) + b
+            out = out + (c - 1) * (hd @ W.T) + c * delta
         h = torch.relu(out) if i == 0 else out
     return h
 
@@ -55,14 +55,18 @@ def _grads(model, x) -> dict:
     return {"x": x.grad, **{n: p.grad for n, p in model.named_parameters() if p.grad is not None}}
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int8", "conv1d"])
-@pytest.mark.parametrize("variant", ["lora", "lora_dropout", "dora", "dora_trained_bias"])
+CASES = [(kind, variant) for kind in ("nf4", "int8", "conv1d")
+         for variant in ("lora", "lora_dropout", "dora", "dora_trained_bias", "dora_dropout")]
+CASES.append(("linear", "dora_dropout"))  # a dense base too: its fused kernel has no dropout for DoRA
+
+
+@pytest.mark.parametrize(("kind", "variant"), CASES)
 def test_one_node_adds_the_low_rank_term_with_the_plain_expressions_gradients(kind, variant, monkeypatch):
     masks = {}  # one fixed draw per input shape, so both sides drop the same elements
-    monkeypatch.setattr(lora_module, "_keep_mask", lambda x, p: masks.setdefault(x.shape, torch.rand(x.shape) > p))
+    monkeypatch.setattr(lora_kernels, "keep_mask", lambda x, p: masks.setdefault(x.shape, torch.rand(x.shape) > p))
     base = _base(kind)
     model = dt.get_peft_model(base, dt.LoraConfig(r=8, target_modules=["0", "2"], init_lora_weights=False,
-                                                  lora_dropout=P if variant == "lora_dropout" else 0.0,
+                                                  lora_dropout=P if variant.endswith("dropout") else 0.0,
                                                   use_dora=variant.startswith("dora"))).train()
     if variant.startswith("dora"):  # magnitudes away from the norms they start at, so c is not 1
         with torch.no_grad():
@@ -75,7 +79,8 @@ def test_one_node_adds_the_low_rank_term_with_the_plain_expressions_gradients(ki
     x = torch.randn(4, 9, 64, requires_grad=True)
     y = model(x)
     # the node ran, not autograd on the expression
-    assert type(y.grad_fn).__name__ == ("_DoraAddFnBackward" if variant.startswith("dora") else "_LoraAddFnBackward")
+    node = {"dora": "_DoraAddFn", "dora_trained_bias": "_DoraAddFn", "dora_dropout": "_DoraDroppedFn"}
+    assert type(y.grad_fn).__name__ == node.get(variant, "_LoraAddFn") + "Backward"
     y.square().mean().backward()
     got = _grads(model, x)
     x.grad = None
@@ -85,7 +90,7 @@ def test_one_node_adds_the_low_rank_term_with_the_plain_expressions_gradients(ki
     ref.square().mean().backward()
     want = _grads(model, x)
     # x; A, B (, m, b) of both layers
-    assert got.keys() == want.keys() and len(got) == {"dora": 7, "dora_trained_bias": 9}.get(variant, 5)
+    assert got.keys() == want.keys() and len(got) == {"dora_trained_bias": 9}.get(variant, 7 if "dora" in variant else 5)
     for name in got:
         assert_close(got[name], want[name], tier="reordered")
 
@@ -124,5 +129,22 @@ def test_under_bf16_autocast_the_node_runs_in_bf16_and_adapter_gradients_stay_fp
     assert calls == [torch.bfloat16, torch.bfloat16] and y.dtype == ref.dtype == torch.bfloat16
     # the same bf16 products; the low-rank term is rounded once into the sum here, twice in the expression
     assert_close(y.float(), ref.float(), dtype=torch.bfloat16, tier="reordered")
+    y.float().square().mean().backward()
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+def test_dora_with_dropout_under_bf16_autocast_runs_its_node_in_bf16(monkeypatch):
+    masks = {}
+    monkeypatch.setattr(lora_kernels, "keep_mask", lambda x, p: masks.setdefault(x.shape, torch.rand(x.shape) > p))
+    base = _base("linear")
+    model = dt.get_peft_model(base, dt.LoraConfig(r=8, target_modules=["0", "2"], init_lora_weights=False,
+                                                  use_dora=True, lora_dropout=P)).train()
+    x = torch.randn(4, 9, 64)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = model(x)
+        ref = _plain(model, x, masks)
+    assert type(y.grad_fn).__name__ == "_DoraDroppedFnBackward" and y.dtype == torch.bfloat16
+    # bf16 products in both (the reference promotes its sums with c to fp32): a few bf16 ulps apart
+    assert_close(y.float(), ref.float(), dtype=torch.bfloat16, tier="reordered", scale=2)
     y.float().square().mean().backward()
     assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)

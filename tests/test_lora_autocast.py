@@ -69,11 +69,11 @@ def test_dropout_under_autocast_keeps_the_byte_mask_and_trains():
 @pytest.mark.parametrize("compiled", [True, False])  # the compiled hash (native/dropout.py) and torch's random_
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
 def test_dropout_masks_keep_1_minus_p_in_every_quarter_of_each_draw(p, compiled):
-    # one 64-bit word feeds four elements (lora._keep_mask): each quarter must drop with probability p, and no
+    # one 64-bit word feeds four elements (lora_kernels.keep_mask): each quarter must drop with probability p, and no
     # two may be tied to each other, nor to the next word's
     torch.manual_seed(0)
     with native_dropout.switched(compiled):
-        mask = lora_module._keep_mask(torch.empty(999, 1001), p)  # not a multiple of 4: the last draw is cut
+        mask = lora_kernels.keep_mask(torch.empty(999, 1001), p)  # not a multiple of 4: the last draw is cut
     assert mask.shape == (999, 1001) and mask.dtype == torch.bool
     quads = mask.view(-1)[: mask.numel() // 8 * 8].view(-1, 8).float()  # two words per row
     sigma = (p * (1 - p) / quads.shape[0]) ** 0.5

@@ -5,8 +5,9 @@ base computed (:func:`dora_add`: 4-bit/8-bit layers, Conv1D), and the row norm t
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from deltatune.methods.lora_kernels import _low_rank_grads, _operand
+from deltatune.methods.lora_kernels import _dropped, _low_rank_grads, _masked_scale, _operand
 
 
 def dora_weight_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -122,6 +123,51 @@ class _DoraAddFn(torch.autograd.Function):
 def dora_linear(x, weight, bias, A, B, scaling: float, scale: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
     """Fused DoRA forward: ``scale ⊙ (x Wᵀ + s (x Aᵀ) Bᵀ) + b`` where ``scale = magnitude / norm``."""
     return _DoraLinearFn.apply(x, weight, bias, A, B, scaling, scale, magnitude)
+
+
+class _DoraDroppedFn(torch.autograd.Function):
+    """DoRA with dropout, as peft runs it: y = base_out + (c − 1) ⊙ x̃ Wᵀ + c ⊙ s · (x̃ Aᵀ) Bᵀ, x̃ = x ⊙ mask · k.
+    The magnitude rescales the base term of the dropped input, so x̃ Wᵀ is a second GEMM whatever the layer.
+
+    With z = x̃ Wᵀ + s · (x̃ Aᵀ) Bᵀ this is y = base_out − x̃ Wᵀ + c ⊙ z. Backward, with g = ∂L/∂y:
+      ∂L/∂m = Σ_N g ⊙ z / n = Σ_N g ⊙ z · c / m     (n detached)
+      ∂L/∂base_out = g
+      ∂L/∂x = ((g ⊙ (c − 1)) W + u A) ⊙ mask · k, u = s (g ⊙ c) B; ∂L/∂A, ∂L/∂B from g ⊙ c
+    Saved: x̃ (shared by the layers reading x with one mask), the bool mask, x̃ Aᵀ and z. As autograd on the
+    expression it also made a float mask per layer and five (N, out) temporaries each way.
+    """
+
+    @staticmethod
+    def forward(ctx, x, base_out, weight, A, B, scaling, scale, magnitude, mask, keep):
+        ctx.x_dtype, ctx.x_shape, source = x.dtype, x.shape, x
+        x = _operand(x, A.dtype)
+        xd = _dropped(source, x, mask, keep)  # (N, in)
+        xa = xd @ A.T  # (N, r)
+        p = F.linear(xd, weight)  # (N, out): the base term of the dropped input
+        z = torch.addmm(p, xa, B.T, alpha=scaling)
+        y = (base_out.reshape(p.shape) - p).addcmul_(z, scale)
+        ctx.save_for_backward(xd, weight, A, B, xa, scale.detach(), magnitude.detach(), z, mask)
+        ctx.scaling, ctx.keep = scaling, keep
+        return y.view(base_out.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xd, weight, A, B, xa, scale, magnitude, z, mask = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+        grad_m = grad_x = None
+        if ctx.needs_input_grad[7]:
+            grad_m = (g * z).sum(0) * (scale / magnitude)
+        gc = g * scale
+        u, grad_a, grad_b = _low_rank_grads(gc, xd, A, B, xa, ctx.scaling, *ctx.needs_input_grad[3:5])
+        if ctx.needs_input_grad[0]:
+            grad_xd = torch.addmm(u @ A, gc - g, weight)  # (N, in) = (g ⊙ (c − 1)) W + u A
+            grad_x = _masked_scale(grad_xd, mask.reshape(grad_xd.shape), ctx.keep).view(ctx.x_shape).to(ctx.x_dtype)
+        return grad_x, grad_out, None, grad_a, grad_b, None, None, grad_m, None, None
+
+
+def dora_dropped(x, base_out, weight, A, B, scaling: float, scale, magnitude, mask, keep: float) -> torch.Tensor:
+    """DoRA with dropout on a computed base output (see :class:`_DoraDroppedFn`); weight frozen, in A's dtype."""
+    return _DoraDroppedFn.apply(x, base_out, weight, A, B, scaling, scale, magnitude, mask, keep)
 
 
 def dora_add(x, base_out, bias, A, B, scaling: float, scale: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
 import types
-import weakref
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -34,9 +32,9 @@ from deltatune.methods.lora_conv import CONV_TYPES, make_lora_conv
 from deltatune.methods.lora_init import init_factors
 from deltatune.methods.lora_param import make_lora_param_adapter, peft_moe_config
 from deltatune.methods.lora_bias import fold_lora_bias, lora_bias_for
-from deltatune.methods.dora_kernels import dora_add, dora_linear, dora_weight_norm
+from deltatune.methods.dora_kernels import dora_add, dora_dropped, dora_linear, dora_weight_norm
 from deltatune.methods.lora_kernels import autocast_dtype as _autocast_dtype, lora_add, lora_linear, reused_cast
-from deltatune.methods.lora_kernels import keep_mask as _keep_mask
+from deltatune.methods.lora_kernels import shared_dropout_mask as _shared_dropout_mask
 from deltatune.quant import quantized_linear_types
 from deltatune.surgery.targets import default_targets, pattern_value
 
@@ -50,45 +48,6 @@ def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
 def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
     """s · (x Aᵀ) Bᵀ for x (..., in), A (r, in), B (out, r)."""
     return (x @ A.T) @ B.T * scaling  # (..., out)
-
-
-class _LastMask(threading.local):
-    """The last dropout keep-mask drawn in this thread: the input it was drawn for (held weakly, so it
-    never keeps an activation alive) and the adapters that have used it."""
-
-    x: weakref.ref | None = None
-    p: float = -1.0
-    mask: torch.Tensor | None = None
-    users: weakref.WeakSet | None = None
-
-
-_LAST_MASK = _LastMask()
-
-
-def _shared_dropout_mask(x: torch.Tensor, p: float, user: nn.Module) -> torch.Tensor:
-    """A keep-mask (bool, 1 byte per element) for dropout on ``x``, shared by the adapters that read the
-    very same input tensor in one forward (q/k/v read one hidden state, gate/up another).
-
-    Drawing random numbers dominates dropout's cost on CPU, so sharing cuts 7 draws per LLaMA block to 4.
-    Each module still drops with probability p; the masks of q, k and v are the same draw (peft draws
-    them independently), which changes no expectation.
-
-    Where one forward ends is not visible from a layer, so the cache records who used a mask: an adapter
-    that asks again for the same tensor (the next step on an input that is still alive, a layer called
-    twice) gets a fresh draw, which the adapters after it share. No adapter is ever handed the same draw
-    twice, so dropout never repeats across steps; and a recomputation under gradient checkpointing (random
-    state restored) draws where the forward it repeats drew, hence the same masks. Only identity is
-    compared, never the private ``Tensor._version``: a mask does not depend on x's values, so an in-place
-    change to x between two readers changes nothing about dropout.
-    """
-    last = _LAST_MASK
-    same_input = last.x is not None and last.x() is x and last.p == p and last.mask.shape == x.shape
-    if same_input and user not in last.users:
-        last.users.add(user)
-        return last.mask
-    mask = _keep_mask(x, p)
-    last.x, last.p, last.mask, last.users = weakref.ref(x), p, mask, weakref.WeakSet([user])
-    return mask
 
 
 # ---- modules ---------------------------------------------------------------------------------------
@@ -213,19 +172,24 @@ class LoraLinear(Adapter):
 
     def _generic(self, x: torch.Tensor, base: nn.Module, base_out: torch.Tensor) -> torch.Tensor:
         dt = _autocast_dtype(x)
-        if self.lora_B_bias is None and base_out.dtype == (dt or self.lora_A.dtype) and not (
-                self.use_dora and self._dropping()):
-            # one autograd node adds the adapter's term (4-bit/8-bit and Conv1D bases, several adapters), with
-            # the fused path's dropout mask; operands cast once, as in _fused
+        if self.lora_B_bias is None and base_out.dtype == (dt or self.lora_A.dtype):
+            # one autograd node adds the adapter's term (4-bit/8-bit and Conv1D bases, several adapters, DoRA
+            # with dropout), with the fused path's dropout mask; operands cast once, as in _fused
             with torch.autocast(x.device.type, enabled=False) if dt else contextlib.nullcontext():
                 A, B = self.lora_A.to(base_out.dtype), self.lora_B.to(base_out.dtype)
-                if self.use_dora:
-                    scale = (self.lora_magnitude_vector / self._norm(self._dense(base))).to(base_out.dtype)
+                keep, m = 1 / (1 - self.dropout_p), self.lora_magnitude_vector
+                if not self.use_dora:
+                    mask = _shared_dropout_mask(x, self.dropout_p, self) if self._dropping() else None
+                    return lora_add(x, base_out, A, B, self.scaling, mask, keep)
+                W = self._dense(base)
+                scale = (m / self._norm(W)).to(base_out.dtype)
+                if not self._dropping():
                     bias = getattr(base, "bias", None)
                     bias = None if bias is None else bias.to(base_out.dtype)
-                    return dora_add(x, base_out, bias, A, B, self.scaling, scale, self.lora_magnitude_vector)
-                mask = _shared_dropout_mask(x, self.dropout_p, self) if self._dropping() else None
-                return lora_add(x, base_out, A, B, self.scaling, mask, 1 / (1 - self.dropout_p))
+                    return dora_add(x, base_out, bias, A, B, self.scaling, scale, m)
+                if not W.requires_grad:  # the kernel gives the base weight no gradient
+                    mask = _shared_dropout_mask(x, self.dropout_p, self)
+                    return dora_dropped(x, base_out, W.to(base_out.dtype), A, B, self.scaling, scale, m, mask, keep)
         xd = F.dropout(x, self.dropout_p, self.training).to(self.lora_A.dtype)
         delta = lora_delta(xd, self.lora_A, self.lora_B, self.scaling)  # (..., out)
         delta = delta if self.lora_B_bias is None else delta + self.scaling * self.lora_B_bias  # lora_bias (no DoRA)
