@@ -273,11 +273,8 @@ class Linear4bit(_QuantLinear):
         self._weight_cache = None
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense weight (out, in) in ``dtype`` (default: the compute dtype); compiled where it runs, same bits."""
-        st, dtype, n = self.quant_state, dtype or self.compute_dtype, self.qweight_numel
-        w = dequantize_4bit(st.packed, absmax_float(st), code_4bit(st.quant_type), 0, n, st.blocksize, dtype)
-        w = dequantize_range(st.packed, absmax_float(st), self.quant_type, self.blocksize, 0, n) if w is None else w
-        return w.view(self.out_features, self.in_features).to(dtype)
+        """The dense weight (out, in) in ``dtype`` (default: the compute dtype): all rows of one tile."""
+        return self._rows(dtype or self.compute_dtype)(0, self.out_features)
 
     @property
     def qweight_numel(self) -> int:
@@ -293,11 +290,12 @@ class Linear4bit(_QuantLinear):
         return linear_4bit(x2, st.packed, st.absmax, code_4bit(st.quant_type), self.out_features, st.blocksize, **dq)
 
     def _make_dequant_rows(self, dtype: torch.dtype):
-        state, n_in = self.quant_state, self.in_features
         if self.use_compile:
-            return compiled_dequant_rows(state, n_in, dtype)
+            return compiled_dequant_rows(self.quant_state, self.in_features, dtype)
+        return self._rows(dtype)
 
-        code = code_4bit(state.quant_type)
+    def _rows(self, dtype: torch.dtype):
+        state, n_in, code = self.quant_state, self.in_features, code_4bit(self.quant_type)
 
         def rows(start: int, stop: int) -> torch.Tensor:
             a, b = start * n_in, stop * n_in  # flat value range; a is block-aligned (tile_rows)
